@@ -1,0 +1,318 @@
+r"""
+Fast paths for selective attention. selective_gpt.py holds the readable definition and picks among these;
+everything here is checked against selective_attention_reference by test_selective.py.
+
+  fused_selective_attention(q, k, v)   selective attention that never keeps H x T x T logits:
+      CUDA (triton installed): the fused Triton kernel, forward and backward (KERNEL.md). No T x T tensor at all.
+      CPU: one scaled_dot_product_attention call with the float mask -F (forward), and a backward that walks
+           query chunks last to first, recomputing each chunk's probabilities and adding the gradient through F.
+  masked_attention(q, k, v, bias)      one SDPA call with a float mask broadcast over the heads (the 'sdpa' tier).
+  causal_attention(q, k, v)            standard causal attention (flash SDPA), the baseline.
+
+Both fused paths tile the queries the same way (SPEC §7, KERNEL.md): for query tile I,
+F[i, j] = C_I[j] + sum_{k in I, k < i} S[k, j], where the carry C_I[j] = sum_{k < i0} S[k, j] holds the column
+sums of S over all earlier tiles, so F never needs to exist beyond one tile:
+
+          keys j ->
+        +--------------------+
+        |\                   |   rows above tile I: summed into the carry C_I (one number per key column)
+        | \                  |
+        |--\-----------------|
+     I  |   \  S tile        |   F on the tile = C_I + exclusive running sum of S down the tile's rows
+        |----\---------------|
+        |     \              |
+        +--------------------+
+"""
+
+import math
+
+import torch
+from torch.nn import functional as nnf
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is optional: without it CUDA uses the 'sdpa' tier
+    triton = None
+
+
+def causal_attention(q, k, v, dropout_p=0.0):
+    """Standard causal attention, q, k, v: (B, H, T, d_head). The baseline every ratio is measured against."""
+    return nnf.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+
+
+def masked_attention(q, k, v, bias, dropout_p=0.0):
+    """One scaled_dot_product_attention call with a float mask `bias` (B, 1, T, T), broadcast over the heads."""
+    return nnf.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+
+
+def fused_applies(q, dropout_p=0.0):
+    """Whether fused_selective_attention can run these inputs (it has no dropout)."""
+    if dropout_p > 0:
+        return False
+    return q.device.type == "cpu" or (q.device.type == "cuda" and triton is not None and q.dtype != torch.float64)
+
+
+def fused_selective_attention(q, k, v):
+    """Selective attention (SPEC §1) of q, k, v: (B, H, T, d_head) without H x T x T logits; returns y like q."""
+    if q.device.type == "cuda":
+        if triton is None:
+            raise RuntimeError("the fused CUDA kernel needs triton: pip install triton, or use impl='sdpa'")
+        return TritonSelectiveAttention.apply(q, k, v)
+    if q.device.type == "cpu":
+        return ChunkedSelectiveAttention.apply(q, k, v)
+    raise RuntimeError(f"no fused selective attention for device {q.device.type}; use impl='sdpa'")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CPU: SDPA forward, query-chunked backward.
+#
+# The stock SDPA backward cannot return the gradient of a float mask on the CPU: asked for one, PyTorch falls back
+# to its math kernel and keeps all H x T x T probabilities. Here the backward walks query chunks of C rows from last
+# to first; for each chunk it recomputes the (H, C, keys) probabilities with batched matmuls and softmax, takes
+# dq, dk, dv as FlashAttention does, and the gradient through F (KERNEL.md, backward):
+#   dF = -sum_h dZ_h,  dS[k, j] = sum_{i > k} dF[i, j]  (a running column sum R over later chunks + a small
+#   triangular matmul inside the chunk),  dA_0 += dS where S > 0,  into head 0's q and k.
+
+def chunk_rows(T, H):
+    """Rows per query chunk: keep a chunk's (H, C, T) float32 block near 2 MiB, so it stays in cache."""
+    return min(256, max(64, 1 << ((2 ** 19) // (H * T)).bit_length() - 1))
+
+
+def chunk_selection(q0, k0, carry, r0, r1, scale):
+    """S and -F on the chunk of query rows r0:r1 against keys 0:r1 of one sequence (float32, (c, r1) each).
+    carry[j] = sum of S[k, j] over rows k < r0 (SPEC §1.3 split at the chunk)."""
+    c = r1 - r0
+    S = torch.mm(q0[r0:r1], k0[:r1].t()).mul_(scale).clamp_(min=0)  # §1.1 relu of head 0's logits
+    S[:, r0:].tril_(-1)  # §1.2 strictly below the diagonal: never the future, never itself
+    S[:, 0] = 0  # §1.2 never BOS
+    before = torch.ones(c, c, dtype=S.dtype).tril_(-1)  # before[i, k] = 1 if row k is above row i
+    neg_F = torch.addmm(carry[:r1].expand(c, r1), before, S, beta=-1, alpha=-1)  # -(carry + sum_{k < i} S[k])
+    return S, neg_F
+
+
+class ChunkedSelectiveAttention(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q, k, v, rows=None):
+        B, H, T, d = q.shape
+        scale = 1.0 / math.sqrt(d)
+        C = ctx.rows = rows or chunk_rows(T, H)
+        dtype = torch.promote_types(q.dtype, torch.float32)  # S, F and the whole backward: float32 at least
+        starts = range(0, T, C)
+        carries = torch.zeros(B, len(starts), T, dtype=dtype)  # carries[b, n]: column sums of S above chunk n
+        bias = torch.full((B, 1, T, T), float("-inf"), dtype=dtype)  # -F on and below the diagonal, -inf above
+        for b in range(B):
+            q0, k0 = q[b, 0].to(dtype), k[b, 0].to(dtype)
+            for n, r0 in enumerate(starts):
+                r1 = min(T, r0 + C)
+                S, neg_F = chunk_selection(q0, k0, carries[b, n], r0, r1, scale)
+                if n + 1 < len(starts):
+                    torch.add(carries[b, n], nnf.pad(S.sum(0), (0, T - r1)), out=carries[b, n + 1])
+                bias[b, 0, r0:r1, :r1] = neg_F.masked_fill_(torch.ones(r1 - r0, r1, dtype=torch.bool).triu_(r0 + 1), float("-inf"))
+        y = nnf.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        ctx.save_for_backward(q, k, v, carries)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        q, k, v, carries = ctx.saved_tensors
+        B, H, T, d = q.shape
+        scale = 1.0 / math.sqrt(d)
+        C, dtype = ctx.rows, carries.dtype
+        dq = torch.empty(B, H, T, d, dtype=dtype)
+        dk = torch.zeros(B, H, T, d, dtype=dtype)
+        dv = torch.zeros(B, H, T, d, dtype=dtype)
+        logits = torch.empty(H * C * T, dtype=dtype)  # chunk buffers, reused: no large allocation per chunk
+        probs = torch.empty(H * C * T, dtype=dtype)
+        partial = torch.empty(H * T * d, dtype=dtype)
+        later = torch.ones(C, C, dtype=dtype).triu_(1)  # later[k, i] = 1 if row i is below row k
+        future = later.bool()
+        R = torch.empty(T, dtype=dtype)  # R[j] = sum of dF[i, j] over the rows of the chunks already walked
+        for b in range(B):
+            qb, kb, vb, dyb = (t[b].to(dtype) for t in (q, k, v, dy))
+            R.zero_()
+            for n in reversed(range(carries.size(1))):
+                r0 = n * C
+                r1, c = min(T, r0 + C), min(T, r0 + C) - r0
+                S, neg_F = chunk_selection(qb[0], kb[0], carries[b, n], r0, r1, scale)
+                A = logits[:H * c * r1].view(H, c, r1)
+                P = probs[:H * c * r1].view(H, c, r1)
+                torch.baddbmm(neg_F, qb[:, r0:r1], kb[:, :r1].transpose(1, 2), alpha=scale, out=A)  # A_h - F
+                A[:, :, r0:].masked_fill_(future[:c, :c], float("-inf"))  # causal
+                torch.ops.aten._softmax.out(A, -1, False, out=P)
+                part = partial[:H * r1 * d].view(H, r1, d)
+                dv[b, :, :r1] += torch.bmm(P.transpose(1, 2), dyb[:, r0:r1], out=part)
+                torch.bmm(dyb[:, r0:r1], vb[:, :r1].transpose(1, 2), out=A)  # dP
+                torch.ops.aten._softmax_backward_data.out(A, P, -1, dtype, grad_input=A)  # dZ = P (dP - D)
+                torch.bmm(A, kb[:, :r1], out=dq[b, :, r0:r1]).mul_(scale)
+                dk[b, :, :r1].add_(torch.bmm(A.transpose(1, 2), qb[:, r0:r1], out=part), alpha=scale)
+                minus_dF = A.sum(0)  # dF = -sum_h dZ_h, rows r0:r1
+                minus_dS = torch.addmm(R[:r1].expand(c, r1), later[:c, :c], minus_dF)  # -(sum over rows i > k)
+                R[:r1] += minus_dF.sum(0)
+                minus_dS.mul_(S > 0)  # relu' and the constraints: S > 0 only where S may select
+                dq[b, 0, r0:r1].addmm_(minus_dS, kb[0, :r1], alpha=-scale)
+                dk[b, 0, :r1].addmm_(minus_dS.t(), qb[0, r0:r1], alpha=-scale)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CUDA: the fused Triton kernel (KERNEL.md). One program per (query tile, batch x head) forward, and per
+# (key tile, batch x head) backward. F exists only tile by tile, in registers.
+
+if triton is not None:
+
+    @triton.jit
+    def _selection_tile(q0, k0, offs_m, offs_n, scale):
+        """S on one tile (SPEC §1.1-1.2): relu of head 0's logits, strictly below the diagonal, never column 0.
+        Rows and keys past T were loaded as zeros, so they select nothing."""
+        a0 = tl.dot(q0, tl.trans(k0)) * scale
+        may_select = (offs_m[:, None] > offs_n[None, :]) & (offs_n[None, :] > 0)
+        return tl.where(may_select, tl.maximum(a0, 0.0), 0.0)
+
+    @triton.jit
+    def _colsum_kernel(Q, K, COLSUM, s_b, s_t, c_b, c_m, T, D, scale,
+                       BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+        """Pre-pass over head 0: COLSUM[b, I, j] = sum of S[k, j] over the rows k of query tile I."""
+        pid_m, b = tl.program_id(0), tl.program_id(1)
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_d = tl.arange(0, BD)
+        q0 = tl.load(Q + b * s_b + offs_m[:, None] * s_t + offs_d[None, :],
+                     mask=(offs_m[:, None] < T) & (offs_d[None, :] < D), other=0.0)
+        for start_n in range(0, tl.minimum((pid_m + 1) * BM, T), BN):
+            offs_n = start_n + tl.arange(0, BN)
+            k0 = tl.load(K + b * s_b + offs_n[:, None] * s_t + offs_d[None, :],
+                         mask=(offs_n[:, None] < T) & (offs_d[None, :] < D), other=0.0)
+            S = _selection_tile(q0, k0, offs_m, offs_n, scale)
+            tl.store(COLSUM + b * c_b + pid_m * c_m + offs_n, tl.sum(S, axis=0), mask=offs_n < T)
+
+    @triton.jit
+    def _fwd_kernel(Q, K, V, O, LSE, CARRY, s_b, s_h, s_t, c_b, c_m, T, H, D, scale,
+                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+        """FlashAttention's forward with Z = A_h - F; F on each tile = carry + running sum of S inside the tile."""
+        pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+        b, h = pid_bh // H, pid_bh % H
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_d = tl.arange(0, BD)
+        row_mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
+        q = tl.load(Q + b * s_b + h * s_h + offs_m[:, None] * s_t + offs_d[None, :], mask=row_mask, other=0.0)
+        q0 = tl.load(Q + b * s_b + offs_m[:, None] * s_t + offs_d[None, :], mask=row_mask, other=0.0)
+        m_i = tl.full([BM], float("-inf"), tl.float32)
+        l_i = tl.zeros([BM], tl.float32)
+        acc = tl.zeros([BM, BD], tl.float32)
+        for start_n in range(0, tl.minimum((pid_m + 1) * BM, T), BN):  # causal: key tiles up to the diagonal
+            offs_n = start_n + tl.arange(0, BN)
+            col_mask = (offs_n[:, None] < T) & (offs_d[None, :] < D)
+            k = tl.load(K + b * s_b + h * s_h + offs_n[:, None] * s_t + offs_d[None, :], mask=col_mask, other=0.0)
+            v = tl.load(V + b * s_b + h * s_h + offs_n[:, None] * s_t + offs_d[None, :], mask=col_mask, other=0.0)
+            k0 = tl.load(K + b * s_b + offs_n[:, None] * s_t + offs_d[None, :], mask=col_mask, other=0.0)
+            S = _selection_tile(q0, k0, offs_m, offs_n, scale)
+            carry = tl.load(CARRY + b * c_b + pid_m * c_m + offs_n, mask=offs_n < T, other=0.0)
+            F = carry[None, :] + tl.cumsum(S, axis=0) - S  # §1.3 exclusive sum down the queries
+            z = tl.dot(q, tl.trans(k)) * scale - F  # §1.4
+            z = tl.where((offs_m[:, None] >= offs_n[None, :]) & (offs_n[None, :] < T), z, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(z, axis=1))
+            p = tl.exp(z - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        acc = acc / l_i[:, None]
+        tl.store(O + b * s_b + h * s_h + offs_m[:, None] * s_t + offs_d[None, :], acc.to(O.dtype.element_ty),
+                 mask=row_mask)
+        tl.store(LSE + pid_bh * T + offs_m, m_i + tl.log(l_i), mask=offs_m < T)
+
+    @triton.jit
+    def _bwd_kernel(Q, K, V, DO, LSE, DELTA, CARRY, DQ, DK, DV, DK0, s_b, s_h, s_t, c_b, c_m, T, H, D, scale,
+                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+        """FlashAttention-2's backward for key tile J of head h, walking the query tiles from last to first, plus
+        this head's share of the gradient through F: dF = -dZ_h, dS = R + reverse exclusive sum of dF inside the
+        tile (R: column sums of dF over the later tiles), dA_0 = dS where S > 0, into head 0's dq and dk."""
+        pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
+        b, h = pid_bh // H, pid_bh % H
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        offs_d = tl.arange(0, BD)
+        col_mask = (offs_n[:, None] < T) & (offs_d[None, :] < D)
+        k = tl.load(K + b * s_b + h * s_h + offs_n[:, None] * s_t + offs_d[None, :], mask=col_mask, other=0.0)
+        v = tl.load(V + b * s_b + h * s_h + offs_n[:, None] * s_t + offs_d[None, :], mask=col_mask, other=0.0)
+        k0 = tl.load(K + b * s_b + offs_n[:, None] * s_t + offs_d[None, :], mask=col_mask, other=0.0)
+        dk = tl.zeros([BN, BD], tl.float32)
+        dv = tl.zeros([BN, BD], tl.float32)
+        dk0 = tl.zeros([BN, BD], tl.float32)
+        R = tl.zeros([BN], tl.float32)
+        n_m = tl.cdiv(T, BM)
+        first_m = (pid_n * BN) // BM  # query tiles above it see none of these keys
+        for i in range(0, n_m - first_m):
+            pid_m = n_m - 1 - i
+            offs_m = pid_m * BM + tl.arange(0, BM)
+            row_mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
+            q = tl.load(Q + b * s_b + h * s_h + offs_m[:, None] * s_t + offs_d[None, :], mask=row_mask, other=0.0)
+            do = tl.load(DO + b * s_b + h * s_h + offs_m[:, None] * s_t + offs_d[None, :], mask=row_mask, other=0.0)
+            q0 = tl.load(Q + b * s_b + offs_m[:, None] * s_t + offs_d[None, :], mask=row_mask, other=0.0)
+            lse = tl.load(LSE + pid_bh * T + offs_m, mask=offs_m < T, other=0.0)
+            delta = tl.load(DELTA + pid_bh * T + offs_m, mask=offs_m < T, other=0.0)
+            S = _selection_tile(q0, k0, offs_m, offs_n, scale)
+            carry = tl.load(CARRY + b * c_b + pid_m * c_m + offs_n, mask=offs_n < T, other=0.0)
+            F = carry[None, :] + tl.cumsum(S, axis=0) - S
+            z = tl.dot(q, tl.trans(k)) * scale - F
+            visible = (offs_m[:, None] >= offs_n[None, :]) & (offs_m[:, None] < T) & (offs_n[None, :] < T)
+            p = tl.where(visible, tl.exp(z - lse[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p).to(do.dtype), do)
+            dz = p * (tl.dot(do, tl.trans(v)) - delta[:, None])  # dZ_h = P_h (dP_h - D_h)
+            dk += tl.dot(tl.trans(dz).to(q.dtype), q)
+            dq = tl.dot(dz.to(k.dtype), k) * scale
+            dq_ptrs = DQ + b * s_b + h * s_h + offs_m[:, None] * s_t + offs_d[None, :]
+            tl.atomic_add(dq_ptrs, dq, mask=row_mask)
+            dF = -dz
+            dS = R[None, :] + tl.cumsum(dF, axis=0, reverse=True) - dF  # dS[k, j] = sum_{i > k} dF[i, j]
+            R += tl.sum(dF, axis=0)
+            dA0 = tl.where(S > 0, dS, 0.0) * scale  # relu' and the constraints
+            tl.atomic_add(DQ + b * s_b + offs_m[:, None] * s_t + offs_d[None, :],
+                          tl.dot(dA0.to(k0.dtype), k0), mask=row_mask)
+            dk0 += tl.dot(tl.trans(dA0).to(q0.dtype), q0)
+        tl.store(DK + b * s_b + h * s_h + offs_n[:, None] * s_t + offs_d[None, :], dk * scale, mask=col_mask)
+        tl.store(DV + b * s_b + h * s_h + offs_n[:, None] * s_t + offs_d[None, :], dv, mask=col_mask)
+        tl.store(DK0 + b * s_b + h * s_h + offs_n[:, None] * s_t + offs_d[None, :], dk0, mask=col_mask)
+
+
+def triton_blocks(D):
+    """Tile sizes (BM, BN, BD) for head dim D: 64 x 64 tiles, the head dim padded to a power of two >= 16."""
+    return 64, 64, max(16, triton.next_power_of_2(D))
+
+
+class TritonSelectiveAttention(torch.autograd.Function):
+    """The fused kernel as an autograd Function. Tensors may live on the CPU under TRITON_INTERPRET=1 (tests)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, blocks=None):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        B, H, T, D = q.shape
+        BM, BN, BD = blocks or triton_blocks(D)
+        scale = 1.0 / math.sqrt(D)
+        n_m = triton.cdiv(T, BM)
+        colsum = torch.zeros(B, n_m, T, device=q.device, dtype=torch.float32)
+        _colsum_kernel[(n_m, B)](q, k, colsum, q.stride(0), q.stride(2), colsum.stride(0), colsum.stride(1),
+                                 T, D, scale, BM=BM, BN=BN, BD=BD)
+        carry = nnf.pad(torch.cumsum(colsum[:, :-1], dim=1), (0, 0, 1, 0))  # exclusive prefix over query tiles
+        o = torch.empty_like(q)
+        lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+        _fwd_kernel[(n_m, B * H)](q, k, v, o, lse, carry, q.stride(0), q.stride(1), q.stride(2),
+                                  carry.stride(0), carry.stride(1), T, H, D, scale, BM=BM, BN=BN, BD=BD)
+        ctx.save_for_backward(q, k, v, o, lse, carry)
+        ctx.blocks = (BM, BN, BD)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, carry = ctx.saved_tensors
+        BM, BN, BD = ctx.blocks
+        B, H, T, D = q.shape
+        do = do.contiguous()
+        delta = (do.float() * o.float()).sum(-1)  # D_h = rowsum(dO_h * O_h)
+        dq = torch.zeros(B, H, T, D, device=q.device, dtype=torch.float32)
+        dk, dv, dk0 = (torch.zeros_like(dq) for _ in range(3))
+        _bwd_kernel[(triton.cdiv(T, BN), B * H)](q, k, v, do, lse, delta, carry, dq, dk, dv, dk0,
+                                                  q.stride(0), q.stride(1), q.stride(2), carry.stride(0),
+                                                  carry.stride(1), T, H, D, 1.0 / math.sqrt(D), BM=BM, BN=BN, BD=BD)
+        dk[:, 0] += dk0.sum(dim=1)  # every head's share of the gradient through F, into head 0's keys
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None

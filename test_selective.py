@@ -1,0 +1,467 @@
+"""Property-based tests of selective attention against ../shared/SPEC.md (§ = its sections).
+
+Run: python -m pytest -q          (the slow end-to-end ones: python -m pytest -m slow)
+"""
+
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # the Triton kernels run on the CPU through Triton's interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+import kernels  # noqa: E402
+from selective_gpt import (GPT, GPTConfig, CausalSelfAttention, memory_loss, pruned_visibility,  # noqa: E402
+                           selective_attention, selective_attention_reference, selective_mask)
+
+settings.register_profile("ci", derandomize=True, deadline=None, max_examples=60,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def tiny_model(selective=True, dtype=torch.float64, seed=0, **overrides):
+    torch.manual_seed(seed)
+    cfg = dict(block_size=48, vocab_size=61, n_layer=3, n_head=4, n_embd=32, bias=True, selective=selective)
+    cfg.update(overrides)
+    model = GPT(GPTConfig(**cfg)).to(dtype).eval()
+    with torch.no_grad():  # larger weights than the init, so that F and the attention patterns are far from uniform
+        for name, p in model.named_parameters():
+            if name.endswith("c_attn.weight"):
+                p.mul_(8.0)
+    return model
+
+
+def random_qkv(B=2, H=3, T=20, D=16, dtype=torch.float32, seed=0, grad=True):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, T, D, generator=g, dtype=dtype).mul_(1.5).requires_grad_(grad) for _ in range(3)]
+
+
+def brute_force_F(logits):
+    """§1 with three loops, in float64: F[i, j] = sum_{k < i} S[k, j], S[k, j] = relu(A[k, j]) for 0 < j < k."""
+    T = logits.size(-1)
+    A = logits.double().reshape(-1, T, T)
+    F = torch.zeros_like(A)
+    for n in range(A.size(0)):
+        for i in range(T):
+            for j in range(T):
+                total = 0.0
+                for k in range(i):
+                    if 0 < j < k:
+                        total += max(A[n, k, j].item(), 0.0)
+                F[n, i, j] = total
+    return F.reshape(logits.shape)
+
+
+@st.composite
+def causal_logits(draw, dtype=torch.float64):
+    """Scaled, causally masked head-0 logits (..., T, T): random values, some -inf below the diagonal too."""
+    lead = draw(st.lists(st.integers(1, 3), min_size=0, max_size=2))
+    T = draw(st.integers(1, 40))
+    seed = draw(st.integers(0, 2**31 - 1))
+    scale = draw(st.sampled_from([0.01, 1.0, 30.0]))
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(*lead, T, T, generator=g, dtype=torch.float64) * scale
+    A = A.masked_fill(torch.rand(A.shape, generator=g) < draw(st.sampled_from([0.0, 0.2])), float("-inf"))
+    A = A.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    return A.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# §1: F
+
+@given(causal_logits())
+def test_selective_mask_equals_brute_force(logits):
+    torch.testing.assert_close(selective_mask(logits), brute_force_F(logits), rtol=1e-12, atol=1e-12)
+
+
+@given(causal_logits(dtype=torch.float32), st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+def test_selective_mask_invariants(logits, dtype):
+    F = selective_mask(logits.to(dtype))
+    T = logits.size(-1)
+    assert F.dtype == torch.float32 and F.shape == logits.shape
+    assert torch.isfinite(F).all()
+    assert (F >= 0).all()
+    assert (F[..., :, 0] == 0).all(), "BOS (key 0) is never masked"
+    assert (F.masked_select(~torch.ones(T, T, dtype=torch.bool).tril(-1)) == 0).all(), "zero on and above diagonal"
+    assert (F[..., 1:, :] >= F[..., :-1, :]).all(), "F never decreases down a column"
+
+
+def test_selective_mask_is_monotone_where_cumsum_minus_S_is_not():
+    """cumsum(S) - S rounds F[4, 1] to 1 - 2^-24 < F[3, 1] = 1 here; the shifted cumsum must not."""
+    A = torch.full((6, 6), -1.0).masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
+    A[2, 1], A[4, 1] = 1.0, 3e-8
+    F = selective_mask(A)
+    assert F[3, 1] == 1.0 and F[4, 1] == 1.0 and F[5, 1] == torch.tensor(1.0) + torch.tensor(3e-8)
+    assert (F[1:] >= F[:-1]).all()
+
+
+def test_selective_mask_large_logits_under_autocast():
+    """T = 1024, logits near the top of each half-precision range: F is float32 and finite (fp16 F would overflow)."""
+    T = 1024
+    causal = torch.ones(T, T, dtype=torch.bool).triu(1)
+    for dtype, big in ((torch.bfloat16, 1e30), (torch.float16, 6e4)):
+        A = torch.full((T, T), big, dtype=dtype).masked_fill(causal, float("-inf"))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            F = selective_mask(A)
+        assert F.dtype == torch.float32 and torch.isfinite(F).all()
+        assert F[-1, 1] == pytest.approx(float(A[2, 1]) * (T - 3), rel=1e-3)  # rows 2..T-2 select key 1
+
+
+def test_model_forward_under_bf16_autocast_at_1024():
+    model = tiny_model(dtype=torch.float32, block_size=1024, n_layer=1, vocab_size=50)
+    idx = torch.randint(0, 50, (1, 1024), generator=torch.Generator().manual_seed(0))
+    for impl in ("fused", "sdpa"):
+        os.environ["SELECTIVE_ATTENTION"] = impl
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits, loss = model(idx, targets=idx)
+        finally:
+            del os.environ["SELECTIVE_ATTENTION"]
+        assert torch.isfinite(logits).all() and torch.isfinite(loss)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The attention paths: reference, sdpa, fused (CPU here), and their gradients
+
+def grads_of(fn, q, k, v, dy):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    y = fn(q, k, v)
+    y.backward(dy)
+    return [y.detach()] + [t.grad for t in (q, k, v)]
+
+
+def reference(q, k, v):
+    return selective_attention_reference(q, k, v)[0]
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "fused"])
+@pytest.mark.parametrize("T", [1, 2, 17, 64, 130])
+def test_paths_match_reference_fp32(impl, T):
+    q, k, v = random_qkv(T=T, seed=T)
+    dy = torch.randn_like(q)
+    want = grads_of(reference, q, k, v, dy)
+    got = grads_of(lambda a, b, c: selective_attention(a, b, c, impl=impl)[0], q, k, v, dy)
+    for name, w, g in zip(["y", "dq", "dk", "dv"], want, got):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=2e-5, msg=f"{impl} {name}")
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "fused"])
+def test_paths_close_under_bf16_autocast(impl):
+    q, k, v = random_qkv(T=70, seed=3, grad=False)
+    want = reference(q.double(), k.double(), v.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = selective_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), impl=impl)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), want, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 7, 32])
+def test_fused_cpu_chunks_match_reference_float64(rows):
+    """Several query chunks: the carries and the reverse running sums of the backward cross chunk borders."""
+    q, k, v = random_qkv(T=29, dtype=torch.float64, seed=rows)
+    dy = torch.randn_like(q)
+    want = grads_of(reference, q, k, v, dy)
+    got = grads_of(lambda a, b, c: kernels.ChunkedSelectiveAttention.apply(a, b, c, rows), q, k, v, dy)
+    for name, w, g in zip(["y", "dq", "dk", "dv"], want, got):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_fused_cpu_gradcheck_float64():
+    q, k, v = random_qkv(B=1, H=2, T=11, D=4, dtype=torch.float64, seed=1)
+    assert torch.autograd.gradcheck(lambda a, b, c: kernels.ChunkedSelectiveAttention.apply(a, b, c, 4), (q, k, v))
+
+
+@pytest.mark.parametrize("impl", ["reference", "sdpa", "fused"])
+def test_gradcheck_selective_attention_layer(impl, monkeypatch):
+    """Finite differences in float64 through a whole selective attention layer (projections included)."""
+    monkeypatch.setenv("SELECTIVE_ATTENTION", impl)
+    torch.manual_seed(0)
+    layer = CausalSelfAttention(GPTConfig(n_embd=8, n_head=2, block_size=8, selective=True)).double()
+    with torch.no_grad():
+        layer.c_attn.weight.mul_(10)  # make F non-trivial
+    x = torch.randn(2, 7, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda inp: layer(inp)[0], (x,))
+    _, F, _ = layer(x, need_F=True)
+    assert (F > 0).any(), "the check must run through a non-zero F"
+
+
+def test_selection_gradient_reaches_head0_query_and_key():
+    """No stop-gradient (§1): dropping the gradient through F changes head 0's dq and dk (and only head 0's)."""
+    q, k, v = random_qkv(T=30, dtype=torch.float64, seed=5)
+    dy = torch.randn_like(q)
+
+    def detached_F(q, k, v):
+        T = q.size(-2)
+        logits = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+        logits = logits.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        F = selective_mask(logits[:, 0]).detach()
+        return torch.softmax(logits - F[:, None], dim=-1) @ v
+
+    full, cut = grads_of(reference, q, k, v, dy), grads_of(detached_F, q, k, v, dy)
+    for i in (1, 2):  # dq, dk
+        assert not torch.allclose(full[i][:, 0], cut[i][:, 0])
+        torch.testing.assert_close(full[i][:, 1:], cut[i][:, 1:])
+
+
+def test_dispatch_names_and_errors(monkeypatch):
+    q, k, v = random_qkv(T=5, grad=False)
+    monkeypatch.setenv("SELECTIVE_ATTENTION", "reference")
+    y, F = selective_attention(q, k, v)
+    assert F is not None and torch.equal(y, selective_attention_reference(q, k, v)[0])
+    with pytest.raises(ValueError, match="unknown selective attention"):
+        selective_attention(q, k, v, impl="nope")
+    monkeypatch.delenv("SELECTIVE_ATTENTION")
+    assert kernels.fused_applies(q) and not kernels.fused_applies(q, dropout_p=0.1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model
+
+@pytest.mark.parametrize("selective", [False, True])
+def test_causality(selective):
+    model = tiny_model(selective=selective)
+    idx = torch.randint(0, 61, (2, 40), generator=torch.Generator().manual_seed(1))
+    base, _ = model(idx, targets=idx)
+    for t in (0, 1, 17, 39):
+        changed = idx.clone()
+        changed[:, t] = (changed[:, t] + 7) % 61
+        logits, _ = model(changed, targets=changed)
+        torch.testing.assert_close(logits[:, :t], base[:, :t], rtol=1e-12, atol=1e-12)
+        assert not torch.allclose(logits[:, t:], base[:, t:]), "the change must be visible from position t on"
+
+
+def zero_head0_queries(model):
+    """Zero head 0's query projection: A_0 = 0, so S = relu(A_0) = 0 and F = 0 (selection off)."""
+    hs = model.config.n_embd // model.config.n_head
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_attn.weight[:hs] = 0
+            block.attn.c_attn.bias[:hs] = 0
+
+
+@pytest.mark.parametrize("impl", ["fused", "sdpa", "reference"])
+def test_selection_off_equals_standard(impl, monkeypatch):
+    monkeypatch.setenv("SELECTIVE_ATTENTION", impl)
+    standard, selective = tiny_model(selective=False), tiny_model(selective=True)
+    selective.load_state_dict(standard.state_dict())
+    idx = torch.randint(0, 61, (2, 33), generator=torch.Generator().manual_seed(2))
+    assert not torch.allclose(standard(idx, targets=idx)[0], selective(idx, targets=idx)[0])
+    zero_head0_queries(standard)
+    zero_head0_queries(selective)
+    torch.testing.assert_close(selective(idx, targets=idx)[0], standard(idx, targets=idx)[0])
+
+
+def test_standard_state_dict_loads_into_selective():
+    standard, selective = tiny_model(selective=False), tiny_model(selective=True, seed=1)
+    assert standard.state_dict().keys() == selective.state_dict().keys()
+    selective.load_state_dict(standard.state_dict(), strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(standard.state_dict().values(), selective.state_dict().values()))
+    names = set(standard.state_dict())
+    assert {"transformer.wte.weight", "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
+            "lm_head.weight"} <= names
+
+
+def decode_logits(model, idx, budgets=None, record=None):
+    """Teacher-forced incremental decoding: prefill BOS, then decode one token at a time; logits at every step."""
+    logits, state = model.prefill(idx[:, :1], budgets)
+    steps = [logits]
+    for t in range(1, idx.size(1)):
+        steps.append(model.decode(idx[:, t:t + 1], state))
+        if record is not None:
+            record.append([cache["pos"][:, :cache["n"]].clone() for cache in state["layers"]])
+    return torch.stack(steps, dim=1)
+
+
+@pytest.mark.parametrize("selective", [False, True])
+def test_kv_cache_generate_equals_full_forward(selective):
+    model = tiny_model(selective=selective)
+    prompt = torch.randint(0, 61, (2, 5), generator=torch.Generator().manual_seed(3))
+    out = model.generate(prompt, max_new_tokens=40, top_k=1)
+    logits, _ = model(out[:, :-1], targets=out[:, 1:])
+    assert torch.equal(logits.argmax(-1)[:, 4:], out[:, 5:]), "greedy decoding == argmax of the full forward"
+    torch.testing.assert_close(decode_logits(model, out[:, :-1]), logits, rtol=1e-9, atol=1e-9)
+
+
+def test_budgets_at_least_T_give_the_unpruned_logits(monkeypatch):
+    monkeypatch.setenv("SELECTIVE_ATTENTION", "sdpa")  # the same path with and without budgets: exact equality
+    model = tiny_model()
+    idx = torch.randint(0, 61, (2, 30), generator=torch.Generator().manual_seed(4))
+    unpruned, _ = model(idx, targets=idx)
+    for budgets in (30, 100, [30, 31, 64]):
+        assert torch.equal(model(idx, targets=idx, budgets=budgets)[0], unpruned)
+    assert not torch.allclose(model(idx, targets=idx, budgets=29)[0], unpruned)
+
+
+@pytest.mark.parametrize("budgets", [2, 3, [2, 5, 3], [7, 2, 4], [12, 12, 2]])
+def test_pruned_decoding_equals_pruned_parallel_forward(budgets):
+    model = tiny_model()
+    prompt = torch.randint(0, 61, (2, 1), generator=torch.Generator().manual_seed(5))
+    out = model.generate(prompt, max_new_tokens=40, top_k=1, budgets=budgets)
+    parallel, _ = model(out[:, :-1], targets=out[:, 1:], budgets=budgets)
+    assert torch.equal(parallel.argmax(-1), out[:, 1:])
+    record = []
+    torch.testing.assert_close(decode_logits(model, out[:, :-1], budgets, record), parallel, rtol=1e-9, atol=1e-9)
+    unpruned, _ = model(out[:, :-1], targets=out[:, 1:])
+    assert not torch.allclose(parallel, unpruned), "these budgets must actually prune"
+    # the buffers: BOS never leaves, no buffer exceeds its budget, an evicted key never comes back
+    limits = model.layer_budgets(budgets)
+    for layer, limit in enumerate(limits):
+        evicted = [set() for _ in range(out.size(0))]
+        previous = [set([0]) for _ in range(out.size(0))]
+        for positions in record:
+            for b in range(out.size(0)):
+                now = set(positions[layer][b].tolist())
+                assert 0 in now and len(now) <= limit and not (now & evicted[b])
+                evicted[b] |= previous[b] - now
+                previous[b] = now
+        assert any(evicted), f"layer {layer} with budget {limit} should have evicted something"
+
+
+def test_pruned_visibility_rules():
+    """§4 by hand: evict the largest F, never BOS or the current token, ties to the oldest, never return."""
+    T = 6
+    F = torch.zeros(1, T, T)
+    F[0, 3, 1], F[0, 3, 2] = 5.0, 5.0  # a tie at t = 3: key 1 (older) goes
+    F[0, 4, 2], F[0, 4, 3] = 1.0, 9.0  # t = 4: key 3 has the largest F
+    F[0, 5, 2] = 2.0
+    F[0, :, 0] = 100.0  # BOS would win, but is never evicted
+    visible = pruned_visibility(F, budget=3)
+    live = [set(torch.nonzero(visible[0, t]).flatten().tolist()) for t in range(T)]
+    assert live == [{0}, {0, 1}, {0, 1, 2}, {0, 2, 3}, {0, 2, 4}, {0, 4, 5}]
+    big = pruned_visibility(torch.rand(3, 40, 40, generator=torch.Generator().manual_seed(0)) * 3, budget=5)
+    assert big[:, :, 0].all() and (big.sum(-1) <= 5).all()
+    assert not (big[:, 1:] & ~big[:, :-1]).tril(-1).any(), "an evicted key never comes back"
+
+
+def test_budget_errors():
+    with pytest.raises(ValueError, match="selective model"):
+        tiny_model(selective=False).generate(torch.zeros(1, 1, dtype=torch.long), 2, budgets=4)
+    model = tiny_model()
+    idx = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match=">= 2"):
+        model(idx, budgets=1)
+    with pytest.raises(ValueError, match="3 layers"):
+        model(idx, budgets=[4, 4])
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 49, dtype=torch.long))
+    with pytest.raises(ValueError, match="divisible"):
+        GPTConfig(n_embd=30, n_head=4)
+
+
+def test_generate_past_block_size_keeps_memory_bounded():
+    model = tiny_model(block_size=16)
+    prompt = torch.zeros(2, 1, dtype=torch.long)
+    out = model.generate(prompt, max_new_tokens=50, top_k=1)
+    assert out.shape == (2, 51) and max(model.decode_stats["peak"]) <= 16
+    out = model.generate(prompt, max_new_tokens=50, top_k=1, budgets=[3, 5, 4])
+    assert out.shape == (2, 51) and model.decode_stats["peak"] == [3, 5, 4]
+    # after a re-encode the context is BOS + the latest block_size // 2 - 1 tokens: same logits as a fresh prompt
+    logits, _ = model.prefill(torch.cat([out[:, :1], out[:, -7:]], dim=1))
+    fresh = model.generate(torch.cat([out[:, :1], out[:, -7:]], dim=1), max_new_tokens=1, top_k=1)
+    assert torch.equal(logits.argmax(-1), fresh[:, -1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# §5: the memory loss
+
+def test_memory_loss_by_hand():
+    tau = 2.0
+    T = 3
+    F1 = torch.tensor([[0.0, 0, 0], [0, 0, 0], [0, 5.0, 0]])  # query 2 has all but BOS... masked key 1 fully
+    F2 = torch.tensor([[0.0, 0, 0], [0, 0, 0], [0, 1.0, 0]])  # key 1 half masked for query 2
+    # M_i = (i + 1) - sum_j min(F[i, j], tau) / tau ; layer 1: M = [1, 2, 3 - 1] -> max 2 ; layer 2: M = [1, 2, 2.5]
+    expected = (2.0 + 2.5) / (2 * T)
+    got = memory_loss([F1[None], F2[None]], tau)
+    assert got.item() == pytest.approx(expected)
+    batch = memory_loss([torch.stack([F1, F2]), torch.stack([F2, F2])], tau)  # averaged over the batch
+    assert batch.item() == pytest.approx(((2.0 + 2.5) + (2.5 + 2.5)) / 2 / (2 * T))
+
+
+def test_memory_loss_gradient_only_where_F_below_tau():
+    tau = 1.0
+    F = torch.tensor([[[0.0, 0, 0, 0], [0, 0, 0, 0], [0, 0.5, 0, 0], [0, 0.3, 2.0, 0]]], requires_grad=True)
+    memory_loss([F], tau).backward()
+    # the max is at the last query (M_3 = 4 - 1.3 = 2.7); its entries below tau get gradient, F = 2 >= tau does not
+    grad = F.grad[0]
+    assert grad[3, 1] != 0 and grad[3, 0] != 0
+    assert grad[3, 2] == 0
+    assert (grad[:3] == 0).all()
+    assert ((grad != 0) <= (F.detach()[0] < tau)).all()
+
+
+def test_model_memory_loss_weight():
+    eps = 0.1
+    model = tiny_model(memory_loss_weight=eps, memory_tau=1.0)
+    idx = torch.randint(0, 61, (2, 20), generator=torch.Generator().manual_seed(6))
+    _, loss = model(idx, targets=idx)
+    terms = model.loss_terms
+    assert loss.item() == pytest.approx(terms["ce"].item() + eps * terms["mem"].item(), rel=1e-12)
+    assert 0 < terms["mem"].item() <= 1.0
+    plain = tiny_model()
+    _, plain_loss = plain(idx, targets=idx)
+    assert plain_loss.item() == pytest.approx(terms["ce"].item(), rel=1e-9) and "mem" not in plain.loss_terms
+    with pytest.raises(ValueError, match="selective"):
+        GPTConfig(memory_loss_weight=0.1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bookkeeping
+
+def test_flops_and_mfu():
+    standard, selective = tiny_model(selective=False), tiny_model(selective=True)
+    cfg = standard.config
+    L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+    assert standard.flops_per_token() == 6 * standard.get_num_params() + 6 * L * H * Q * T
+    assert selective.flops_per_token() - standard.flops_per_token() == L * (3 * Q * T + T)
+    assert standard.estimate_mfu(2, 1.0, peak_flops=1e9) == pytest.approx(standard.flops_per_token() * T * 2 / 1e9)
+    assert standard.get_num_params() == sum(p.numel() for p in standard.parameters()) - T * cfg.n_embd
+
+
+def test_configure_optimizers_decays_matrices_only():
+    model = tiny_model(dtype=torch.float32)
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.dim() < 2 for p in no_decay["params"])
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Triton kernel, through Triton's interpreter on the CPU
+
+triton_missing = pytest.mark.skipif(kernels.triton is None, reason="triton is not installed (pip install triton): "
+                                    "the fused Triton kernel was NOT tested")
+
+
+@triton_missing
+@pytest.mark.parametrize("T", [1, 2, 17, 64, 100])
+@pytest.mark.parametrize("D", [16, 32, 64])
+@pytest.mark.parametrize("blocks", ["default", "small"])
+def test_triton_kernel_matches_reference(T, D, blocks):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = (t.to(device).detach().requires_grad_() for t in random_qkv(B=2, H=3, T=T, D=D, seed=T + D))
+    dy = torch.randn_like(q)
+    tiles = None if blocks == "default" else (16, 16, D)
+    want = grads_of(reference, q.double(), k.double(), v.double(), dy.double())
+    got = grads_of(lambda a, b, c: kernels.TritonSelectiveAttention.apply(a, b, c, tiles), q, k, v, dy)
+    tol = 1e-4 if device == "cpu" else 2e-2  # tf32 matmuls on a GPU
+    for name, w, g in zip(["y", "dq", "dk", "dv"], want, got):
+        torch.testing.assert_close(g.double(), w, rtol=tol, atol=tol, msg=f"{name}")
+
+
+@triton_missing
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="Triton's CPU interpreter cannot load bfloat16: checked on CUDA only"))])
+def test_triton_kernel_half_precision(dtype):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = (t.to(device, dtype).detach().requires_grad_() for t in random_qkv(B=2, H=2, T=40, D=32, seed=9))
+    dy = torch.randn_like(q)
+    want = grads_of(reference, q.double(), k.double(), v.double(), dy.double())
+    got = grads_of(lambda a, b, c: kernels.TritonSelectiveAttention.apply(a, b, c, (16, 16, 32)), q, k, v, dy)
+    for name, w, g in zip(["y", "dq", "dk", "dv"], want, got):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.double(), w, rtol=0.05, atol=0.05, msg=name)
