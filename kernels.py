@@ -58,9 +58,9 @@ def fused_selective_attention(q, k, v):
     if q.device.type == "cuda":
         if triton is None:
             raise RuntimeError("the fused CUDA kernel needs triton: pip install triton, or use impl='sdpa'")
-        return TritonSelectiveAttention.apply(q, k, v)
+        return triton_selective_attention(q, k, v)
     if q.device.type == "cpu":
-        return ChunkedSelectiveAttention.apply(q, k, v)
+        return chunked_selective_attention(q, k, v)
     raise RuntimeError(f"no fused selective attention for device {q.device.type}; use impl='sdpa'")
 
 
@@ -91,69 +91,98 @@ def chunk_selection(q0, k0, carry, r0, r1, scale):
     return S, neg_F
 
 
-class ChunkedSelectiveAttention(torch.autograd.Function):
+def chunked_selective_attention(q, k, v, rows=None):
+    """The CPU path as a differentiable function; rows: query rows per chunk (default: chunk_rows)."""
+    return chunked_forward(q, k, v, rows or chunk_rows(q.size(2), q.size(1)))[0]
 
-    @staticmethod
-    def forward(ctx, q, k, v, rows=None):
-        B, H, T, d = q.shape
-        scale = 1.0 / math.sqrt(d)
-        C = ctx.rows = rows or chunk_rows(T, H)
-        dtype = torch.promote_types(q.dtype, torch.float32)  # S, F and the whole backward: float32 at least
-        starts = range(0, T, C)
-        carries = torch.zeros(B, len(starts), T, dtype=dtype)  # carries[b, n]: column sums of S above chunk n
-        bias = torch.full((B, 1, T, T), float("-inf"), dtype=dtype)  # -F on and below the diagonal, -inf above
-        for b in range(B):
-            q0, k0 = q[b, 0].to(dtype), k[b, 0].to(dtype)
-            for n, r0 in enumerate(starts):
-                r1 = min(T, r0 + C)
-                S, neg_F = chunk_selection(q0, k0, carries[b, n], r0, r1, scale)
-                if n + 1 < len(starts):
-                    torch.add(carries[b, n], nnf.pad(S.sum(0), (0, T - r1)), out=carries[b, n + 1])
-                bias[b, 0, r0:r1, :r1] = neg_F.masked_fill_(torch.ones(r1 - r0, r1, dtype=torch.bool).triu_(r0 + 1), float("-inf"))
-        y = nnf.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        ctx.save_for_backward(q, k, v, carries)
-        return y
 
-    @staticmethod
-    def backward(ctx, dy):
-        q, k, v, carries = ctx.saved_tensors
-        B, H, T, d = q.shape
-        scale = 1.0 / math.sqrt(d)
-        C, dtype = ctx.rows, carries.dtype
-        dq = torch.empty(B, H, T, d, dtype=dtype)
-        dk = torch.zeros(B, H, T, d, dtype=dtype)
-        dv = torch.zeros(B, H, T, d, dtype=dtype)
-        logits = torch.empty(H * C * T, dtype=dtype)  # chunk buffers, reused: no large allocation per chunk
-        probs = torch.empty(H * C * T, dtype=dtype)
-        partial = torch.empty(H * T * d, dtype=dtype)
-        later = torch.ones(C, C, dtype=dtype).triu_(1)  # later[k, i] = 1 if row i is below row k
-        future = later.bool()
-        R = torch.empty(T, dtype=dtype)  # R[j] = sum of dF[i, j] over the rows of the chunks already walked
-        for b in range(B):
-            qb, kb, vb, dyb = (t[b].to(dtype) for t in (q, k, v, dy))
-            R.zero_()
-            for n in reversed(range(carries.size(1))):
-                r0 = n * C
-                r1, c = min(T, r0 + C), min(T, r0 + C) - r0
-                S, neg_F = chunk_selection(qb[0], kb[0], carries[b, n], r0, r1, scale)
-                A = logits[:H * c * r1].view(H, c, r1)
-                P = probs[:H * c * r1].view(H, c, r1)
-                torch.baddbmm(neg_F, qb[:, r0:r1], kb[:, :r1].transpose(1, 2), alpha=scale, out=A)  # A_h - F
-                A[:, :, r0:].masked_fill_(future[:c, :c], float("-inf"))  # causal
-                torch.ops.aten._softmax.out(A, -1, False, out=P)
-                part = partial[:H * r1 * d].view(H, r1, d)
-                dv[b, :, :r1] += torch.bmm(P.transpose(1, 2), dyb[:, r0:r1], out=part)
-                torch.bmm(dyb[:, r0:r1], vb[:, :r1].transpose(1, 2), out=A)  # dP
-                torch.ops.aten._softmax_backward_data.out(A, P, -1, dtype, grad_input=A)  # dZ = P (dP - D)
-                torch.bmm(A, kb[:, :r1], out=dq[b, :, r0:r1]).mul_(scale)
-                dk[b, :, :r1].add_(torch.bmm(A.transpose(1, 2), qb[:, r0:r1], out=part), alpha=scale)
-                minus_dF = A.sum(0)  # dF = -sum_h dZ_h, rows r0:r1
-                minus_dS = torch.addmm(R[:r1].expand(c, r1), later[:c, :c], minus_dF)  # -(sum over rows i > k)
-                R[:r1] += minus_dF.sum(0)
-                minus_dS.mul_(S > 0)  # relu' and the constraints: S > 0 only where S may select
-                dq[b, 0, r0:r1].addmm_(minus_dS, kb[0, :r1], alpha=-scale)
-                dk[b, 0, :r1].addmm_(minus_dS.t(), qb[0, r0:r1], alpha=-scale)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+# torch.library custom ops: torch.compile sees each as one opaque op (no graph break), autograd pairs them.
+@torch.library.custom_op("selective_gpt::chunked_forward", mutates_args=())
+def chunked_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns y and the carries for the backward: carries[b, n, j] = column sums of S over the rows above chunk n."""
+    B, H, T, d = q.shape
+    scale = 1.0 / math.sqrt(d)
+    C = rows
+    dtype = torch.promote_types(q.dtype, torch.float32)  # S, F and the whole backward: float32 at least
+    starts = range(0, T, C)
+    carries = torch.zeros(B, len(starts), T, dtype=dtype)  # carries[b, n]: column sums of S above chunk n
+    bias = torch.full((B, 1, T, T), float("-inf"), dtype=dtype)  # -F on and below the diagonal, -inf above
+    for b in range(B):
+        q0, k0 = q[b, 0].to(dtype), k[b, 0].to(dtype)
+        for n, r0 in enumerate(starts):
+            r1 = min(T, r0 + C)
+            S, neg_F = chunk_selection(q0, k0, carries[b, n], r0, r1, scale)
+            if n + 1 < len(starts):
+                torch.add(carries[b, n], nnf.pad(S.sum(0), (0, T - r1)), out=carries[b, n + 1])
+            future = torch.ones(r1 - r0, r1, dtype=torch.bool).triu_(r0 + 1)
+            bias[b, 0, r0:r1, :r1] = neg_F.masked_fill_(future, float("-inf"))
+    return nnf.scaled_dot_product_attention(q, k, v, attn_mask=bias).contiguous(), carries
+
+
+@chunked_forward.register_fake
+def _(q, k, v, rows):
+    B, H, T, d = q.shape
+    return q.new_empty(q.shape), q.new_empty(B, -(-T // rows), T, dtype=torch.promote_types(q.dtype, torch.float32))
+
+
+@torch.library.custom_op("selective_gpt::chunked_backward", mutates_args=())
+def chunked_backward(dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, carries: torch.Tensor,
+                     rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, H, T, d = q.shape
+    scale = 1.0 / math.sqrt(d)
+    C, dtype = rows, carries.dtype
+    dq = torch.empty(B, H, T, d, dtype=dtype)
+    dk = torch.zeros(B, H, T, d, dtype=dtype)
+    dv = torch.zeros(B, H, T, d, dtype=dtype)
+    logits = torch.empty(H * C * T, dtype=dtype)  # chunk buffers, reused: no large allocation per chunk
+    probs = torch.empty(H * C * T, dtype=dtype)
+    partial = torch.empty(H * T * d, dtype=dtype)
+    later = torch.ones(C, C, dtype=dtype).triu_(1)  # later[k, i] = 1 if row i is below row k
+    future = later.bool()
+    R = torch.empty(T, dtype=dtype)  # R[j] = sum of dF[i, j] over the rows of the chunks already walked
+    for b in range(B):
+        qb, kb, vb, dyb = (t[b].to(dtype) for t in (q, k, v, dy))
+        R.zero_()
+        for n in reversed(range(carries.size(1))):
+            r0 = n * C
+            r1, c = min(T, r0 + C), min(T, r0 + C) - r0
+            S, neg_F = chunk_selection(qb[0], kb[0], carries[b, n], r0, r1, scale)
+            A = logits[:H * c * r1].view(H, c, r1)
+            P = probs[:H * c * r1].view(H, c, r1)
+            torch.baddbmm(neg_F, qb[:, r0:r1], kb[:, :r1].transpose(1, 2), alpha=scale, out=A)  # A_h - F
+            A[:, :, r0:].masked_fill_(future[:c, :c], float("-inf"))  # causal
+            torch.ops.aten._softmax.out(A, -1, False, out=P)
+            part = partial[:H * r1 * d].view(H, r1, d)
+            dv[b, :, :r1] += torch.bmm(P.transpose(1, 2), dyb[:, r0:r1], out=part)
+            torch.bmm(dyb[:, r0:r1], vb[:, :r1].transpose(1, 2), out=A)  # dP
+            torch.ops.aten._softmax_backward_data.out(A, P, -1, dtype, grad_input=A)  # dZ = P (dP - D)
+            torch.bmm(A, kb[:, :r1], out=dq[b, :, r0:r1]).mul_(scale)
+            dk[b, :, :r1].add_(torch.bmm(A.transpose(1, 2), qb[:, r0:r1], out=part), alpha=scale)
+            minus_dF = A.sum(0)  # dF = -sum_h dZ_h, rows r0:r1
+            minus_dS = torch.addmm(R[:r1].expand(c, r1), later[:c, :c], minus_dF)  # -(sum over rows i > k)
+            R[:r1] += minus_dF.sum(0)
+            minus_dS.mul_(S > 0)  # relu' and the constraints: S > 0 only where S may select
+            dq[b, 0, r0:r1].addmm_(minus_dS, kb[0, :r1], alpha=-scale)
+            dk[b, 0, :r1].addmm_(minus_dS.t(), qb[0, r0:r1], alpha=-scale)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@chunked_backward.register_fake
+def _(dy, q, k, v, carries, rows):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _chunked_setup(ctx, inputs, output):
+    q, k, v, rows = inputs
+    ctx.save_for_backward(q, k, v, output[1])
+    ctx.rows = rows
+
+
+def _chunked_backward_rule(ctx, dy, _):
+    return *chunked_backward(dy.contiguous(), *ctx.saved_tensors, ctx.rows), None
+
+
+chunked_forward.register_autograd(_chunked_backward_rule, setup_context=_chunked_setup)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -277,42 +306,73 @@ if triton is not None:
 
 def triton_blocks(D):
     """Tile sizes (BM, BN, BD) for head dim D: 64 x 64 tiles, the head dim padded to a power of two >= 16."""
-    return 64, 64, max(16, triton.next_power_of_2(D))
+    return 64, 64, max(16, 1 << (D - 1).bit_length())
 
 
-class TritonSelectiveAttention(torch.autograd.Function):
-    """The fused kernel as an autograd Function. Tensors may live on the CPU under TRITON_INTERPRET=1 (tests)."""
+def triton_selective_attention(q, k, v, blocks=None):
+    """The fused kernel as a differentiable function. blocks: (BM, BN) tile sizes, default triton_blocks.
+    Tensors may live on the CPU under TRITON_INTERPRET=1 (the tests)."""
+    return triton_forward(q, k, v, *(blocks or triton_blocks(q.size(-1))[:2]))[0]
 
-    @staticmethod
-    def forward(ctx, q, k, v, blocks=None):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        B, H, T, D = q.shape
-        BM, BN, BD = blocks or triton_blocks(D)
-        scale = 1.0 / math.sqrt(D)
-        n_m = triton.cdiv(T, BM)
-        colsum = torch.zeros(B, n_m, T, device=q.device, dtype=torch.float32)
-        _colsum_kernel[(n_m, B)](q, k, colsum, q.stride(0), q.stride(2), colsum.stride(0), colsum.stride(1),
-                                 T, D, scale, BM=BM, BN=BN, BD=BD)
-        carry = nnf.pad(torch.cumsum(colsum[:, :-1], dim=1), (0, 0, 1, 0))  # exclusive prefix over query tiles
-        o = torch.empty_like(q)
-        lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-        _fwd_kernel[(n_m, B * H)](q, k, v, o, lse, carry, q.stride(0), q.stride(1), q.stride(2),
-                                  carry.stride(0), carry.stride(1), T, H, D, scale, BM=BM, BN=BN, BD=BD)
-        ctx.save_for_backward(q, k, v, o, lse, carry)
-        ctx.blocks = (BM, BN, BD)
-        return o
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, carry = ctx.saved_tensors
-        BM, BN, BD = ctx.blocks
-        B, H, T, D = q.shape
-        do = do.contiguous()
-        delta = (do.float() * o.float()).sum(-1)  # D_h = rowsum(dO_h * O_h)
-        dq = torch.zeros(B, H, T, D, device=q.device, dtype=torch.float32)
-        dk, dv, dk0 = (torch.zeros_like(dq) for _ in range(3))
-        _bwd_kernel[(triton.cdiv(T, BN), B * H)](q, k, v, do, lse, delta, carry, dq, dk, dv, dk0,
-                                                  q.stride(0), q.stride(1), q.stride(2), carry.stride(0),
-                                                  carry.stride(1), T, H, D, 1.0 / math.sqrt(D), BM=BM, BN=BN, BD=BD)
-        dk[:, 0] += dk0.sum(dim=1)  # every head's share of the gradient through F, into head 0's keys
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+@torch.library.custom_op("selective_gpt::triton_forward", mutates_args=())
+def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, BM: int, BN: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns o, the log-sum-exp of each row (for the backward), and the per-tile carries of S's column sums."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, H, T, D = q.shape
+    BD = triton_blocks(D)[2]
+    scale = 1.0 / math.sqrt(D)
+    n_m = triton.cdiv(T, BM)
+    colsum = torch.zeros(B, n_m, T, device=q.device, dtype=torch.float32)
+    _colsum_kernel[(n_m, B)](q, k, colsum, q.stride(0), q.stride(2), colsum.stride(0), colsum.stride(1),
+                             T, D, scale, BM=BM, BN=BN, BD=BD)
+    carry = nnf.pad(torch.cumsum(colsum[:, :-1], dim=1), (0, 0, 1, 0))  # exclusive prefix over query tiles
+    o = torch.empty_like(q)
+    lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+    _fwd_kernel[(n_m, B * H)](q, k, v, o, lse, carry, q.stride(0), q.stride(1), q.stride(2),
+                              carry.stride(0), carry.stride(1), T, H, D, scale, BM=BM, BN=BN, BD=BD)
+    return o, lse, carry
+
+
+@triton_forward.register_fake
+def _(q, k, v, BM, BN):
+    B, H, T, D = q.shape
+    f32 = torch.float32
+    return q.new_empty(q.shape), q.new_empty(B, H, T, dtype=f32), q.new_empty(B, -(-T // BM), T, dtype=f32)
+
+
+@torch.library.custom_op("selective_gpt::triton_backward", mutates_args=())
+def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                    lse: torch.Tensor, carry: torch.Tensor, BM: int, BN: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v, o, do = q.contiguous(), k.contiguous(), v.contiguous(), o.contiguous(), do.contiguous()
+    B, H, T, D = q.shape
+    delta = (do.float() * o.float()).sum(-1)  # D_h = rowsum(dO_h * O_h)
+    dq = torch.zeros(B, H, T, D, device=q.device, dtype=torch.float32)
+    dk, dv, dk0 = (torch.zeros_like(dq) for _ in range(3))
+    _bwd_kernel[(triton.cdiv(T, BN), B * H)](q, k, v, do, lse, delta, carry, dq, dk, dv, dk0,
+                                              q.stride(0), q.stride(1), q.stride(2), carry.stride(0),
+                                              carry.stride(1), T, H, D, 1.0 / math.sqrt(D),
+                                              BM=BM, BN=BN, BD=triton_blocks(D)[2])
+    dk[:, 0] += dk0.sum(dim=1)  # every head's share of the gradient through F, into head 0's keys
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@triton_backward.register_fake
+def _(do, q, k, v, o, lse, carry, BM, BN):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _triton_setup(ctx, inputs, output):
+    q, k, v, BM, BN = inputs
+    o, lse, carry = output
+    ctx.save_for_backward(q, k, v, o, lse, carry)
+    ctx.blocks = (BM, BN)
+
+
+def _triton_backward_rule(ctx, do, *_):
+    return *triton_backward(do, *ctx.saved_tensors, *ctx.blocks), None, None
+
+
+triton_forward.register_autograd(_triton_backward_rule, setup_context=_triton_setup)

@@ -55,7 +55,7 @@ def selective_mask(logits):
     later query i has learned to ignore key j; the model subtracts it from every head's logits.
     """
     T = logits.size(-1)
-    # §1.1 S = relu(A_0): token k selects earlier token j by S[k, j] >= 0. relu(-inf) = 0: the future selects nothing.
+    # §1.1 S = relu(A_0): token k selects earlier token j by S[k, j] > 0. relu(-inf) = 0: the future selects nothing.
     # S and F stay float32 under autocast: F sums up to T terms (§1, numerics).
     S = torch.relu(logits.to(torch.promote_types(logits.dtype, torch.float32)))
     # §1.2 never mask BOS (key column 0), a token never masks itself (the diagonal): keep S strictly below the

@@ -165,14 +165,14 @@ def test_fused_cpu_chunks_match_reference_float64(rows):
     q, k, v = random_qkv(T=29, dtype=torch.float64, seed=rows)
     dy = torch.randn_like(q)
     want = grads_of(reference, q, k, v, dy)
-    got = grads_of(lambda a, b, c: kernels.ChunkedSelectiveAttention.apply(a, b, c, rows), q, k, v, dy)
+    got = grads_of(lambda a, b, c: kernels.chunked_selective_attention(a, b, c, rows), q, k, v, dy)
     for name, w, g in zip(["y", "dq", "dk", "dv"], want, got):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=name)
 
 
 def test_fused_cpu_gradcheck_float64():
     q, k, v = random_qkv(B=1, H=2, T=11, D=4, dtype=torch.float64, seed=1)
-    assert torch.autograd.gradcheck(lambda a, b, c: kernels.ChunkedSelectiveAttention.apply(a, b, c, 4), (q, k, v))
+    assert torch.autograd.gradcheck(lambda a, b, c: kernels.chunked_selective_attention(a, b, c, 4), (q, k, v))
 
 
 @pytest.mark.parametrize("impl", ["reference", "sdpa", "fused"])
@@ -205,6 +205,27 @@ def test_selection_gradient_reaches_head0_query_and_key():
     for i in (1, 2):  # dq, dk
         assert not torch.allclose(full[i][:, 0], cut[i][:, 0])
         torch.testing.assert_close(full[i][:, 1:], cut[i][:, 1:])
+
+
+def test_compiled_selective_model_has_no_graph_breaks_and_matches_eager():
+    """torch.compile(fullgraph=True) raises on any graph break; the fused path is an opaque custom op to it."""
+    torch._dynamo.reset()
+    model = tiny_model(dtype=torch.float32, n_layer=2, block_size=40)
+    idx = torch.randint(0, 61, (2, 40), generator=torch.Generator().manual_seed(7))
+    logits, loss = model(idx, targets=idx)
+    loss.backward()
+    eager = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled_logits, compiled_loss = torch.compile(model, fullgraph=True)(idx, targets=idx)
+    compiled_loss.backward()
+    torch.testing.assert_close(compiled_logits, logits, rtol=1e-4, atol=1e-4)
+    for p, g in zip(model.parameters(), eager):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_custom_ops_pass_opcheck():
+    q, k, v = random_qkv(B=2, H=2, T=9, D=8)
+    torch.library.opcheck(torch.ops.selective_gpt.chunked_forward.default, (q, k, v, 4))
 
 
 def test_dispatch_names_and_errors(monkeypatch):
@@ -445,9 +466,9 @@ def test_triton_kernel_matches_reference(T, D, blocks):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     q, k, v = (t.to(device).detach().requires_grad_() for t in random_qkv(B=2, H=3, T=T, D=D, seed=T + D))
     dy = torch.randn_like(q)
-    tiles = None if blocks == "default" else (16, 16, D)
+    tiles = None if blocks == "default" else (16, 16)
     want = grads_of(reference, q.double(), k.double(), v.double(), dy.double())
-    got = grads_of(lambda a, b, c: kernels.TritonSelectiveAttention.apply(a, b, c, tiles), q, k, v, dy)
+    got = grads_of(lambda a, b, c: kernels.triton_selective_attention(a, b, c, tiles), q, k, v, dy)
     tol = 1e-4 if device == "cpu" else 2e-2  # tf32 matmuls on a GPU
     for name, w, g in zip(["y", "dq", "dk", "dv"], want, got):
         torch.testing.assert_close(g.double(), w, rtol=tol, atol=tol, msg=f"{name}")
@@ -461,7 +482,283 @@ def test_triton_kernel_half_precision(dtype):
     q, k, v = (t.to(device, dtype).detach().requires_grad_() for t in random_qkv(B=2, H=2, T=40, D=32, seed=9))
     dy = torch.randn_like(q)
     want = grads_of(reference, q.double(), k.double(), v.double(), dy.double())
-    got = grads_of(lambda a, b, c: kernels.TritonSelectiveAttention.apply(a, b, c, (16, 16, 32)), q, k, v, dy)
+    got = grads_of(lambda a, b, c: kernels.triton_selective_attention(a, b, c, (16, 16)), q, k, v, dy)
     for name, w, g in zip(["y", "dq", "dk", "dv"], want, got):
         assert g.dtype == dtype
         torch.testing.assert_close(g.double(), w, rtol=0.05, atol=0.05, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pipeline: prepare_data.py, train.py, sample.py
+
+import contextlib  # noqa: E402
+import gzip  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
+
+import prepare_data  # noqa: E402
+import sample  # noqa: E402
+import train  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+C4_SAMPLE = os.path.join(HERE, "..", "shared", "data", "c4_sample", "en")
+needs_c4_sample = pytest.mark.skipif(not os.path.isdir(C4_SAMPLE), reason=f"no C4 sample at {C4_SAMPLE}")
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(HERE, "..", "shared", "tiktoken_cache"))
+
+
+@contextlib.contextmanager
+def shard_server(root, drop_after=None):
+    """A loopback HTTP server of the files in root, with Range support. drop_after: {name: bytes}: the first
+    request for that file sends this many bytes, then closes the connection."""
+    requests = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            name = os.path.basename(self.path)
+            requests.append((name, self.headers.get("Range")))
+            path = os.path.join(root, name)
+            if not os.path.exists(path):
+                self.send_error(404)
+                return
+            with open(path, "rb") as f:
+                data = f.read()
+            start = int(self.headers["Range"][6:-1]) if self.headers.get("Range") else 0
+            self.send_response(206 if start else 200)
+            if start:
+                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            self.send_header("Content-Length", str(len(data) - start))
+            self.end_headers()
+            cut = (drop_after or {}).pop(name, None)
+            self.wfile.write(data[start:] if cut is None else data[start:start + cut])
+            if cut is not None:
+                self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/", requests
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def write_c4_shard(path, texts):
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t, "timestamp": "2019-04-25T12:00:00Z", "url": "https://example.com"}) + "\n")
+
+
+def documents_of(bin_path):
+    import tiktoken
+    enc = tiktoken.get_encoding("gpt2")
+    tokens = prepare_data.read_bin(bin_path).tolist()
+    assert tokens[0] == prepare_data.BOS
+    docs, current = [], []
+    for t in tokens[1:] + [prepare_data.BOS]:
+        if t == prepare_data.BOS:
+            docs.append(enc.decode(current))
+            current = []
+        else:
+            current.append(t)
+    return docs
+
+
+@needs_c4_sample
+def test_prepare_data_resumes_a_dropped_download_and_decodes_back(tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    g = torch.Generator().manual_seed(0)
+    words = ["selective", "attention", "caf\u00e9", "\u2014", "token", "mask", "F", "BOS", "1024", "\n\n", "\u4e2d\u6587"]
+    texts = [" ".join(words[i] for i in torch.randint(len(words), (200,), generator=g).tolist()) for _ in range(60)]
+    train_gz = prepare_data.c4_name("train", 0)
+    write_c4_shard(served / train_gz, texts)
+    shutil.copy(os.path.join(C4_SAMPLE, prepare_data.c4_name("validation", 0)), served)
+    half = os.path.getsize(served / train_gz) // 2
+    data = tmp_path / "data"
+    with shard_server(served, drop_after={train_gz: half}) as (url, requests):
+        prepare_data.main(["--base_url", url, "--data_dir", str(data)])
+        assert (train_gz, f"bytes={half}-") in requests, "the second request resumes where the first one broke"
+        assert documents_of(data / "c4-train.00000-of-01024.bin") == texts
+        with gzip.open(served / prepare_data.c4_name("validation", 0), "rt", encoding="utf-8") as f:
+            want = [json.loads(line)["text"] for line in f]
+        assert documents_of(data / "c4-validation.00000-of-00008.bin") == want
+        assert sorted(os.listdir(data)) == ["c4-train.00000-of-01024.bin", "c4-validation.00000-of-00008.bin"]
+        before = {p: os.path.getmtime(data / p) for p in os.listdir(data)}
+        count = len(requests)
+        prepare_data.main(["--base_url", url, "--data_dir", str(data)])
+        assert len(requests) == count and before == {p: os.path.getmtime(data / p) for p in os.listdir(data)}
+
+
+def test_prepare_data_stops_on_a_corrupt_shard_and_writes_nothing(tmp_path, capsys):
+    served = tmp_path / "served"
+    served.mkdir()
+    good = tmp_path / "good.json.gz"
+    write_c4_shard(good, [f"text number {i} " * 50 for i in range(400)])
+    blob = good.read_bytes()
+    (served / prepare_data.c4_name("train", 0)).write_bytes(blob[: len(blob) // 2])  # a truncated gzip
+    data = tmp_path / "data"
+    with shard_server(served) as (url, _):
+        with pytest.raises(SystemExit, match="c4-train.00000-of-01024.json.gz is truncated or corrupt"):
+            prepare_data.main(["--base_url", url, "--data_dir", str(data), "--val_shards", "0"])
+    assert not [p for p in os.listdir(data) if p.endswith((".bin", ".tmp"))]
+
+
+def test_prepare_data_local_txt_holds_out_validation(tmp_path):
+    (tmp_path / "notes.txt").write_text("one two three four five six seven eight nine ten " * 40)
+    data = tmp_path / "data"
+    prepare_data.main(["--local", str(tmp_path / "*.txt"), "--data_dir", str(data), "--val_fraction", "0.1"])
+    train_tokens, val_tokens = prepare_data.read_bin(data / "notes.bin"), prepare_data.read_bin(
+        data / "notes.validation.bin")
+    assert len(val_tokens) == int((len(train_tokens) + len(val_tokens)) * 0.1) and train_tokens[0] == prepare_data.BOS
+
+
+def run_script(*args, timeout=600):
+    out = subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=timeout)
+    return out.returncode, out.stdout + out.stderr
+
+
+def log_records(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "24", "--batch_size", "4",
+        "--eval_iters", "2", "--log_interval", "1", "--warmup_iters", "2", "--dtype", "float32"]
+
+
+@pytest.fixture(scope="module")
+def assign_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("assign"))
+    code, text = run_script("train.py", "--dataset", "assign", "--selective", *TINY, "--max_iters", "30",
+                            "--eval_interval", "15", "--learning_rate", "3e-3", "--out_dir", out)
+    assert code == 0, text
+    return out
+
+
+def test_train_assign_end_to_end(assign_run):
+    records = log_records(assign_run)
+    header = records[0]
+    assert header["config"]["selective"] and header["git_commit"] is None or len(header["git_commit"]) == 40
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["iter"] for r in evals] == [0, 15, 30] and evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
+    assert all(0 <= r["val_accuracy"] <= 1 for r in evals)
+    steps = [r for r in records if "loss" in r and "val_loss" not in r]
+    assert len(steps) == 30 and {"lr", "ms_per_iter", "tokens_per_s", "mfu"} <= steps[0].keys()
+    assert os.path.exists(os.path.join(assign_run, "ckpt.pt")) and os.path.exists(
+        os.path.join(assign_run, "ckpt_best.pt"))
+
+
+@needs_c4_sample
+def test_train_c4_end_to_end(tmp_path):
+    data = tmp_path / "c4"
+    shutil.copy(os.path.join(C4_SAMPLE, "c4-validation.00000-of-00008.json.gz"), tmp_path / "sample.json.gz")
+    prepare_data.main(["--local", str(tmp_path / "sample.json.gz"), "--data_dir", str(data)])  # 1% held out
+    code, text = run_script("train.py", "--dataset", "c4", "--data_dir", str(data), "--selective", *TINY,
+                            "--max_iters", "4", "--eval_interval", "2", "--out_dir", str(tmp_path / "out"))
+    assert code == 0, text
+    evals = [r for r in log_records(tmp_path / "out") if "val_loss" in r]
+    assert len(evals) == 3 and all(math.isfinite(r["val_loss"]) for r in evals)
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    code, text = run_script("train.py", "--dataset", "c4", "--data_dir", str(tmp_path / "none"), *TINY,
+                            "--out_dir", str(tmp_path / "o2"))
+    assert code != 0 and "prepare_data.py" in text and "--dataset assign" in text
+
+
+def test_c4_windows_start_with_bos():
+    shard = torch.arange(1000, dtype=torch.int64).numpy().astype("uint16")
+    x, y = train.c4_batch([shard], 8, 16, torch.Generator().manual_seed(0))
+    assert (x[:, 0] == train.BOS).all() and torch.equal(x[:, 1:], y[:, :-1]) and (y[:, 1:] - y[:, :-1] == 1).all()
+
+
+def test_assign_task_answers_are_latest_values():
+    x, y = train.assign_batch(16, 200, torch.Generator().manual_seed(0))
+    assert (x[:, 0] == 0).all()
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        latest = {}
+        for t, (tok, target) in enumerate(zip(row_x, row_y)):
+            word = train.ASSIGN_TOKENS[tok]
+            if "=" in word:
+                latest[word[0]] = word[2]
+            if word.endswith("?"):
+                assert train.ASSIGN_TOKENS[target] == latest[word[0]]
+            else:
+                assert target == -1
+
+
+def test_resume_continues_exactly(tmp_path):
+    common = ["--dataset", "assign", "--selective", *TINY, "--dropout", "0.1", "--eval_interval", "3",
+              "--lr_decay_iters", "6"]
+    whole, part = str(tmp_path / "whole"), str(tmp_path / "part")
+    assert run_script("train.py", *common, "--max_iters", "6", "--out_dir", whole)[0] == 0
+    assert run_script("train.py", *common, "--max_iters", "3", "--out_dir", part)[0] == 0
+    code, text = run_script("train.py", "--resume", "--max_iters", "6", "--out_dir", part)
+    assert code == 0, text
+    losses = lambda out: [(r["iter"], r["loss"]) for r in log_records(out) if "loss" in r and "val_loss" not in r]
+    assert losses(part) == losses(whole) and len(losses(whole)) == 6
+    code, text = run_script("train.py", "--resume", "--n_head", "4", "--out_dir", part)
+    assert code != 0 and "different model" in text and "n_head" in text
+
+
+def test_ddp_two_processes_match_one_with_twice_the_accumulation(tmp_path):
+    common = ["--dataset", "assign", "--selective", *TINY, "--max_iters", "3", "--eval_interval", "3"]
+    single = str(tmp_path / "single")
+    assert run_script("train.py", *common, "--grad_accum", "2", "--out_dir", single)[0] == 0
+    ddp = str(tmp_path / "ddp")
+    code, text = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+                            *common, "--grad_accum", "2", "--device", "cpu", "--out_dir", ddp)
+    assert code == 0, text
+    final = lambda out: [r for r in log_records(out) if "val_loss" in r][-1]
+    assert log_records(ddp)[0]["world_size"] == 2
+    assert final(ddp)["val_loss"] == pytest.approx(final(single)["val_loss"], rel=1e-5)
+    assert final(ddp)["val_loss"] != pytest.approx(log_records(single)[1]["val_loss"], rel=1e-3)  # it trained
+
+
+def test_train_rejects_bad_input(tmp_path):
+    for flags, message in [(["--n_embd", "30", "--n_head", "4"], "divisible"), (["--block_size", "1"], "at least 2"),
+                           (["--dataset", "shakespeare"], "invalid choice"), (["--dtype", "float16"], "float16"),
+                           (["--resume"], "no checkpoint")]:
+        code, text = run_script("train.py", "--dataset", "assign", *flags, "--out_dir", str(tmp_path / "x"))
+        assert code != 0 and message in text, (flags, text)
+
+
+def test_sample_prune_eval_and_find_budgets(assign_run, capsys):
+    sample.main(["--out_dir", assign_run, "--start", "a=3 b=1 a?", "--max_new_tokens", "40", "--top_k", "1",
+                 "--prune", "--budget", "4", "--dtype", "float32"])
+    text = capsys.readouterr().out
+    assert text.startswith("a=3 b=1 a?") and "layer 1: budget 4, peak 4 cached keys" in text and "x smaller" in text
+    sample.main(["--out_dir", assign_run, "--eval_ppl", "--budgets", "3,5", "--dtype", "float32"])
+    assert "with budgets [3, 5]" in capsys.readouterr().out
+    sample.main(["--out_dir", assign_run, "--find_budgets", "--tolerance", "0.05", "--shrink", "0.5",
+                 "--dtype", "float32"])
+    found = json.load(open(os.path.join(assign_run, "budgets.json")))
+    assert found["val_ppl"] <= found["target_ppl"] and len(found["budgets"]) == 2
+    assert found["memory_factor"] == pytest.approx(2 * 24 / sum(found["budgets"]))
+    sample.main(["--out_dir", assign_run, "--eval_ppl", "--dtype", "float32"])  # budgets.json is picked up
+    assert f"with budgets {found['budgets']}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--prune"], "need --budget"), (["--prune", "--budget", "1"], ">= 2"),
+    (["--prune", "--budgets", "4,4,4"], "3 budgets for 2 layers"), (["--budget", "3", "--budgets", "3,3"], "not both"),
+    (["--start", "hello"], "no token 'hello'")])
+def test_sample_rejects_bad_flags(assign_run, flags, message, capsys, tmp_path):
+    shutil.copy(os.path.join(assign_run, "ckpt.pt"), tmp_path)  # the checkpoint without a budgets.json
+    with pytest.raises(SystemExit):
+        sample.main(["--out_dir", str(tmp_path), "--dtype", "float32", *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_sample_refuses_budgets_for_a_standard_model(tmp_path, capsys):
+    out = str(tmp_path / "std")
+    assert run_script("train.py", "--dataset", "assign", *TINY, "--max_iters", "1", "--out_dir", out)[0] == 0
+    with pytest.raises(SystemExit):
+        sample.main(["--out_dir", out, "--eval_ppl", "--budget", "4"])
+    assert "selective model" in capsys.readouterr().err

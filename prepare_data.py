@@ -1,0 +1,246 @@
+"""
+Download C4 (allenai/c4, "en") shards and tokenize them with GPT-2's BPE into .bin files for train.py.
+
+    python prepare_data.py                              # 1 train + 1 validation shard from the Hugging Face hub
+    python prepare_data.py --train_shards 4             # more data
+    python prepare_data.py --base_url http://127.0.0.1:8000/   # a mirror or local server with the same file names
+    python prepare_data.py --local path/to/dir_or_glob  # tokenize local .json.gz / .jsonl (C4 format) or .txt files
+
+Every document is preceded by <|endoftext|> (50256), the BOS of SPEC §2. Each input shard becomes one .bin in
+--data_dir: llm.c's layout (a header of 256 int32: magic 20240520, version 1, token count; then uint16 tokens).
+Downloads resume with HTTP Range after a dropped connection; every file is written to a temporary name and
+renamed when complete, so an interrupted run leaves nothing half-written and a re-run skips finished shards.
+"""
+
+import argparse
+import glob
+import gzip
+import http.client
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+import zlib
+
+import numpy as np
+
+C4_REVISION = "1ddc917116b730e1859edef32896ec5c16be51d0"  # a fixed commit of allenai/c4, so the data never moves
+C4_SHARDS = {"train": 1024, "validation": 8}
+MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
+BOS = 50256  # GPT-2's <|endoftext|>
+
+
+def c4_name(split, index):
+    return f"c4-{split}.{index:05d}-of-{C4_SHARDS[split]:05d}.json.gz"
+
+
+def default_base_url(revision):
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    return f"{endpoint}/datasets/allenai/c4/resolve/{revision}/en/"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Download: resumable, retried with backoff, size-checked, renamed into place when complete.
+
+def download(url, dest, token=None, retries=6, backoff=1.0):
+    partial = dest + ".part"
+    for attempt in range(retries + 1):
+        have = os.path.getsize(partial) if os.path.exists(partial) else 0
+        headers = {"User-Agent": "selective-gpt/prepare_data"}
+        if have:
+            headers["Range"] = f"bytes={have}-"
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as response:
+                resumed = have > 0 and getattr(response, "status", None) == 206
+                total = expected_size(response, have if resumed else 0)
+                with open(partial, "ab" if resumed else "wb") as f:
+                    received = have if resumed else 0
+                    started = time.time()
+                    while chunk := response.read(1 << 20):
+                        f.write(chunk)
+                        received += len(chunk)
+                        rate = received / max(time.time() - started, 1e-6) / 1e6
+                        print(f"\r  {os.path.basename(dest)}: {received / 1e6:.1f}"
+                              f"{f' / {total / 1e6:.1f}' if total else ''} MB ({rate:.1f} MB/s)", end="", flush=True)
+            print()
+            size = os.path.getsize(partial)
+            if total is not None and size != total:
+                raise ConnectionError(f"got {size} bytes of {total}")
+            os.replace(partial, dest)
+            return
+        except urllib.error.HTTPError as e:
+            if e.code == 416:  # the partial file is not a prefix of this one: start again
+                os.remove(partial)
+            elif e.code in (401, 403):
+                sys.exit(f"prepare_data: {url} refused access (HTTP {e.code}); set HF_TOKEN to a Hugging Face token")
+            elif e.code == 404:
+                sys.exit(f"prepare_data: {url} does not exist (HTTP 404); check --base_url and the shard counts")
+            error = e
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, OSError) as e:
+            error = e  # a dropped connection (IncompleteRead), a timeout, a refused connection: retry
+        if attempt < retries:
+            wait = backoff * 2 ** attempt
+            print(f"\n  {os.path.basename(dest)}: {error}; retrying in {wait:.0f}s (attempt {attempt + 2})")
+            time.sleep(wait)
+    sys.exit(f"prepare_data: could not download {url} after {retries + 1} attempts: {error}\n"
+             f"  the partial download {partial} is kept: run again to resume it")
+
+
+def expected_size(response, offset):
+    """The whole file's size from Content-Range (a resumed download) or Content-Length, if the server says."""
+    content_range = response.headers.get("Content-Range", "")
+    if "/" in content_range and not content_range.endswith("/*"):
+        return int(content_range.rsplit("/", 1)[1])
+    length = response.headers.get("Content-Length")
+    return offset + int(length) if length is not None else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenize: documents -> [BOS, tokens...] -> one .bin per input file.
+
+def read_documents(path):
+    """The documents of a C4-format .json.gz / .jsonl file (field "text", one JSON object a line), or a .txt file."""
+    if path.endswith(".txt"):
+        with open(path, encoding="utf-8") as f:
+            yield f.read()
+        return
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)["text"]
+
+
+def write_bin(path, tokens):
+    """llm.c's .bin layout, written to a temporary file and renamed, so a .bin on disk is always complete."""
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[:3] = MAGIC, VERSION, len(tokens)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype=np.uint16).tobytes())
+    os.replace(tmp, path)
+
+
+def read_bin(path):
+    """Tokens of a .bin as a read-only memmap; a clear error if the file is not one of ours or is cut short."""
+    header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    if len(header) < HEADER_INTS or header[0] != MAGIC or header[1] != VERSION:
+        raise ValueError(f"{path} is not a token file of prepare_data.py (bad header); delete it and prepare again")
+    n = int(header[2])
+    if os.path.getsize(path) != HEADER_INTS * 4 + 2 * n:
+        raise ValueError(f"{path} should hold {n} tokens but its size disagrees; delete it and prepare again")
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(n,))
+
+
+def tokenize_file(src, encoder, batch=256):
+    """The tokens of src, each document preceded by BOS. A truncated or corrupt input stops the run."""
+    tokens, docs, started = [], 0, time.time()
+    size = os.path.getsize(src)
+
+    def flush(texts):
+        for ids in encoder.encode_ordinary_batch(texts):
+            tokens.append(BOS)
+            tokens.extend(ids)
+
+    try:
+        texts = []
+        for text in read_documents(src):
+            texts.append(text)
+            docs += 1
+            if len(texts) == batch:
+                flush(texts)
+                texts = []
+                rate = len(tokens) / max(time.time() - started, 1e-6)
+                print(f"\r  {os.path.basename(src)} ({size / 1e6:.1f} MB): {docs} documents, "
+                      f"{len(tokens) / 1e6:.2f}M tokens, {rate / 1e3:.0f}k tokens/s", end="", flush=True)
+        flush(texts)
+    except (EOFError, OSError, zlib.error, UnicodeDecodeError, json.JSONDecodeError, KeyError) as e:
+        print()
+        sys.exit(f"prepare_data: {src} is truncated or corrupt ({type(e).__name__}: {e}); nothing was written. "
+                 f"Delete it and run again (a download is fetched anew).")
+    print(f"\r  {os.path.basename(src)}: {docs} documents, {len(tokens)} tokens" + " " * 30)
+    return np.asarray(tokens, dtype=np.uint16)
+
+
+def bin_name(src):
+    name = os.path.basename(src)
+    for suffix in (".json.gz", ".jsonl.gz", ".jsonl", ".json", ".txt"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)] + ".bin"
+    return name + ".bin"
+
+
+def split_of(path):
+    return "validation" if "validation" in os.path.basename(path) else "train"
+
+
+def local_inputs(pattern):
+    paths = sorted(glob.glob(os.path.join(pattern, "*")) if os.path.isdir(pattern) else glob.glob(pattern))
+    paths = [p for p in paths if p.endswith((".json.gz", ".jsonl.gz", ".jsonl", ".json", ".txt"))]
+    if not paths:
+        sys.exit(f"prepare_data: no .json.gz, .jsonl or .txt files at {pattern}")
+    return paths
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", default="data/c4", help="where the .bin files go (default: data/c4)")
+    parser.add_argument("--train_shards", type=int, default=1, help="C4 train shards to fetch (of 1024)")
+    parser.add_argument("--val_shards", type=int, default=1, help="C4 validation shards to fetch (of 8)")
+    parser.add_argument("--base_url", default=None,
+                        help="directory URL holding the C4 'en' files (http://, https:// or file://); default: the "
+                             "Hugging Face hub ($HF_ENDPOINT if set) at a pinned revision")
+    parser.add_argument("--revision", default=C4_REVISION, help="allenai/c4 commit to download from the hub")
+    parser.add_argument("--local", default=None, help="tokenize these local files (a directory or a glob) instead")
+    parser.add_argument("--val_fraction", type=float, default=0.01,
+                        help="--local without a validation file: the share of tokens held out for validation")
+    parser.add_argument("--keep_downloads", action="store_true", help="keep the .json.gz files after tokenizing")
+    args = parser.parse_args(argv)
+    if not 0 <= args.train_shards <= C4_SHARDS["train"] or not 0 <= args.val_shards <= C4_SHARDS["validation"]:
+        parser.error(f"--train_shards must be 0..{C4_SHARDS['train']} and --val_shards 0..{C4_SHARDS['validation']}")
+    os.makedirs(args.data_dir, exist_ok=True)
+
+    import tiktoken  # here, so that --help works without it
+    encoder = tiktoken.get_encoding("gpt2")
+
+    if args.local:
+        inputs = [(path, False) for path in local_inputs(args.local)]
+    else:
+        base = (args.base_url or default_base_url(args.revision)).rstrip("/") + "/"
+        names = [c4_name("train", i) for i in range(args.train_shards)]
+        names += [c4_name("validation", i) for i in range(args.val_shards)]
+        inputs = [(base + name, True) for name in names]
+    # local data without a validation file: the tail of the last file is held out for validation
+    carve = args.local and not any(split_of(path) == "validation" for path, _ in inputs)
+    for n, (source, remote) in enumerate(inputs):
+        dest = os.path.join(args.data_dir, bin_name(source))
+        if os.path.exists(dest):
+            print(f"  {os.path.basename(dest)}: done already, skipped")
+            continue
+        path = os.path.join(args.data_dir, os.path.basename(source)) if remote else source
+        if remote and not os.path.exists(path):
+            download(source, path, os.environ.get("HF_TOKEN"))
+        tokens = tokenize_file(path, encoder)
+        if carve and n == len(inputs) - 1:
+            cut = len(tokens) - max(1, int(len(tokens) * args.val_fraction))
+            if cut < 1:
+                sys.exit(f"prepare_data: {source} is too small to hold out validation tokens; add a validation file")
+            write_bin(dest[:-4] + ".validation.bin", tokens[cut:])  # first: the train .bin marks the pair done
+            print(f"  no validation file given: the last {len(tokens) - cut} tokens go to validation")
+            tokens = tokens[:cut]
+        write_bin(dest, tokens)
+        if remote and not args.keep_downloads:
+            os.remove(path)
+    for split in ("train", "validation"):
+        shards = [s for s in sorted(glob.glob(os.path.join(args.data_dir, "*.bin"))) if split_of(s) == split]
+        counts = [(len(t), int(np.count_nonzero(t == BOS))) for t in map(read_bin, shards)]
+        print(f"{split}: {len(shards)} shard(s), {sum(d for _, d in counts)} documents, "
+              f"{sum(n for n, _ in counts) / 1e6:.2f}M tokens in {args.data_dir}")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,454 @@
+"""
+Train a standard or selective GPT (selective_gpt.py): nanoGPT's train.py, driven by flags.
+
+    python train.py --dataset assign --selective             # offline quick start: a synthetic task, minutes on a CPU
+    python prepare_data.py && python train.py --selective --n_head 8              # C4
+    torchrun --standalone --nproc_per_node=4 train.py --selective ...              # data parallel (DDP)
+    python train.py --resume                                  # carry on from out_dir/ckpt.pt, exactly
+
+Data: every training and evaluation window starts with a BOS token (SPEC §2). Batches are drawn from a
+generator seeded by (seed, split, iteration, micro-step), so the data order is a function of the iteration: a
+resumed run sees the same batches as an uninterrupted one, and N DDP processes see what one process with N times
+the gradient accumulation sees.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+from torch.nn import functional as nnf
+
+from selective_gpt import GPT, GPTConfig
+
+BOS = 50256  # GPT-2's <|endoftext|>, the BOS of C4 windows (SPEC §2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The variable-assignment task (--dataset assign): a stream of assignments "a=3" that set and reset 8 variables,
+# and queries "a?" whose answer, the next token, is the variable's latest value. Only answers are scored. Each new
+# assignment makes the earlier ones of its variable useless: the situation selective attention is built for.
+
+ASSIGN_VARS, ASSIGN_VALUES, QUERY_SHARE = "abcdefgh", "0123456789", 0.3
+ASSIGN_TOKENS = (["^"] + [f"{v}={x}" for v in ASSIGN_VARS for x in ASSIGN_VALUES]  # BOS, assignments,
+                 + [f"{v}?" for v in ASSIGN_VARS] + list(ASSIGN_VALUES))  # queries, answers
+QUERY0, ANSWER0 = 1 + len(ASSIGN_VARS) * len(ASSIGN_VALUES), 1 + len(ASSIGN_VARS) * (len(ASSIGN_VALUES) + 1)
+
+
+def assign_batch(batch_size, block_size, generator):
+    """x, y: (B, block_size); a sequence reads '^ a=3 b=1 a? 3 a=7 ...'. y is the answer after each query, else -1."""
+    B, V = batch_size, len(ASSIGN_VARS)
+    var = torch.randint(V, (B, block_size), generator=generator)
+    val = torch.randint(len(ASSIGN_VALUES), (B, block_size), generator=generator)
+    ask = torch.rand(B, block_size, generator=generator) < QUERY_SHARE
+    seq = torch.zeros(B, block_size + 1, dtype=torch.long)  # position 0: BOS
+    scored = torch.zeros(B, block_size + 1, dtype=torch.bool)
+    latest = torch.full((B, V), -1)  # each variable's current value, -1 before its first assignment
+    pending = torch.full((B,), -1)  # the answer the next token must give, -1 if none
+    rows = torch.arange(B)
+    for t in range(1, block_size + 1):
+        v, known = var[:, t - 1], latest[rows, var[:, t - 1]]
+        answer = pending >= 0
+        query = ~answer & ask[:, t - 1] & (known >= 0)  # only variables with a value are asked for
+        assign = ~answer & ~query
+        seq[:, t] = torch.where(answer, ANSWER0 + pending,
+                                torch.where(query, QUERY0 + v, 1 + v * len(ASSIGN_VALUES) + val[:, t - 1]))
+        scored[:, t] = answer
+        latest[rows, v] = torch.where(assign, val[:, t - 1], known)
+        pending = torch.where(query, known, -1)
+    return seq[:, :-1], seq[:, 1:].masked_fill(~scored[:, 1:], -1)
+
+
+def assign_encode(text):
+    """'a=3 b=1 a?' -> token ids (tokens separated by white space)."""
+    unknown = [w for w in text.split() if w not in ASSIGN_TOKENS]
+    if unknown:
+        raise ValueError(f"the assign task has no token {unknown[0]!r}: its tokens are 'a=3' (assign), 'a?' (query),"
+                         f" '3' (answer), variables {ASSIGN_VARS}, values {ASSIGN_VALUES}")
+    return [ASSIGN_TOKENS.index(w) for w in text.split()]
+
+
+def assign_decode(tokens):
+    return " ".join(ASSIGN_TOKENS[t] for t in tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# C4 token shards (prepare_data.py)
+
+def load_shards(data_dir, split):
+    from prepare_data import read_bin, split_of
+    paths = [p for p in sorted(glob.glob(os.path.join(data_dir, "*.bin"))) if split_of(p) == split]
+    if not paths:
+        raise FileNotFoundError(f"no {split} shards (*.bin) in {data_dir}: run  python prepare_data.py  (downloads "
+                                f"C4; --local PATH for files you have), or train offline with --dataset assign")
+    return [read_bin(p) for p in paths]
+
+
+def c4_batch(shards, batch_size, block_size, generator):
+    """Random windows of the token stream with BOS put at position 0 (SPEC §2): x = [BOS, t_o .. t_{o+T-2}],
+    y = [t_o .. t_{o+T-1}]. A shard is picked with probability proportional to its windows."""
+    windows = torch.tensor([max(len(s) - block_size + 1, 0) for s in shards], dtype=torch.float64)
+    if windows.sum() == 0:
+        raise ValueError(f"every shard is shorter than block_size ({block_size}) tokens")
+    which = torch.multinomial(windows, batch_size, replacement=True, generator=generator)
+    starts = (torch.rand(batch_size, generator=generator, dtype=torch.float64) * windows[which]).long()
+    y = torch.stack([torch.from_numpy(shards[w][o:o + block_size].astype(np.int64))
+                     for w, o in zip(which.tolist(), starts.tolist())])
+    x = torch.cat([torch.full((batch_size, 1), BOS), y[:, :-1]], dim=1)
+    return x, y
+
+
+def batch_generator(seed, split, step, micro):
+    """The generator for one batch: a function of where the batch is used (split 'train' or 'val', iteration
+    step, or -1 for the fixed evaluation batches, micro-step), never of what ran before."""
+    words = [seed, ("train", "val").index(split), step + 1, micro]
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument_group("model (GPTConfig)")
+    a.add_argument("--n_layer", type=int, default=4)
+    a.add_argument("--n_head", type=int, default=4)
+    a.add_argument("--n_embd", type=int, default=128)
+    a.add_argument("--block_size", type=int, default=None, help="context length (default: 256 c4, 96 assign)")
+    a.add_argument("--dropout", type=float, default=0.0)
+    a.add_argument("--bias", action=argparse.BooleanOptionalAction, default=False, help="biases in Linears/LNs")
+    a.add_argument("--selective", action="store_true", help="selective attention (default: a standard transformer)")
+    a.add_argument("--memory_loss_weight", type=float, default=0.0, help="epsilon of the memory loss (SPEC §5)")
+    a.add_argument("--memory_tau", type=float, default=1.0, help="tau of the memory loss (SPEC §5)")
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", choices=["c4", "assign"], default="c4")
+    d.add_argument("--data_dir", default="data/c4", help="token shards from prepare_data.py (--dataset c4)")
+    d.add_argument("--batch_size", type=int, default=16, help="sequences per micro-step (per process)")
+    d.add_argument("--grad_accum", type=int, default=1, help="micro-steps per iteration, over all processes")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--learning_rate", type=float, default=1e-3, help="peak learning rate")
+    o.add_argument("--min_lr", type=float, default=None, help="final learning rate (default: learning_rate / 10)")
+    o.add_argument("--warmup_iters", type=int, default=100, help="linear warmup iterations")
+    o.add_argument("--lr_decay_iters", type=int, default=None, help="cosine decay length (default: max_iters)")
+    o.add_argument("--max_iters", type=int, default=2000)
+    o.add_argument("--weight_decay", type=float, default=0.1)
+    o.add_argument("--beta1", type=float, default=0.9)
+    o.add_argument("--beta2", type=float, default=0.95)
+    o.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm at this (0: off)")
+    r = p.add_argument_group("running")
+    r.add_argument("--out_dir", default="out", help="checkpoints and the JSON-lines log")
+    r.add_argument("--eval_interval", type=int, default=200)
+    r.add_argument("--eval_iters", type=int, default=20, help="batches per evaluation")
+    r.add_argument("--log_interval", type=int, default=10)
+    r.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    r.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="autocast dtype (default: bfloat16 where supported, else float32)")
+    r.add_argument("--compile", action="store_true", help="torch.compile the model")
+    r.add_argument("--seed", type=int, default=1337)
+    r.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.pt with its settings")
+    r.add_argument("--peak_flops", type=float, default=None,
+                   help="the device's peak FLOP/s for MFU (default: measured with a large matmul at start)")
+    return p
+
+
+MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"]
+
+
+def resolve_args(argv=None):
+    """Parse flags; on --resume, every flag not given comes from the checkpoint, and model flags may not change."""
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    given = {a.dest for a in parser._actions for s in a.option_strings
+             if any(x == s or x.startswith(s + "=") for x in argv)}
+    if args.resume:
+        path = os.path.join(args.out_dir, "ckpt.pt")
+        if not os.path.exists(path):
+            parser.error(f"--resume: no checkpoint at {path}")
+        saved = torch.load(path, map_location="cpu", weights_only=True)["args"]
+        changed = [f"--{k} {saved[k]} -> {getattr(args, k)}" for k in MODEL_FIELDS + ["dataset"]
+                   if k in given and getattr(args, k) != saved[k]]
+        if changed:
+            parser.error(f"--resume: {path} is a checkpoint of a different model: {', '.join(changed)}. "
+                         f"Drop those flags, or use another --out_dir")
+        for k, v in saved.items():
+            if k not in given and k != "resume":
+                setattr(args, k, v)
+    if args.block_size is None:
+        args.block_size = 96 if args.dataset == "assign" else 256
+    args.lr_decay_iters = args.lr_decay_iters or args.max_iters
+    args.min_lr = args.learning_rate / 10 if args.min_lr is None else args.min_lr
+    for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    try:
+        GPTConfig(**model_args(args))
+    except ValueError as e:
+        parser.error(str(e))
+    return args
+
+
+def model_args(args):
+    vocab = len(ASSIGN_TOKENS) if args.dataset == "assign" else 50304
+    return dict({k: getattr(args, k) for k in MODEL_FIELDS}, vocab_size=vocab)
+
+
+def pick_device(name):
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def autocast_dtype(device_type, name):
+    """The autocast dtype, checked against what the device can do."""
+    if name is None:
+        bf16 = device_type == "cpu" or (device_type == "cuda" and torch.cuda.is_bf16_supported())
+        name = "bfloat16" if bf16 else "float32"
+    if device_type == "cpu" and name == "float16":
+        raise SystemExit("train.py: float16 is not supported on the CPU; use --dtype bfloat16 or float32")
+    if device_type == "cuda" and name == "bfloat16" and not torch.cuda.is_bf16_supported():
+        raise SystemExit("train.py: this GPU has no bfloat16; use --dtype float16 or float32")
+    if device_type == "mps" and name == "bfloat16":
+        raise SystemExit("train.py: use --dtype float16 or float32 on MPS")
+    return name
+
+
+def measure_peak_flops(device, dtype):
+    """The FLOP/s of a large matmul in the training dtype: the practical peak MFU is measured against."""
+    n = 4096 if device.startswith("cuda") else 1024
+    a = torch.randn(n, n, generator=torch.Generator().manual_seed(0)).to(device, dtype)  # leaves the RNG alone
+    best = float("inf")
+    for _ in range(4):
+        synchronize(device)
+        t = time.perf_counter()
+        a @ a
+        synchronize(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def synchronize(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    elif device == "mps":
+        torch.mps.synchronize()
+
+
+def get_lr(it, args):
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters (nanoGPT)."""
+    if it < args.warmup_iters:
+        return args.learning_rate * (it + 1) / (args.warmup_iters + 1)
+    if it > args.lr_decay_iters:
+        return args.min_lr
+    ratio = (it - args.warmup_iters) / max(1, args.lr_decay_iters - args.warmup_iters)
+    return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (args.learning_rate - args.min_lr)
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def save_atomic(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def strip_compile_prefix(state_dict):
+    return {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+
+def main(argv=None):
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines show up in a log file as they happen
+    args = resolve_args(argv)
+    ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
+    if ddp:
+        from torch.distributed import init_process_group
+        rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+        use_cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
+        init_process_group(backend="nccl" if use_cuda else "gloo")
+        device = f"cuda:{local_rank}" if use_cuda else "cpu"
+        if use_cuda:
+            torch.cuda.set_device(device)
+        if args.grad_accum % world:
+            raise SystemExit(f"train.py: --grad_accum ({args.grad_accum}) must be a multiple of the {world} processes")
+    else:
+        rank, world, device = 0, 1, pick_device(args.device)
+    master = rank == 0
+    device_type = device.split(":")[0]
+    dtype_name = autocast_dtype(device_type, args.dtype)
+    dtype = getattr(torch, dtype_name)
+    micro_steps = args.grad_accum // world  # per process
+    tokens_per_iter = args.grad_accum * args.batch_size * args.block_size
+
+    torch.manual_seed(args.seed + rank)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    if args.dataset == "c4":
+        try:
+            shards = {s: load_shards(args.data_dir, s) for s in ("train", "validation")}
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"train.py: {e}")
+
+    def get_batch(split, step, micro):
+        g = batch_generator(args.seed, split, step, micro)
+        if args.dataset == "assign":
+            x, y = assign_batch(args.batch_size, args.block_size, g)
+        else:
+            x, y = c4_batch(shards["validation" if split == "val" else "train"], args.batch_size, args.block_size, g)
+        return x.to(device), y.to(device)
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    config = GPTConfig(**model_args(args))
+    model = GPT(config).to(device)
+    optimizer = model.configure_optimizers(args.weight_decay, args.learning_rate, (args.beta1, args.beta2),
+                                           device_type)
+    iter_num, best_val_loss = 0, float("inf")
+    if args.resume:
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        model.load_state_dict(strip_compile_prefix(ckpt["model"]))
+        optimizer.load_state_dict(ckpt["optimizer"])
+        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        torch.set_rng_state(ckpt["rng"]["cpu"][rank % len(ckpt["rng"]["cpu"])])
+        if device_type == "cuda" and ckpt["rng"]["cuda"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][rank % len(ckpt["rng"]["cuda"])])
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype_name == "float16")
+    ctx = contextlib.nullcontext() if dtype_name == "float32" else torch.autocast(device_type, dtype=dtype)
+    raw_model = model
+    if args.compile:
+        model = torch.compile(model)
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel
+        model = DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    peak_flops = args.peak_flops or measure_peak_flops(device, dtype)
+
+    log_path = os.path.join(args.out_dir, "log.jsonl")
+
+    def log(record):
+        if master:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    if not args.resume:
+        if master and os.path.exists(log_path):
+            os.remove(log_path)
+        log({"config": vars(args), "model": model_args(args), "git_commit": git_commit(), "device": device,
+             "dtype": dtype_name, "world_size": world, "tokens_per_iter": tokens_per_iter,
+             "n_params": raw_model.get_num_params(), "torch": torch.__version__, "peak_flops": peak_flops})
+    if master:
+        print(f"{'selective' if args.selective else 'standard'} GPT, {raw_model.get_num_params() / 1e6:.2f}M "
+              f"parameters, {args.dataset}, {device} {dtype_name}, {tokens_per_iter} tokens/iter, world {world}")
+
+    @torch.no_grad()
+    def evaluate():
+        """Mean cross-entropy (and answer accuracy for assign) on fixed batches of each split."""
+        model.eval()
+        out = {}
+        for split in ("train", "val"):
+            ce, correct, answers = [], 0, 0
+            for k in range(args.eval_iters):
+                x, y = get_batch(split, -1, k)  # step -1: the same evaluation batches every time
+                with ctx:
+                    logits, _ = raw_model(x, targets=y)
+                ce.append(raw_model.loss_terms["ce"].item())
+                scored = y != -1
+                correct += (logits.argmax(-1)[scored] == y[scored]).sum().item()
+                answers += scored.sum().item()
+            out[f"{split}_loss"] = sum(ce) / len(ce)
+            if args.dataset == "assign":
+                out[f"{split}_accuracy"] = correct / max(answers, 1)
+        out["val_ppl"] = math.exp(min(out["val_loss"], 50))
+        model.train()
+        return out
+
+    def checkpoint(path, rng):
+        save_atomic({"model": strip_compile_prefix(raw_model.state_dict()), "optimizer": optimizer.state_dict(),
+                     "args": vars(args), "model_args": model_args(args), "iter_num": iter_num,
+                     "best_val_loss": best_val_loss, "rng": rng}, path)
+
+    def rng_states():
+        """Every process's RNG state (dropout), so that --resume continues exactly."""
+        states = {"cpu": [torch.get_rng_state()],
+                  "cuda": [torch.cuda.get_rng_state()] if device_type == "cuda" else []}
+        if ddp:
+            gathered = [None] * world
+            torch.distributed.all_gather_object(gathered, states)
+            states = {k: [s for g in gathered for s in g[k]] for k in states}
+        return states
+
+    model.train()
+    t0, timed_iters = time.time(), 0  # the clock for ms/iter; evaluations are left out
+    while True:
+        lr = get_lr(iter_num, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if iter_num % args.eval_interval == 0 or iter_num == args.max_iters:
+            metrics = evaluate()
+            if master:
+                acc = f", val accuracy {metrics['val_accuracy']:.3f}" if args.dataset == "assign" else ""
+                print(f"eval {iter_num}: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}, "
+                      f"val ppl {metrics['val_ppl']:.2f}{acc}")
+            log(dict(iter=iter_num, **metrics))
+            improved = metrics["val_loss"] < best_val_loss
+            best_val_loss = min(best_val_loss, metrics["val_loss"])
+            rng = rng_states()  # under DDP every process takes part in the gather
+            if master:
+                checkpoint(ckpt_path, rng)
+                if improved:
+                    checkpoint(os.path.join(args.out_dir, "ckpt_best.pt"), rng)
+            t0, timed_iters = time.time(), 0
+        if iter_num == args.max_iters:
+            break
+        for micro in range(micro_steps):
+            x, y = get_batch("train", iter_num, rank * micro_steps + micro)
+            sync = not ddp or micro == micro_steps - 1
+            with (contextlib.nullcontext() if sync else model.no_sync()), ctx:
+                _, loss = model(x, targets=y)
+                loss = loss / micro_steps
+            scaler.scale(loss).backward()
+        if args.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        timed_iters += 1
+        if iter_num % args.log_interval == 0 or iter_num == args.max_iters:
+            synchronize(device)
+            dt = (time.time() - t0) / timed_iters
+            t0, timed_iters = time.time(), 0
+            loss_value = loss.item() * micro_steps  # the last micro-step's loss
+            mfu = raw_model.estimate_mfu(args.batch_size * micro_steps, dt, peak_flops, args.block_size)
+            terms = {k: v.item() for k, v in raw_model.loss_terms.items()}
+            if master:
+                print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
+                      f"{tokens_per_iter / dt:,.0f} tokens/s, mfu {mfu * 100:.2f}%")
+            log(dict(iter=iter_num, loss=loss_value, lr=lr, ms_per_iter=dt * 1000, tokens_per_s=tokens_per_iter / dt,
+                     mfu=mfu, **terms))
+    if ddp:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
