@@ -22,7 +22,7 @@ import time
 import torch
 
 from selective_gpt import GPT, GPTConfig
-from train import (BOS, assign_batch, assign_decode, assign_encode, autocast_dtype, batch_generator,
+from train import (BOS, add_device_flags, assign_batch, assign_decode, assign_encode, autocast_dtype, batch_generator,
                    c4_batch, load_shards, pick_device, strip_compile_prefix)
 
 
@@ -36,9 +36,7 @@ def get_parser():
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top_k", type=int, default=200, help="sample from the k likeliest tokens (1: greedy)")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="autocast dtype (default: bfloat16 where supported, else float32)")
+    add_device_flags(p)
     p.add_argument("--prune", action="store_true", help="generate with pruned buffers and report the memory saved")
     p.add_argument("--budget", type=int, default=None, help="keys every layer may keep (BOS and current included)")
     p.add_argument("--budgets", default=None, help="keys per layer, comma separated: 96,64,32,32")
@@ -68,7 +66,7 @@ def validation_batches(run, n, batch_size, device):
     if run["dataset"] == "c4":
         shards = load_shards(run["data_dir"], "validation")
     for k in range(n):
-        g = batch_generator(run["seed"], "val", -1, k)
+        g = batch_generator(run["data_seed"], "val", -1, k)
         if run["dataset"] == "assign":
             x, y = assign_batch(batch_size, run["block_size"], g)
         else:
@@ -94,9 +92,10 @@ def memory_factor(model, budgets):
 
 def find_budgets(model, batches, ctx, target_ppl, shrink):
     """Greedy (SPEC §4): from K_l = T, repeatedly shrink the budget of the layer whose shrinking costs the least
-    perplexity, while the perplexity stays <= target_ppl."""
+    perplexity, while the perplexity stays <= target_ppl. Returns the path: [(budgets, ppl), ...], unpruned first."""
     budgets = [model.config.block_size] * model.config.n_layer
     ppl = perplexity(model, batches, ctx)
+    path = [(budgets, ppl)]
     while True:
         best = None
         for layer, K in enumerate(budgets):
@@ -107,8 +106,9 @@ def find_budgets(model, batches, ctx, target_ppl, shrink):
             if trial_ppl <= target_ppl and (best is None or trial_ppl < best[0]):
                 best = (trial_ppl, trial)
         if best is None:
-            return budgets, ppl
+            return path
         ppl, budgets = best
+        path.append((budgets, ppl))
         print(f"  budgets {budgets}: val ppl {ppl:.3f}, memory {memory_factor(model, budgets):.2f}x smaller")
 
 
@@ -154,7 +154,9 @@ def main(argv=None):
         unpruned = perplexity(model, batches, ctx)
         target = args.target_ppl or unpruned * (1 + args.tolerance)
         print(f"unpruned val ppl {unpruned:.3f}; searching budgets for val ppl <= {target:.3f}")
-        budgets, ppl = find_budgets(model, batches, ctx, target, args.shrink)
+        budgets, ppl = find_budgets(model, batches, ctx, target, args.shrink)[-1]
+        if ppl > target:
+            raise SystemExit(f"sample.py: even unpruned, val ppl {ppl:.3f} is above the target {target:.3f}")
         result = {"budgets": budgets, "val_ppl": ppl, "unpruned_val_ppl": unpruned, "target_ppl": target,
                   "memory_factor": memory_factor(model, budgets), "block_size": T, "n_layer": L}
         tmp = os.path.join(args.out_dir, "budgets.json.tmp")

@@ -762,3 +762,30 @@ def test_sample_refuses_budgets_for_a_standard_model(tmp_path, capsys):
     with pytest.raises(SystemExit):
         sample.main(["--out_dir", out, "--eval_ppl", "--budget", "4"])
     assert "selective model" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Slow: minutes each. python -m pytest -m slow
+
+@pytest.mark.slow
+def test_quick_start_learns_the_assign_task(tmp_path):
+    """The README's main job, shortened: the selective model answers almost every query after 600 steps."""
+    code, text = run_script("train.py", "--dataset", "assign", "--selective", "--max_iters", "600",
+                            "--eval_interval", "300", "--out_dir", str(tmp_path), timeout=1800)
+    assert code == 0, text
+    assert [r for r in log_records(tmp_path) if "val_accuracy" in r][-1]["val_accuracy"] > 0.9
+
+
+@pytest.mark.slow
+@needs_c4_sample
+def test_experiments_quick(tmp_path):
+    data = str(tmp_path / "c4")
+    prepare_data.main(["--local", C4_SAMPLE, "--data_dir", data])
+    code, text = run_script("experiments.py", "--quick", "--data_dir", data, "--out_dir", str(tmp_path / "runs"),
+                            timeout=3000)
+    assert code == 0, text
+    results = json.load(open(tmp_path / "runs" / "assets" / "results.json"))
+    assert {"heads", "assign", "pruning", "wall_seconds", "commit", "machine"} <= results.keys()
+    assert len(results["heads"]["rows"]) == 4 and len(results["pruning"]) == 2
+    assert "| n_head |" in (tmp_path / "runs" / "assets" / "results.md").read_text()
+    assert len(os.listdir(tmp_path / "runs" / "assets" / "logs")) == 4 * 2 + 2 + 3

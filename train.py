@@ -148,15 +148,22 @@ def get_parser():
     r.add_argument("--eval_interval", type=int, default=200)
     r.add_argument("--eval_iters", type=int, default=20, help="batches per evaluation")
     r.add_argument("--log_interval", type=int, default=10)
-    r.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
-    r.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="autocast dtype (default: bfloat16 where supported, else float32)")
+    add_device_flags(r)
     r.add_argument("--compile", action="store_true", help="torch.compile the model")
-    r.add_argument("--seed", type=int, default=1337)
+    r.add_argument("--seed", type=int, default=1337, help="initialisation, dropout and (by default) data order")
+    r.add_argument("--data_seed", type=int, default=None, help="data order only (default: --seed), to compare "
+                   "initialisations on the same batches")
     r.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.pt with its settings")
     r.add_argument("--peak_flops", type=float, default=None,
                    help="the device's peak FLOP/s for MFU (default: measured with a large matmul at start)")
     return p
+
+
+def add_device_flags(parser):
+    """--device and --dtype, shared with sample.py."""
+    parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="autocast dtype (default: bfloat16 where supported, else float32)")
 
 
 MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"]
@@ -185,6 +192,7 @@ def resolve_args(argv=None):
     if args.block_size is None:
         args.block_size = 96 if args.dataset == "assign" else 256
     args.lr_decay_iters = args.lr_decay_iters or args.max_iters
+    args.data_seed = args.seed if args.data_seed is None else args.data_seed
     args.min_lr = args.learning_rate / 10 if args.min_lr is None else args.min_lr
     for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval"):
         if getattr(args, name) < 1:
@@ -310,7 +318,7 @@ def main(argv=None):
             raise SystemExit(f"train.py: {e}")
 
     def get_batch(split, step, micro):
-        g = batch_generator(args.seed, split, step, micro)
+        g = batch_generator(args.data_seed, split, step, micro)
         if args.dataset == "assign":
             x, y = assign_batch(args.batch_size, args.block_size, g)
         else:

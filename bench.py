@@ -1,0 +1,222 @@
+"""
+Speed and memory benchmarks. Every ratio is measured side by side in one run, alternating the contenders, so that
+machine noise hits both alike: quote the ratios, not the times.
+
+    python bench.py                  # training step, selective / standard, block 256, 512, 1024, fp32 and bf16;
+                                     # decoding with and without context pruning
+    python bench.py kernels          # attention alone, forward + backward, T = 512 .. 8192: standard flash SDPA,
+                                     # selective through an SDPA float mask, selective fused (kernels.py)
+    python bench.py --json out.json  # also save the numbers
+
+Peak memory: on CUDA torch.cuda.max_memory_allocated; on the CPU (Linux) how far the process's peak resident set
+rises during the measured work, each case in a fresh subprocess.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import kernels
+from selective_gpt import GPT, GPTConfig, selective_attention
+
+MODEL = dict(n_layer=4, n_head=8, n_embd=256, vocab_size=50304, bias=False)  # the small model of the experiments
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def memory_status(field):
+    """VmRSS (resident now) or VmHWM (the peak since the last reset) of this process, in bytes (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def timed(fn, device):
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def side_by_side(fns, device, repeats):
+    """Median seconds of each fn, run in alternation after one warm-up each."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(timed(fn, device))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def peak_memory(case, device):
+    """Peak bytes the case's work needs beyond what exists before it starts."""
+    if device == "cuda":
+        fn = make_case(case, device)
+        fn()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    out = subprocess.run([sys.executable, __file__, "_memory", json.dumps(case)], capture_output=True, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
+    if out.returncode != 0:
+        return None  # out of memory, or the case cannot run: reported as such
+    return int(out.stdout.split()[-1])
+
+
+def measure_memory_here(case):
+    """Subprocess side of peak_memory on the CPU: set up, reset the peak resident set (Linux's clear_refs), run the
+    work once, report how far the peak rose above where it started."""
+    fn = make_case(case, "cpu")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = memory_status("VmRSS")
+    fn()
+    print(memory_status("VmHWM") - before)
+
+
+def make_case(case, device):
+    """A closure that runs one benchmark case once: a training step, or attention forward + backward."""
+    if case["kind"] == "step":
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=case["T"], selective=case["selective"], **MODEL)).to(device)
+        g = torch.Generator().manual_seed(0)
+        x, y = (torch.randint(0, 50257, (case["B"], case["T"]), generator=g).to(device) for _ in range(2))
+        ctx = torch.autocast(device, dtype=torch.bfloat16) if case["dtype"] == "bf16" else contextlib.nullcontext()
+
+        def step():
+            with ctx:
+                _, loss = model(x, targets=y)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+        return step
+    g = torch.Generator().manual_seed(0)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[case["dtype"]]
+    shape = (case["B"], case["H"], case["T"], case["D"])
+    q, k, v, dy = (torch.randn(shape, generator=g).to(device, dtype).requires_grad_() for _ in range(4))
+
+    def attention():
+        if case["impl"] == "standard":
+            y = kernels.causal_attention(q, k, v)
+        else:
+            y, _ = selective_attention(q, k, v, impl=case["impl"])
+        y.backward(dy)
+        q.grad = k.grad = v.grad = None
+    return attention
+
+
+def fmt_mem(b):
+    return "  n/a " if b is None else f"{b / 2**20:7.1f}"
+
+
+def ratio(a, b):
+    return "  n/a" if a is None or b is None or b == 0 else f"{a / b:5.2f}"
+
+
+def bench_steps(device, repeats, results):
+    print(f"\nTraining step (forward + backward), model {MODEL}, batch 8; selective / standard:")
+    print(f"{'block':>6} {'dtype':>5} | {'standard s':>10} {'selective s':>11} {'time x':>6} | "
+          f"{'std MiB':>8} {'sel MiB':>8} {'mem x':>5}")
+    for T in (256, 512, 1024):
+        for dtype in ("fp32", "bf16"):
+            cases = {kind: {"kind": "step", "T": T, "B": 8, "dtype": dtype, "selective": kind == "selective"}
+                     for kind in ("standard", "selective")}
+            times = side_by_side({k: make_case(c, device) for k, c in cases.items()}, device, repeats)
+            mem = {k: peak_memory(c, device) for k, c in cases.items()}
+            print(f"{T:>6} {dtype:>5} | {times['standard']:10.3f} {times['selective']:11.3f} "
+                  f"{times['selective'] / times['standard']:6.3f} | {fmt_mem(mem['standard'])} "
+                  f"{fmt_mem(mem['selective'])} {ratio(mem['selective'], mem['standard'])}")
+            results.append({"bench": "step", "block_size": T, "dtype": dtype, "seconds": times, "peak_bytes": mem,
+                            "time_ratio": times["selective"] / times["standard"]})
+
+
+def bench_decoding(device, results):
+    print(f"\nDecoding (KV cache), selective model {MODEL}, block_size 1024, batch 1, fp32; budget 64 per layer:")
+    print(f"{'tokens':>6} {'pruning':>8} | {'tokens/s':>9} {'peak keys/layer':>16} {'final keys':>10} | "
+          f"{'speed x':>7} {'keys x':>6}")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=1024, selective=True, **MODEL)).to(device).eval()
+    prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
+    for n in (1024, 2048):
+        row = {}
+        runs = {"none": None, "64": 64}
+        for name, budget in runs.items():  # warm up both
+            model.generate(prompt, 16, budgets=budget)
+        for name, budget in runs.items():
+            torch.manual_seed(1)
+            seconds = timed(lambda: model.generate(prompt, n, budgets=budget), device)
+            row[name] = {"tokens_per_s": n / seconds, "peak_keys": model.decode_stats["peak"],
+                         "final_keys": model.decode_stats["final"]}
+        for name in runs:
+            r = row[name]
+            print(f"{n:>6} {name:>8} | {r['tokens_per_s']:9.1f} {max(r['peak_keys']):>16} {max(r['final_keys']):>10} | "
+                  f"{r['tokens_per_s'] / row['none']['tokens_per_s']:7.2f} "
+                  f"{sum(row['none']['peak_keys']) / sum(r['peak_keys']):6.1f}")
+        results.append({"bench": "decode", "new_tokens": n, "budget": 64, **row})
+
+
+def bench_kernels(device, dtype, results):
+    B, H, D = 4, 8, 64
+    impls = ["standard", "sdpa", "fused"]
+    print(f"\nAttention forward + backward, B={B} H={H} d={D} {dtype} on {device}; ratios to standard causal SDPA:")
+    print(f"{'T':>5} | {'standard ms':>11} {'sdpa mask x':>11} {'fused x':>8} | {'std MiB':>8} {'sdpa mem x':>10} "
+          f"{'fused mem x':>11}")
+    for T in (512, 1024, 2048, 4096, 8192):
+        cases = {i: {"kind": "attention", "impl": i, "B": B, "H": H, "T": T, "D": D, "dtype": dtype} for i in impls}
+        # the float-mask path keeps H x T x T float32 tensors in its backward: skip it where they would not fit
+        if device == "cpu" and 4 * B * H * T * T * 4 > 0.25 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"):
+            del cases["sdpa"]
+        repeats = 3 if T <= 2048 else 1
+        times = side_by_side({i: make_case(c, device) for i, c in cases.items()}, device, repeats)
+        mem = {i: peak_memory(c, device) for i, c in cases.items()}
+        std = times["standard"]
+        print(f"{T:>5} | {std * 1000:11.1f} {ratio(times.get('sdpa'), std):>11} {ratio(times['fused'], std):>8} | "
+              f"{fmt_mem(mem['standard']):>8} {ratio(mem.get('sdpa'), mem['standard']):>10} "
+              f"{ratio(mem['fused'], mem['standard']):>11}")
+        results.append({"bench": "attention", "T": T, "B": B, "H": H, "D": D, "dtype": dtype, "device": device,
+                        "seconds": times, "peak_bytes": mem})
+
+
+def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "_memory":
+        return measure_memory_here(json.loads(sys.argv[2]))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", nargs="?", choices=["speed", "kernels"], default="speed")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per case (the median counts)")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    args = parser.parse_args()
+    started = time.time()
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
+    print(f"bench.py {args.what} on {args.device} ({device_name}, {torch.get_num_threads()} threads), "
+          f"torch {torch.__version__}, fused path: {'Triton' if args.device == 'cuda' else 'CPU query chunks'}")
+    results = []
+    if args.what == "speed":
+        bench_steps(args.device, args.repeats, results)
+        bench_decoding(args.device, results)
+    else:
+        for dtype in (["bf16"] if args.device == "cuda" else ["fp32", "bf16"]):
+            bench_kernels(args.device, dtype, results)
+    print(f"\n{time.time() - started:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"what": args.what, "device": args.device, "device_name": device_name,
+                       "torch": torch.__version__, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

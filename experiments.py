@@ -1,0 +1,349 @@
+"""
+The paper's claims (SPEC §6), checked at the scale two CPU cores allow. One command reruns everything:
+
+    python prepare_data.py --local ../shared/data/c4_sample/en --data_dir data/c4_sample   # (or real C4)
+    python experiments.py                  # full run: hours on 2 CPU cores
+    python experiments.py --quick          # the same pipeline on tiny settings, minutes (a slow test runs it)
+    python experiments.py --plots          # only redraw assets/*.png from the logs in assets/logs
+
+  heads    validation loss vs n_head in {1, 2, 4, 8}, selective and standard, 3 seeds, same data order and tokens:
+           does selective attention with H heads reach standard attention with 2H?
+  assign   the variable-assignment task: answer accuracy vs steps, selective vs standard (same config and seed);
+           then the selective model's accuracy vs the pruning budget
+  pruning  selective models trained with memory loss weight 0, 0.02, 0.1 at block 256 and 512; the greedy per-layer
+           budgets (sample.find_budgets) that keep pruned val ppl <= the standard model's; L*T/sum(K)
+
+Runs go to out/experiments[-quick]/<name> and are skipped once finished (rerun to resume). The evaluation logs of
+the runs are copied to assets/logs/, the numbers to assets/results.json and assets/results.md, plots to
+assets/*.png (matplotlib, optional).
+"""
+
+import argparse
+import glob
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import sample
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FULL = {
+    "heads": dict(n_layer=4, n_embd=128, block_size=256, batch_size=8, max_iters=300, eval_interval=100,
+                  eval_iters=20, learning_rate=2e-3, warmup_iters=30, heads=[1, 2, 4, 8], seeds=[1, 2, 3]),
+    "assign": dict(n_layer=4, n_embd=128, n_head=4, block_size=96, batch_size=16, max_iters=1500, eval_interval=100,
+                   eval_iters=20, learning_rate=1e-3, warmup_iters=100,
+                   budgets=[2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64, 96]),
+    "pruning": dict(n_layer=4, n_embd=128, n_head=4, blocks=[256, 512], batch_size=8, max_iters=300,
+                    eval_interval=100, eval_iters=20, learning_rate=2e-3, warmup_iters=30, weights=[0.0, 0.02, 0.1],
+                    search_batches=10, shrink=0.8),
+}
+QUICK = {
+    "heads": dict(FULL["heads"], n_layer=2, n_embd=32, block_size=32, max_iters=6, eval_interval=3, eval_iters=2,
+                  heads=[1, 2], seeds=[1, 2]),
+    "assign": dict(FULL["assign"], n_layer=2, n_embd=32, block_size=24, batch_size=8, max_iters=20, eval_interval=10,
+                   eval_iters=2, warmup_iters=5, budgets=[2, 4, 24]),
+    "pruning": dict(FULL["pruning"], n_layer=2, n_embd=32, blocks=[32], max_iters=6, eval_interval=3, eval_iters=2,
+                    weights=[0.0, 0.1], search_batches=2, shrink=0.5),
+}
+DATA_SEED = 1337  # every run sees the same batches in the same order
+
+
+def train(name, out_root, flags, max_iters):
+    """Run train.py unless out_root/name already finished; return its evaluation records."""
+    out = os.path.join(out_root, name)
+    log = os.path.join(out, "log.jsonl")
+    if not finished(log, max_iters):
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, os.path.join(HERE, "train.py"), *flags, "--max_iters", str(max_iters),
+               "--data_seed", str(DATA_SEED), "--log_interval", str(max_iters), "--out_dir", out]
+        print(f"  {name}: {' '.join(cmd[2:])}", flush=True)
+        started = time.time()
+        result = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"experiments.py: {name} failed:\n{result.stdout[-2000:]}{result.stderr[-4000:]}")
+        print(f"  {name}: done in {time.time() - started:.0f} s", flush=True)
+    else:
+        print(f"  {name}: finished already", flush=True)
+    with open(log) as f:
+        return [json.loads(line) for line in f]
+
+
+def finished(log, max_iters):
+    if not os.path.exists(log):
+        return False
+    with open(log) as f:
+        return any(r.get("iter") == max_iters and "val_loss" in r for r in map(json.loads, f))
+
+
+TRAIN_FLAGS = ("n_layer", "n_embd", "n_head", "block_size", "batch_size", "eval_interval", "eval_iters",
+               "learning_rate", "warmup_iters")
+
+
+def train_flags(cfg, **extra):
+    """train.py flags from an experiment's settings, overridden and extended by extra (True: a switch)."""
+    flags = []
+    for key, value in ({k: cfg[k] for k in TRAIN_FLAGS if k in cfg} | extra).items():
+        flags += [f"--{key}"] if value is True else [f"--{key}", str(value)]
+    return flags
+
+
+def evals(records):
+    return [r for r in records if "val_loss" in r]
+
+
+def keep_log(records, name, assets):
+    """The header and evaluation records of a run, for the repository: enough to redraw every plot."""
+    os.makedirs(os.path.join(assets, "logs"), exist_ok=True)
+    with open(os.path.join(assets, "logs", name + ".jsonl"), "w") as f:
+        for r in records:
+            if "config" in r or "val_loss" in r:
+                f.write(json.dumps(r) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def heads_experiment(cfg, data_dir, out_root, assets):
+    rows = []
+    for H in cfg["heads"]:
+        for selective in (False, True):
+            losses = []
+            for seed in cfg["seeds"]:
+                name = f"heads-{'sel' if selective else 'std'}-h{H}-s{seed}"
+                extra = dict(n_head=H, seed=seed, dataset="c4", data_dir=data_dir)
+                if selective:
+                    extra["selective"] = True
+                records = train(name, out_root, train_flags(cfg, **extra), cfg["max_iters"])
+                keep_log(records, name, assets)
+                losses.append(evals(records)[-1]["val_loss"])
+            rows.append({"n_head": H, "selective": selective, "val_losses": losses, "mean": statistics.mean(losses),
+                         "spread": max(losses) - min(losses)})
+    mean = {(r["n_head"], r["selective"]): r["mean"] for r in rows}
+    answers = []
+    for H in cfg["heads"]:
+        if (2 * H, False) in mean:
+            answers.append({"H": H, "selective_H": mean[(H, True)], "standard_2H": mean[(2 * H, False)],
+                            "reaches": mean[(H, True)] <= mean[(2 * H, False)]})
+    return {"rows": rows, "selective_H_vs_standard_2H": answers}
+
+
+def assign_experiment(cfg, out_root, assets):
+    curves = {}
+    for selective in (False, True):
+        name = f"assign-{'sel' if selective else 'std'}"
+        extra = dict(dataset="assign", seed=1)
+        if selective:
+            extra["selective"] = True
+        records = train(name, out_root, train_flags(cfg, **extra), cfg["max_iters"])
+        keep_log(records, name, assets)
+        curves[name] = [(r["iter"], r["val_accuracy"]) for r in evals(records)]
+    model, run = sample.load_model(os.path.join(out_root, "assign-sel"), "ckpt.pt", "cpu")
+    batches = list(sample.validation_batches(run, cfg["eval_iters"], cfg["batch_size"], "cpu"))
+    by_budget = [{"budget": b, "accuracy": accuracy(model, batches, b)} for b in cfg["budgets"]]
+    unpruned = accuracy(model, batches, None)
+    equal = [r["budget"] for r in by_budget if r["accuracy"] >= unpruned - 0.005]
+    return {"curves": curves, "unpruned_accuracy": unpruned, "by_budget": by_budget,
+            "smallest_budget_within_half_a_point": min(equal) if equal else None, "block_size": cfg["block_size"]}
+
+
+@torch.no_grad()
+def accuracy(model, batches, budget):
+    correct = total = 0
+    for x, y in batches:
+        logits, _ = model(x, targets=y, budgets=budget)
+        scored = y != -1
+        correct += (logits.argmax(-1)[scored] == y[scored]).sum().item()
+        total += scored.sum().item()
+    return correct / total
+
+
+def pruning_experiment(cfg, data_dir, out_root, assets):
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16)
+    results = []
+    for T in cfg["blocks"]:
+        base = dict(dataset="c4", data_dir=data_dir, seed=1, block_size=T)
+        std_name = f"pruning-std-T{T}"
+        keep_log(train(std_name, out_root, train_flags(cfg, **base), cfg["max_iters"]), std_name, assets)
+        std_model, run = sample.load_model(os.path.join(out_root, std_name), "ckpt.pt", "cpu")
+        batches = list(sample.validation_batches(run, cfg["search_batches"], cfg["batch_size"], "cpu"))
+        target = sample.perplexity(std_model, batches, ctx)
+        for weight in cfg["weights"]:
+            name = f"pruning-sel-T{T}-eps{weight}"
+            flags = train_flags(cfg, selective=True, memory_loss_weight=weight, **base)
+            keep_log(train(name, out_root, flags, cfg["max_iters"]), name, assets)
+            model, _ = sample.load_model(os.path.join(out_root, name), "ckpt.pt", "cpu")
+            print(f"  {name}: budget search for val ppl <= {target:.3f} (the standard model's)", flush=True)
+            path = sample.find_budgets(model, batches, ctx, target, cfg["shrink"])
+            budgets, ppl = path[-1]
+            reached = ppl <= target
+            results.append({"block_size": T, "memory_loss_weight": weight, "standard_ppl": target,
+                            "unpruned_ppl": path[0][1], "budgets": budgets if reached else None,
+                            "pruned_ppl": ppl if reached else None,
+                            "memory_factor": sample.memory_factor(model, budgets) if reached else None,
+                            "path": [{"budgets": b, "ppl": p, "memory_factor": sample.memory_factor(model, b)}
+                                     for b, p in path]})
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def tables(results):
+    """The README's tables, as markdown."""
+    lines = []
+    if "heads" in results:
+        h = results["heads"]
+        lines += ["| n_head | standard val loss | selective val loss | gap (std - sel) |", "|---:|---:|---:|---:|"]
+        by = {(r["n_head"], r["selective"]): r for r in h["rows"]}
+        for H in sorted({r["n_head"] for r in h["rows"]}):
+            s, t = by[(H, False)], by[(H, True)]
+            lines.append(f"| {H} | {s['mean']:.4f} (spread {s['spread']:.4f}) | {t['mean']:.4f} "
+                         f"(spread {t['spread']:.4f}) | {s['mean'] - t['mean']:+.4f} |")
+        lines += ["", "| H | selective, H heads | standard, 2H heads | selective H reaches standard 2H? |",
+                  "|---:|---:|---:|:---|"]
+        for a in h["selective_H_vs_standard_2H"]:
+            lines.append(f"| {a['H']} | {a['selective_H']:.4f} | {a['standard_2H']:.4f} | "
+                         f"{'yes' if a['reaches'] else 'no'} |")
+        lines.append("")
+    if "assign" in results:
+        a = results["assign"]
+        lines += ["| step | standard accuracy | selective accuracy |", "|---:|---:|---:|"]
+        std, sel = dict(a["curves"]["assign-std"]), dict(a["curves"]["assign-sel"])
+        for step in sorted(std):
+            lines.append(f"| {step} | {std[step]:.3f} | {sel.get(step, float('nan')):.3f} |")
+        lines += ["", f"| budget (of {a['block_size']}) | selective accuracy |", "|---:|---:|"]
+        lines += [f"| {r['budget']} | {r['accuracy']:.3f} |" for r in a["by_budget"]]
+        lines += [f"| unpruned | {a['unpruned_accuracy']:.3f} |", ""]
+    if "pruning" in results:
+        lines += ["| block | memory loss weight | standard ppl | selective ppl (unpruned) | budgets | pruned ppl | "
+                  "memory factor L*T/sum(K) |", "|---:|---:|---:|---:|:---|---:|---:|"]
+        for r in results["pruning"]:
+            found = r["budgets"] is not None
+            lines.append(f"| {r['block_size']} | {r['memory_loss_weight']} | {r['standard_ppl']:.2f} | "
+                         f"{r['unpruned_ppl']:.2f} | {r['budgets'] if found else 'not reached'} | "
+                         f"{r['pruned_ppl'] if not found else round(r['pruned_ppl'], 2)} | "
+                         f"{'%.1fx' % r['memory_factor'] if found else '-'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plots(assets):
+    """Redraw the plots from assets/results.json."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
+        return
+    with open(os.path.join(assets, "results.json")) as f:
+        results = json.load(f)
+    if "heads" in results:
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        for selective, color in ((False, "tab:blue"), (True, "tab:red")):
+            rows = [r for r in results["heads"]["rows"] if r["selective"] == selective]
+            hs = [r["n_head"] for r in rows]
+            ax.plot(hs, [r["mean"] for r in rows], "o-", color=color, label="selective" if selective else "standard")
+            for r in rows:
+                ax.plot([r["n_head"]] * len(r["val_losses"]), r["val_losses"], ".", color=color, alpha=0.4)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("heads")
+        ax.set_ylabel("validation loss")
+        ax.set_title("C4 sample, 4 layers, block 256")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(assets, "heads.png"), dpi=120)
+    if "assign" in results:
+        a = results["assign"]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
+        for name, color in (("assign-std", "tab:blue"), ("assign-sel", "tab:red")):
+            steps, acc = zip(*a["curves"][name])
+            ax1.plot(steps, acc, "o-", ms=3, color=color, label="selective" if "sel" in name else "standard")
+        ax1.set_xlabel("step")
+        ax1.set_ylabel("answer accuracy")
+        ax1.legend()
+        ax2.plot([r["budget"] for r in a["by_budget"]], [r["accuracy"] for r in a["by_budget"]], "o-", color="tab:red")
+        ax2.axhline(a["unpruned_accuracy"], ls="--", color="gray", label="unpruned")
+        ax2.set_xscale("log", base=2)
+        ax2.set_xlabel(f"budget: keys per layer (block {a['block_size']})")
+        ax2.set_ylabel("answer accuracy")
+        ax2.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(assets, "assign.png"), dpi=120)
+    if "pruning" in results:
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for r in results["pruning"]:
+            xs = [p["memory_factor"] for p in r["path"]]
+            ax.plot(xs, [p["ppl"] for p in r["path"]], ".-", label=f"T={r['block_size']}, eps={r['memory_loss_weight']}")
+        for T in sorted({r["block_size"] for r in results["pruning"]}):
+            target = next(r["standard_ppl"] for r in results["pruning"] if r["block_size"] == T)
+            ax.axhline(target, ls="--", lw=0.8, color="gray")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("memory factor L*T/sum(K)")
+        ax.set_ylabel("validation perplexity")
+        ax.set_title("greedy budget search (dashed: standard model)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(assets, "pruning.png"), dpi=120)
+    print(f"plots written to {assets}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny settings: checks the pipeline in minutes")
+    parser.add_argument("--only", choices=["heads", "assign", "pruning"], action="append", help="run only these")
+    parser.add_argument("--data_dir", default="data/c4_sample", help="C4-format token shards (prepare_data.py)")
+    parser.add_argument("--out_dir", default=None, help="runs (default: out/experiments, or out/experiments-quick)")
+    parser.add_argument("--assets", default=None, help="logs, results and plots (default: assets, or the quick "
+                                                        "run's out_dir/assets)")
+    parser.add_argument("--plots", action="store_true", help="only redraw the plots from assets/results.json")
+    args = parser.parse_args(argv)
+    cfg = QUICK if args.quick else FULL
+    out_root = args.out_dir or os.path.join(HERE, "out", "experiments-quick" if args.quick else "experiments")
+    assets = args.assets or (os.path.join(out_root, "assets") if args.quick else os.path.join(HERE, "assets"))
+    if args.plots:
+        return plots(assets)
+    todo = args.only or ["heads", "assign", "pruning"]
+    if {"heads", "pruning"} & set(todo) and not glob.glob(os.path.join(args.data_dir, "*.bin")):
+        raise SystemExit(f"experiments.py: no token shards in {args.data_dir}: run  python prepare_data.py --local "
+                         f"../shared/data/c4_sample/en --data_dir {args.data_dir}  (or prepare_data.py for C4)")
+    os.makedirs(assets, exist_ok=True)
+    results_path = os.path.join(assets, "results.json")
+    results = {}
+    if os.path.exists(results_path):
+        with open(results_path) as f:
+            results = json.load(f)
+    wall = results.setdefault("wall_seconds", {})
+    for what in todo:
+        print(f"{what}:", flush=True)
+        started = time.time()
+        if what == "heads":
+            results["heads"] = heads_experiment(cfg["heads"], args.data_dir, out_root, assets)
+        elif what == "assign":
+            results["assign"] = assign_experiment(cfg["assign"], out_root, assets)
+        else:
+            results["pruning"] = pruning_experiment(cfg["pruning"], args.data_dir, out_root, assets)
+        wall[what] = time.time() - started
+        results["settings"] = {k: cfg[k] for k in ("heads", "assign", "pruning")}
+        results["machine"] = f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, " \
+                             f"torch {torch.__version__}"
+        results["command"] = "python experiments.py" + (" --quick" if args.quick else "")
+        results["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                                           text=True).stdout.strip() or None
+        tmp = results_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(tmp, results_path)
+    with open(os.path.join(assets, "results.md"), "w") as f:
+        f.write(tables(results) + "\n")
+    print(tables(results))
+    plots(assets)
+
+
+if __name__ == "__main__":
+    main()
