@@ -724,16 +724,20 @@ def test_ddp_two_processes_match_one_with_twice_the_accumulation(tmp_path):
 def test_train_rejects_bad_input(tmp_path):
     for flags, message in [(["--n_embd", "30", "--n_head", "4"], "divisible"), (["--block_size", "1"], "at least 2"),
                            (["--dataset", "shakespeare"], "invalid choice"), (["--dtype", "float16"], "float16"),
-                           (["--resume"], "no checkpoint")]:
+                           (["--resume"], "no checkpoint"), (["--vocab_size", "10"], "smaller than the 99 tokens")]:
         code, text = run_script("train.py", "--dataset", "assign", *flags, "--out_dir", str(tmp_path / "x"))
         assert code != 0 and message in text, (flags, text)
 
 
-def test_sample_prune_eval_and_find_budgets(assign_run, capsys):
+def test_sample_prune_eval_and_find_budgets(assign_run, capsys, tmp_path):
     sample.main(["--out_dir", assign_run, "--start", "a=3 b=1 a?", "--max_new_tokens", "40", "--top_k", "1",
                  "--prune", "--budget", "4", "--dtype", "float32"])
     text = capsys.readouterr().out
     assert text.startswith("a=3 b=1 a?") and "layer 1: budget 4, peak 4 cached keys" in text and "x smaller" in text
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("c=4 c?")
+    sample.main(["--out_dir", assign_run, "--start", f"FILE:{prompt}", "--max_new_tokens", "3", "--dtype", "float32"])
+    assert capsys.readouterr().out.startswith("c=4 c? ")
     sample.main(["--out_dir", assign_run, "--eval_ppl", "--budgets", "3,5", "--dtype", "float32"])
     assert "with budgets [3, 5]" in capsys.readouterr().out
     sample.main(["--out_dir", assign_run, "--find_budgets", "--tolerance", "0.05", "--shrink", "0.5",

@@ -128,6 +128,8 @@ def get_parser():
     a.add_argument("--selective", action="store_true", help="selective attention (default: a standard transformer)")
     a.add_argument("--memory_loss_weight", type=float, default=0.0, help="epsilon of the memory loss (SPEC §5)")
     a.add_argument("--memory_tau", type=float, default=1.0, help="tau of the memory loss (SPEC §5)")
+    a.add_argument("--vocab_size", type=int, default=None,
+                   help="default: 50304 for c4 (GPT-2's 50257 padded to a multiple of 64), the task's for assign")
     d = p.add_argument_group("data")
     d.add_argument("--dataset", choices=["c4", "assign"], default="c4")
     d.add_argument("--data_dir", default="data/c4", help="token shards from prepare_data.py (--dataset c4)")
@@ -166,7 +168,7 @@ def add_device_flags(parser):
                         help="autocast dtype (default: bfloat16 where supported, else float32)")
 
 
-MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"]
+MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig)]
 
 
 def resolve_args(argv=None):
@@ -191,6 +193,11 @@ def resolve_args(argv=None):
                 setattr(args, k, v)
     if args.block_size is None:
         args.block_size = 96 if args.dataset == "assign" else 256
+    tokens = len(ASSIGN_TOKENS) if args.dataset == "assign" else BOS + 1
+    if args.vocab_size is None:
+        args.vocab_size = tokens if args.dataset == "assign" else 50304
+    if args.vocab_size < tokens:
+        parser.error(f"--vocab_size {args.vocab_size} is smaller than the {tokens} tokens of --dataset {args.dataset}")
     args.lr_decay_iters = args.lr_decay_iters or args.max_iters
     args.data_seed = args.seed if args.data_seed is None else args.data_seed
     args.min_lr = args.learning_rate / 10 if args.min_lr is None else args.min_lr
@@ -205,8 +212,7 @@ def resolve_args(argv=None):
 
 
 def model_args(args):
-    vocab = len(ASSIGN_TOKENS) if args.dataset == "assign" else 50304
-    return dict({k: getattr(args, k) for k in MODEL_FIELDS}, vocab_size=vocab)
+    return {k: getattr(args, k) for k in MODEL_FIELDS}
 
 
 def pick_device(name):
