@@ -357,11 +357,13 @@ def main(argv=None):
     peak_flops = args.peak_flops or measure_peak_flops(device, dtype)
 
     log_path = os.path.join(args.out_dir, "log.jsonl")
+    started = time.time()
 
     def log(record):
+        """A JSON line in out_dir/log.jsonl, stamped with the seconds since this process started."""
         if master:
             with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(dict(record, elapsed_s=round(time.time() - started, 2))) + "\n")
 
     if not args.resume:
         if master and os.path.exists(log_path):
