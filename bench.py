@@ -99,6 +99,7 @@ def make_case(case, device):
         ctx = torch.autocast(device, dtype=torch.bfloat16) if case["dtype"] == "bf16" else contextlib.nullcontext()
 
         def step():
+            os.environ["SELECTIVE_ATTENTION"] = case.get("impl", "")  # "" = the default choice
             with ctx:
                 _, loss = model(x, targets=y)
             loss.backward()
@@ -124,22 +125,24 @@ def fmt_mem(b):
 
 
 def ratio(a, b):
-    return "  n/a" if a is None or b is None or b == 0 else f"{a / b:5.2f}"
+    return "  n/a" if a is None or b is None or b == 0 else f"{a / b:5.3f}"
 
 
 def bench_steps(device, repeats, results):
-    print(f"\nTraining step (forward + backward), model {MODEL}, batch 8; selective / standard:")
-    print(f"{'block':>6} {'dtype':>5} | {'standard s':>10} {'selective s':>11} {'time x':>6} | "
-          f"{'std MiB':>8} {'sel MiB':>8} {'mem x':>5}")
+    print(f"\nTraining step (forward + backward), model {MODEL}, batch 8. Ratios to standard: selective (default "
+          f"path), and selective through the SDPA float mask ('mask'):")
+    print(f"{'block':>6} {'dtype':>5} | {'standard s':>10} {'selective x':>11} {'mask x':>6} | "
+          f"{'std MiB':>8} {'sel mem x':>9} {'mask mem x':>10}")
     for T in (256, 512, 1024):
         for dtype in ("fp32", "bf16"):
-            cases = {kind: {"kind": "step", "T": T, "B": 8, "dtype": dtype, "selective": kind == "selective"}
-                     for kind in ("standard", "selective")}
+            step = {"kind": "step", "T": T, "B": 8, "dtype": dtype}
+            cases = {"standard": dict(step, selective=False), "selective": dict(step, selective=True),
+                     "mask": dict(step, selective=True, impl="sdpa")}
             times = side_by_side({k: make_case(c, device) for k, c in cases.items()}, device, repeats)
             mem = {k: peak_memory(c, device) for k, c in cases.items()}
-            print(f"{T:>6} {dtype:>5} | {times['standard']:10.3f} {times['selective']:11.3f} "
-                  f"{times['selective'] / times['standard']:6.3f} | {fmt_mem(mem['standard'])} "
-                  f"{fmt_mem(mem['selective'])} {ratio(mem['selective'], mem['standard'])}")
+            print(f"{T:>6} {dtype:>5} | {times['standard']:10.3f} {ratio(times['selective'], times['standard']):>11} "
+                  f"{ratio(times['mask'], times['standard']):>6} | {fmt_mem(mem['standard']):>8} "
+                  f"{ratio(mem['selective'], mem['standard']):>9} {ratio(mem['mask'], mem['standard']):>10}")
             results.append({"bench": "step", "block_size": T, "dtype": dtype, "seconds": times, "peak_bytes": mem,
                             "time_ratio": times["selective"] / times["standard"]})
 

@@ -69,7 +69,8 @@ def train(name, out_root, flags, max_iters):
                "--data_seed", str(DATA_SEED), "--log_interval", str(max_iters), "--out_dir", out]
         print(f"  {name}: {' '.join(cmd[2:])}", flush=True)
         started = time.time()
-        result = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, env=dict(os.environ, **KEEP_FREED_MEMORY))
+        env = dict(os.environ, **KEEP_FREED_MEMORY)
+        result = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, env=env)
         if result.returncode != 0:
             raise SystemExit(f"experiments.py: {name} failed:\n{result.stdout[-2000:]}{result.stderr[-4000:]}")
         print(f"  {name}: done in {time.time() - started:.0f} s", flush=True)
@@ -282,8 +283,8 @@ def plots(assets):
     if "pruning" in results:
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
         for r in results["pruning"]:
-            xs = [p["memory_factor"] for p in r["path"]]
-            ax.plot(xs, [p["ppl"] for p in r["path"]], ".-", label=f"T={r['block_size']}, eps={r['memory_loss_weight']}")
+            xs, ys = [p["memory_factor"] for p in r["path"]], [p["ppl"] for p in r["path"]]
+            ax.plot(xs, ys, ".-", label=f"T={r['block_size']}, eps={r['memory_loss_weight']}")
         for T in sorted({r["block_size"] for r in results["pruning"]}):
             target = next(r["standard_ppl"] for r in results["pruning"] if r["block_size"] == T)
             ax.axhline(target, ls="--", lw=0.8, color="gray")

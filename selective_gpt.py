@@ -242,7 +242,7 @@ class CausalSelfAttention(nn.Module):
         """One new token x: (B, 1, C) at position t, with a KV cache (§3) and, when the buffer is full, eviction (§4).
         Work is O(buffer), never the whole context again. `cache` is updated in place."""
         q, k, v = self.qkv(x)  # (B, H, 1, hs)
-        B, hs = x.size(0), q.size(-1)
+        B = x.size(0)
         n, capacity = cache["n"], cache["k"].size(2)
         if n < capacity:  # room: token t takes the next slot
             slot = torch.full((B,), n, dtype=torch.long, device=x.device)

@@ -576,7 +576,7 @@ def test_prepare_data_resumes_a_dropped_download_and_decodes_back(tmp_path):
     served = tmp_path / "served"
     served.mkdir()
     g = torch.Generator().manual_seed(0)
-    words = ["selective", "attention", "caf\u00e9", "\u2014", "token", "mask", "F", "BOS", "1024", "\n\n", "\u4e2d\u6587"]
+    words = ["selective", "attention", "caf\u00e9", "\u2014", "mask", "F", "BOS", "1024", "\n\n", "\u4e2d\u6587"]
     texts = [" ".join(words[i] for i in torch.randint(len(words), (200,), generator=g).tolist()) for _ in range(60)]
     train_gz = prepare_data.c4_name("train", 0)
     write_c4_shard(served / train_gz, texts)

@@ -25,7 +25,6 @@ import time
 
 import numpy as np
 import torch
-from torch.nn import functional as nnf
 
 from selective_gpt import GPT, GPTConfig
 
