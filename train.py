@@ -461,7 +461,9 @@ def main(argv=None):
                       f"{tokens_per_iter / dt:,.0f} tokens/s, mfu {mfu * 100:.2f}%")
             log(dict(iter=iter_num, loss=loss_value, lr=lr, ms_per_iter=dt * 1000, tokens_per_s=tokens_per_iter / dt,
                      mfu=mfu, **terms))
-    if ddp:
+    if ddp:  # leave together, and release DDP's pending gloo work while the interpreter is still whole
+        torch.distributed.barrier()
+        del model
         torch.distributed.destroy_process_group()
 
 
