@@ -13,6 +13,7 @@ import math
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn import functional as nnf
@@ -141,19 +142,19 @@ def pruned_visibility(F, budget):
     never BOS (j = 0) and never t itself; ties go to the oldest key; an evicted key never returns.
     """
     B, T, _ = F.shape
-    F = F.detach()
-    live = torch.zeros(B, T, dtype=torch.bool, device=F.device)
-    visible = torch.zeros(B, T, T, dtype=torch.bool, device=F.device)
-    rows = torch.arange(B, device=F.device)
+    scores = F.detach().cpu().numpy().copy()  # the walk is sequential: numpy keeps each small step cheap
+    scores[:, :, 0] = -np.inf  # never BOS
+    live = np.zeros((B, T), dtype=bool)
+    visible = np.zeros((B, T, T), dtype=bool)
+    rows = np.arange(B)
     for t in range(T):
         live[:, t] = True
         if t >= budget:  # min(t, budget) keys were live, t joined: one too many
-            f = F[:, t].masked_fill(~live, float("-inf"))
-            f[:, 0] = float("-inf")  # never BOS
-            f[:, t] = float("-inf")  # never the current token
-            live[rows, f.argmax(dim=-1)] = False  # argmax returns the first maximum: the oldest key
+            f = np.where(live, scores[:, t], -np.inf)
+            f[:, t] = -np.inf  # never the current token
+            live[rows, f.argmax(axis=1)] = False  # argmax returns the first maximum: the oldest key
         visible[:, t] = live
-    return visible
+    return torch.from_numpy(visible).to(F.device)
 
 
 def update_running_mask(f, logits0, pos, newest):
