@@ -411,8 +411,8 @@ class GPT(nn.Module):
     @torch.no_grad()
     def prefill(self, idx, budgets=None):
         """Encode a prompt idx (B, T), BOS first, in one parallel pass and set up the KV caches (§3) for decoding.
-        budgets: the per-layer buffer sizes (§4), from layer_budgets, or None. Returns (logits (B, V) for the
-        next token, state); state = {'t': the next position, 'layers': one cache per layer}."""
+        budgets: buffer sizes (§4), an int or one per layer, or None. Returns (logits (B, V) for the next token,
+        state); state = {'t': the next position, 'layers': one cache per layer}."""
         budgets = self.layer_budgets(budgets) if budgets is not None else [None] * self.config.n_layer
         x, layers = self._embed(idx), []
         for block, budget in zip(self.transformer.h, budgets):
