@@ -252,11 +252,12 @@ if triton is not None:
         tl.store(LSE + pid_bh * T + offs_m, m_i + tl.log(l_i), mask=offs_m < T)
 
     @triton.jit
-    def _bwd_kernel(Q, K, V, DO, LSE, DELTA, CARRY, DQ, DK, DV, DK0, s_b, s_h, s_t, c_b, c_m, T, H, D, scale,
+    def _bwd_kernel(Q, K, V, DO, LSE, DELTA, CARRY, DQ, DK, DV, DK0, s_b, s_h, s_t, c_b, c_m, z_b, T, H, D, scale,
                     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
         """FlashAttention-2's backward for key tile J of head h, walking the query tiles from last to first, plus
         this head's share of the gradient through F: dF = -dZ_h, dS = R + reverse exclusive sum of dF inside the
-        tile (R: column sums of dF over the later tiles), dA_0 = dS where S > 0, into head 0's dq and dk."""
+        tile (R: column sums of dF over the later tiles), dA_0 = dS where S > 0, into head 0's dq and dk (both
+        added atomically: every head contributes)."""
         pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
         b, h = pid_bh // H, pid_bh % H
         offs_n = pid_n * BN + tl.arange(0, BN)
@@ -299,9 +300,11 @@ if triton is not None:
             tl.atomic_add(DQ + b * s_b + offs_m[:, None] * s_t + offs_d[None, :],
                           tl.dot(dA0.to(k0.dtype), k0), mask=row_mask)
             dk0 += tl.dot(tl.trans(dA0).to(q0.dtype), q0)
-        tl.store(DK + b * s_b + h * s_h + offs_n[:, None] * s_t + offs_d[None, :], dk * scale, mask=col_mask)
-        tl.store(DV + b * s_b + h * s_h + offs_n[:, None] * s_t + offs_d[None, :], dv, mask=col_mask)
-        tl.store(DK0 + b * s_b + h * s_h + offs_n[:, None] * s_t + offs_d[None, :], dk0, mask=col_mask)
+        tl.store(DK + b * s_b + h * s_h + offs_n[:, None] * s_t + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+                 mask=col_mask)
+        tl.store(DV + b * s_b + h * s_h + offs_n[:, None] * s_t + offs_d[None, :], dv.to(DV.dtype.element_ty),
+                 mask=col_mask)
+        tl.atomic_add(DK0 + b * z_b + offs_n[:, None] * s_t + offs_d[None, :], dk0, mask=col_mask)  # all heads
 
 
 def triton_blocks(D):
@@ -349,14 +352,15 @@ def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     q, k, v, o, do = q.contiguous(), k.contiguous(), v.contiguous(), o.contiguous(), do.contiguous()
     B, H, T, D = q.shape
     delta = (do.float() * o.float()).sum(-1)  # D_h = rowsum(dO_h * O_h)
-    dq = torch.zeros(B, H, T, D, device=q.device, dtype=torch.float32)
-    dk, dv, dk0 = (torch.zeros_like(dq) for _ in range(3))
+    dq = torch.zeros(B, H, T, D, device=q.device, dtype=torch.float32)  # float32: added to atomically
+    dk, dv = torch.empty_like(k), torch.empty_like(v)  # each program owns its key tile: written once
+    dk0 = torch.zeros(B, T, D, device=q.device, dtype=torch.float32)  # every head's share of the F gradient
     _bwd_kernel[(triton.cdiv(T, BN), B * H)](q, k, v, do, lse, delta, carry, dq, dk, dv, dk0,
                                               q.stride(0), q.stride(1), q.stride(2), carry.stride(0),
-                                              carry.stride(1), T, H, D, 1.0 / math.sqrt(D),
+                                              carry.stride(1), dk0.stride(0), T, H, D, 1.0 / math.sqrt(D),
                                               BM=BM, BN=BN, BD=triton_blocks(D)[2])
-    dk[:, 0] += dk0.sum(dim=1)  # every head's share of the gradient through F, into head 0's keys
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    dk[:, 0] = (dk[:, 0].float() + dk0).to(dk.dtype)  # the selection gradient, into head 0's keys
+    return dq.to(q.dtype), dk, dv
 
 
 @triton_backward.register_fake
