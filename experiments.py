@@ -35,8 +35,9 @@ import sample
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FULL = {
-    "heads": dict(n_layer=4, n_embd=128, block_size=256, batch_size=8, max_iters=300, eval_interval=100,
-                  eval_iters=20, learning_rate=2e-3, warmup_iters=30, heads=[1, 2, 4, 8], seeds=[1, 2, 3]),
+    "heads": dict(n_layer=4, n_embd=128, block_size=256, batch_size=8, max_iters=200, eval_interval=100,
+                  eval_iters=20, learning_rate=2e-3, warmup_iters=20, dtype="bfloat16", heads=[1, 2, 4, 8],
+                  seeds=[1, 2, 3]),
     "assign": dict(n_layer=4, n_embd=128, n_head=4, block_size=96, batch_size=16, max_iters=1500, eval_interval=100,
                    eval_iters=20, learning_rate=1e-3, warmup_iters=100,
                    budgets=[2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64, 96]),
@@ -87,7 +88,7 @@ def finished(log, max_iters):
 
 
 TRAIN_FLAGS = ("n_layer", "n_embd", "n_head", "block_size", "batch_size", "eval_interval", "eval_iters",
-               "learning_rate", "warmup_iters")
+               "learning_rate", "warmup_iters", "dtype")
 
 
 def train_flags(cfg, **extra):
@@ -189,8 +190,7 @@ def pruning_experiment(cfg, data_dir, out_root, assets):
             for key, target in (("vs_standard", standard_ppl), ("vs_itself", None)):
                 if target is None:
                     target = row["unpruned_ppl"] * 1.01
-                print(f"  {name}: budget search for val ppl <= {target:.3f} ({key})", flush=True)
-                path = sample.find_budgets(model, batches, ctx, target, cfg["shrink"])
+                path = search(model, batches, ctx, target, cfg, os.path.join(out_root, name, f"search-{key}.json"))
                 row["unpruned_ppl"] = path[0][1]
                 budgets, ppl = path[-1]
                 reached = ppl <= target
@@ -201,6 +201,23 @@ def pruning_experiment(cfg, data_dir, out_root, assets):
                                      for b, p in path]}
             results.append(row)
     return results
+
+
+def search(model, batches, ctx, target, cfg, path_json):
+    """sample.find_budgets, kept in path_json: a rerun reuses a finished search with the same settings."""
+    settings = {"target_ppl": target, "shrink": cfg["shrink"], "search_batches": cfg["search_batches"]}
+    if os.path.exists(path_json):
+        with open(path_json) as f:
+            saved = json.load(f)
+        if saved["settings"] == settings:
+            print(f"  {path_json}: finished already", flush=True)
+            return [tuple(step) for step in saved["path"]]
+    print(f"  {path_json}: budget search for val ppl <= {target:.3f}", flush=True)
+    path = sample.find_budgets(model, batches, ctx, target, cfg["shrink"])
+    with open(path_json + ".tmp", "w") as f:
+        json.dump({"settings": settings, "path": path}, f)
+    os.replace(path_json + ".tmp", path_json)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------
