@@ -6,7 +6,7 @@ The paper's claims (SPEC §6), checked at the scale two CPU cores allow. One com
     python experiments.py --quick          # the same pipeline on tiny settings, minutes (a slow test runs it)
     python experiments.py --plots          # only redraw assets/*.png from the logs in assets/logs
 
-  heads    validation loss vs n_head in {1, 2, 4, 8}, selective and standard, 2 seeds (spread reported), same data order
+  heads    validation loss vs n_head in {1, 2, 4, 8}, selective and standard, 2 seeds (spread shown), same data:
            does selective attention with H heads reach standard attention with 2H?
   assign   the variable-assignment task: answer accuracy vs steps, selective vs standard (same config and seed);
            then the selective model's accuracy vs the pruning budget
