@@ -349,6 +349,7 @@ def test_pruned_visibility_rules():
     F[0, 3, 1], F[0, 3, 2] = 5.0, 5.0  # a tie at t = 3: key 1 (older) goes
     F[0, 4, 2], F[0, 4, 3] = 1.0, 9.0  # t = 4: key 3 has the largest F
     F[0, 5, 2] = 2.0
+    F[0, 5, 5] = 50.0  # the model's F is 0 on the diagonal; the rule must hold for any F: t = 5 never leaves
     F[0, :, 0] = 100.0  # BOS would win, but is never evicted
     visible = pruned_visibility(F, budget=3)
     live = [set(torch.nonzero(visible[0, t]).flatten().tolist()) for t in range(T)]
