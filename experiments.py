@@ -44,6 +44,8 @@ FULL = {
     "pruning": dict(n_layer=4, n_embd=128, n_head=4, blocks=[256, 512], batch_size=8, max_iters=300,
                     eval_interval=100, eval_iters=20, learning_rate=2e-3, warmup_iters=30, weights=[0.0, 0.02, 0.1],
                     search_batches=6, shrink=0.7),
+    "recipe": dict(train=dict(n_layer=4, block_size=128, batch_size=16, max_iters=1500, eval_iters=40),
+                   n_head=4, recipes=["plain", "train_py"], seeds=[1, 2, 3], workers=2),
 }
 QUICK = {
     "heads": dict(FULL["heads"], n_layer=2, n_embd=32, block_size=32, max_iters=6, eval_interval=3, eval_iters=2,
@@ -52,6 +54,8 @@ QUICK = {
                    eval_iters=2, warmup_iters=5, budgets=[2, 4, 24]),
     "pruning": dict(FULL["pruning"], n_layer=2, n_embd=32, blocks=[32], max_iters=6, eval_interval=3, eval_iters=2,
                     warmup_iters=2, weights=[0.0, 0.1], search_batches=2, shrink=0.5),
+    "recipe": dict(FULL["recipe"], train=dict(n_layer=1, block_size=32, batch_size=2, max_iters=60, eval_iters=2),
+                   seeds=[1]),
 }
 DATA_SEED = 1337  # every run sees the same batches in the same order
 # glibc gives every freed block of over 32 MiB back to the OS, so a CPU training step page-faults its large
@@ -224,6 +228,167 @@ def search(model, batches, ctx, target, cfg, path_json):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# recipe: selective vs standard under a plain training loop (issue: selective trained worse than standard here).
+# The loop is deliberately not train.py: it is what a user writes (AdamW, warmup + cosine, optionally no clipping),
+# with each candidate cause switched one at a time. Every 50 steps it logs the diagnostics that tell the causes apart.
+
+RECIPES = {  # the plain recipe, then one change each; "train_py" is train.py's optimiser defaults
+    "plain": dict(lr=2e-3, beta2=0.999, clip=0.0, decay_all=True, init_std=0.02, n_embd=128, tied=True),
+}
+RECIPES |= {
+    "clip": dict(RECIPES["plain"], clip=1.0),
+    "beta2": dict(RECIPES["plain"], beta2=0.95),
+    "train_py": dict(RECIPES["plain"], lr=1e-3, beta2=0.95, clip=1.0, decay_all=False),
+    "init": dict(RECIPES["plain"], init_std=0.05),
+    "width64": dict(RECIPES["plain"], n_embd=256),
+    "untied": dict(RECIPES["plain"], tied=False),
+    "lr1e-3": dict(RECIPES["plain"], lr=1e-3),
+}
+
+
+def plain_run(job):
+    """One plain-loop training run (a worker process, 1 thread); writes out/<name>.jsonl, returns its path."""
+    import math as m
+    import numpy as np
+    import train as tr
+    from selective_gpt import GPT, GPTConfig, causal_selective_mask, head0_logits, future_mask
+    name, r, cfg, seed, data_dir, log_path = (job[k] for k in ("name", "recipe", "cfg", "seed", "data_dir", "log"))
+    if os.path.exists(log_path):
+        return log_path
+    torch.set_num_threads(1)
+    shards = {s: tr.load_shards(data_dir, s) for s in ("train", "validation")}
+    T, B, steps = cfg["block_size"], cfg["batch_size"], cfg["max_iters"]
+    stop = cfg.get("stop") or steps  # train only to here (the schedule still spans max_iters): a cheap first look
+    batch = lambda split, step, micro: tr.c4_batch(shards[split], B, T, tr.batch_generator(DATA_SEED, "train" if split == "train" else "val", step, micro))
+    val = [batch("validation", -1, i) for i in range(cfg["eval_iters"])]
+    probe = val[0][0]  # the diagnostics' batch
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(n_layer=cfg["n_layer"], n_head=job["n_head"], n_embd=r["n_embd"], block_size=T,
+                          vocab_size=50304, bias=False, selective=job["selective"]))
+    if r["init_std"] != 0.02:
+        for pn, p in model.named_parameters():
+            if p.dim() == 2 and not pn.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, std=r["init_std"])
+    if not r["tied"]:
+        model.lm_head.weight = torch.nn.Parameter(model.transformer.wte.weight.detach().clone().normal_(std=0.02))
+    params = list(model.parameters())
+    if r["decay_all"]:
+        opt = torch.optim.AdamW(params, lr=r["lr"], betas=(0.9, r["beta2"]), weight_decay=0.1)
+    else:
+        opt = model.configure_optimizers(0.1, r["lr"], (0.9, r["beta2"]), "cpu")
+    warmup, min_lr = 100, r["lr"] / 10
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16)
+    hs = r["n_embd"] // job["n_head"]
+    C = r["n_embd"]
+
+    @torch.no_grad()
+    def diagnostics():
+        model.eval()
+        x = model._embed(probe)
+        out = {"max_F": [], "share_F_over_5": [], "head0_entropy": []}
+        causal = ~future_mask(T, x.device)
+        for block in model.transformer.h:
+            q, k, _ = block.attn.qkv(block.ln_1(x))
+            logits0 = head0_logits(q.float(), k.float()).masked_fill(~causal, float("-inf"))
+            F = causal_selective_mask(q.float(), k.float())
+            if job["selective"]:
+                logits0 = logits0 - F
+            p = torch.softmax(logits0, -1)
+            out["max_F"].append(F.max().item())
+            out["share_F_over_5"].append(((F > 5) & causal).sum().item() / (causal.sum().item() * x.size(0)))
+            out["head0_entropy"].append(-(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean().item())
+            x, _, _ = block(x)
+        losses = []
+        for xv, yv in val:
+            with ctx:
+                losses.append(model(xv, targets=yv)[1].item())
+        out["val_loss"] = sum(losses) / len(losses)
+        model.train()
+        return out
+
+    records, window = [], []
+    started = time.time()
+    for it in range(steps + 1):
+        if it % 50 == 0:
+            rec = {"iter": it, **diagnostics(), "elapsed_s": round(time.time() - started, 1)}
+            if window:
+                rec |= {k: max(w[k] for w in window) if k.endswith("max") else sum(w[k] for w in window) / len(window)
+                        for k in window[0]}
+            records.append(rec)
+            window = []
+        if it == stop:
+            break
+        lr = r["lr"] * (it + 1) / (warmup + 1) if it < warmup else \
+            min_lr + 0.5 * (1 + m.cos(m.pi * (it - warmup) / (steps - warmup))) * (r["lr"] - min_lr)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x, y = batch("train", it, 0)
+        with ctx:
+            _, loss = model(x, targets=y)
+        loss.backward()
+        total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item()
+        qk0 = torch.linalg.vector_norm(torch.stack([
+            torch.cat([b.attn.c_attn.weight.grad[:hs], b.attn.c_attn.weight.grad[C:C + hs]]).norm()
+            for b in model.transformer.h])).item()
+        if r["clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(params, r["clip"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        window.append({"loss": loss.item(), "grad_norm": total, "grad_norm_max": total, "grad_norm_qk0": qk0,
+                       "grad_norm_qk0_max": qk0})
+    tmp = log_path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps({"config": {"name": name, "recipe": r, **cfg, "seed": seed, "n_head": job["n_head"],
+                                       "selective": job["selective"]}}) + "\n")
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
+    os.replace(tmp, log_path)
+    return log_path
+
+
+def run_jobs(jobs, workers):
+    """Run plain_run jobs, `workers` at a time (one thread each: on 2 cores two 1-thread runs beat one 2-thread)."""
+    import multiprocessing
+    todo = [j for j in jobs if not os.path.exists(j["log"])]
+    for j in jobs:
+        print(f"  {j['name']}: {'finished already' if j not in todo else 'to run'}", flush=True)
+    if todo:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            for path in pool.imap_unordered(plain_run, todo):
+                print(f"  done: {path}", flush=True)
+    out = {}
+    for j in jobs:
+        with open(j["log"]) as f:
+            out[j["name"]] = [json.loads(line) for line in f]
+    return out
+
+
+def recipe_experiment(cfg, data_dir, out_root, assets):
+    os.makedirs(os.path.join(out_root, "recipe"), exist_ok=True)
+    jobs = []
+    for recipe in cfg["recipes"]:
+        for seed in cfg["seeds"]:
+            for selective in (False, True):
+                name = f"recipe-{recipe}-{'sel' if selective else 'std'}-s{seed}"
+                if cfg["train"].get("stop"):
+                    name += f"-stop{cfg['train']['stop']}"
+                jobs.append(dict(name=name, recipe_name=recipe, recipe=RECIPES[recipe], cfg=cfg["train"], seed=seed, n_head=cfg["n_head"],
+                                 selective=selective, data_dir=data_dir,
+                                 log=os.path.join(out_root, "recipe", name + ".jsonl")))
+    logs = run_jobs(jobs, cfg["workers"])
+    rows = []
+    for recipe in cfg["recipes"]:
+        row = {"recipe": recipe, "settings": RECIPES[recipe]}
+        for variant in ("std", "sel"):
+            row[variant] = [logs[j["name"]][-1]["val_loss"] for j in jobs
+                            if j["recipe_name"] == recipe and j["selective"] == (variant == "sel")]
+        rows.append(row)
+    for name, records in logs.items():
+        keep_log(records, name, assets)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 def tables(results):
     """The README's tables, as markdown."""
@@ -335,7 +500,12 @@ def main(argv=None):
         os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, **KEEP_FREED_MEMORY))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny settings: checks the pipeline in minutes")
-    parser.add_argument("--only", choices=["heads", "assign", "pruning"], action="append", help="run only these")
+    parser.add_argument("--only", choices=["heads", "assign", "pruning", "recipe"], action="append",
+                        help="run only this section (repeat the flag for several)")
+    parser.add_argument("--recipes", default=None, help="recipe: comma-separated names from RECIPES "
+                        f"({', '.join(RECIPES)}; default: the section's)")
+    parser.add_argument("--seeds", default=None, help="recipe: comma-separated seeds (default: the section's)")
+    parser.add_argument("--stop", type=int, default=None, help="recipe: train only this many steps of the schedule")
     parser.add_argument("--data_dir", default="data/c4_sample", help="C4-format token shards (prepare_data.py)")
     parser.add_argument("--out_dir", default=None, help="runs (default: out/experiments, or out/experiments-quick)")
     parser.add_argument("--assets", default=None, help="logs, results and plots (default: assets, or the quick "
@@ -348,7 +518,7 @@ def main(argv=None):
     if args.plots:
         return plots(assets)
     todo = args.only or ["assign", "pruning", "heads"]
-    if {"heads", "pruning"} & set(todo) and not glob.glob(os.path.join(args.data_dir, "*.bin")):
+    if {"heads", "pruning", "recipe"} & set(todo) and not glob.glob(os.path.join(args.data_dir, "*.bin")):
         raise SystemExit(f"experiments.py: no token shards in {args.data_dir}: run  python prepare_data.py --local "
                          f"../shared/data/c4_sample/en --data_dir {args.data_dir}  (or prepare_data.py for C4)")
     os.makedirs(assets, exist_ok=True)
@@ -363,12 +533,20 @@ def main(argv=None):
         started = time.time()
         if what == "heads":
             results["heads"] = heads_experiment(cfg["heads"], args.data_dir, out_root, assets)
+        elif what == "recipe":
+            rcfg = dict(cfg["recipe"], train=dict(cfg["recipe"]["train"], stop=args.stop))
+            if args.recipes:
+                rcfg["recipes"] = args.recipes.split(",")
+            if args.seeds:
+                rcfg["seeds"] = [int(s) for s in args.seeds.split(",")]
+            results.setdefault("recipe", {})[f"stop{args.stop}" if args.stop else "full"] = \
+                recipe_experiment(rcfg, args.data_dir, out_root, assets)
         elif what == "assign":
             results["assign"] = assign_experiment(cfg["assign"], out_root, assets)
         else:
             results["pruning"] = pruning_experiment(cfg["pruning"], args.data_dir, out_root, assets)
         wall[what] = time.time() - started
-        results["settings"] = {k: cfg[k] for k in ("heads", "assign", "pruning")}
+        results["settings"] = {k: cfg[k] for k in ("heads", "assign", "pruning", "recipe")}
         results["machine"] = f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, " \
                              f"torch {torch.__version__}"
         results["command"] = "python experiments.py" + (" --quick" if args.quick else "")
