@@ -197,7 +197,8 @@ def bench_kernels(device, dtype, results):
 def main():
     if len(sys.argv) == 3 and sys.argv[1] == "_memory":
         return measure_memory_here(json.loads(sys.argv[2]))
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=type(
+        "Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))
     parser.add_argument("what", nargs="?", choices=["speed", "kernels"], default="speed")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per case (the median counts)")

@@ -18,7 +18,6 @@ the runs are copied to assets/logs/, the numbers to assets/results.json and asse
 assets/*.png (matplotlib, optional).
 """
 
-import argparse
 import glob
 import json
 import os
@@ -32,6 +31,7 @@ import time
 import torch
 
 import sample
+from prepare_data import ArgumentParser
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FULL = {
@@ -249,7 +249,6 @@ RECIPES |= {
 def plain_run(job):
     """One plain-loop training run (a worker process, 1 thread); writes out/<name>.jsonl, returns its path."""
     import math as m
-    import numpy as np
     import train as tr
     from selective_gpt import GPT, GPTConfig, causal_selective_mask, head0_logits, future_mask
     name, r, cfg, seed, data_dir, log_path = (job[k] for k in ("name", "recipe", "cfg", "seed", "data_dir", "log"))
@@ -498,17 +497,17 @@ def main(argv=None):
     if sys.platform.startswith("linux") and any(os.environ.get(k) != v for k, v in KEEP_FREED_MEMORY.items()):
         # glibc reads these at start: run again with them (they pass on to the train.py runs)
         os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, **KEEP_FREED_MEMORY))
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny settings: checks the pipeline in minutes")
     parser.add_argument("--only", choices=["heads", "assign", "pruning", "recipe"], action="append",
                         help="run only this section (repeat the flag for several)")
     parser.add_argument("--recipes", default=None, help="recipe: comma-separated names from RECIPES "
-                        f"({', '.join(RECIPES)}; default: the section's)")
-    parser.add_argument("--seeds", default=None, help="recipe: comma-separated seeds (default: the section's)")
+                        f"({', '.join(RECIPES)}; None: the section's)")
+    parser.add_argument("--seeds", default=None, help="recipe: comma-separated seeds (None: the section's)")
     parser.add_argument("--stop", type=int, default=None, help="recipe: train only this many steps of the schedule")
     parser.add_argument("--data_dir", default="data/c4_sample", help="C4-format token shards (prepare_data.py)")
-    parser.add_argument("--out_dir", default=None, help="runs (default: out/experiments, or out/experiments-quick)")
-    parser.add_argument("--assets", default=None, help="logs, results and plots (default: assets, or the quick "
+    parser.add_argument("--out_dir", default=None, help="runs (None: out/experiments, or out/experiments-quick)")
+    parser.add_argument("--assets", default=None, help="logs, results and plots (None: assets, or the quick "
                                                         "run's out_dir/assets)")
     parser.add_argument("--plots", action="store_true", help="only redraw the plots from assets/results.json")
     args = parser.parse_args(argv)

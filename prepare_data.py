@@ -30,6 +30,33 @@ C4_REVISION = "1ddc917116b730e1859edef32896ec5c16be51d0"  # a fixed commit of al
 C4_SHARDS = {"train": 1024, "validation": 8}
 MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
 BOS = 50256  # GPT-2's <|endoftext|>
+SETTINGS_FILE = "prepare.json"  # in data_dir: how its shards were made, so a re-run never mixes two settings
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The scripts' parser: --help keeps the docstring's layout and shows every default; a bad flag ends in one
+    short paragraph (the message, and where the flags are listed) instead of the whole usage."""
+
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=self.Formatter, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n(python {self.prog} --help lists every flag and its default)\n")
+
+
+def gpt2_encoder():
+    """tiktoken's GPT-2 BPE; offline it needs the encoder files in TIKTOKEN_CACHE_DIR (README, Data)."""
+    import tiktoken  # here, so that --help works without it
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # requests' ConnectionError and friends: tiktoken downloads the files on first use
+        raise SystemExit(f"{os.path.basename(sys.argv[0]) or 'python'}: GPT-2's BPE files could not be loaded or "
+                         f"downloaded ({type(e).__name__}). On a machine without internet, set TIKTOKEN_CACHE_DIR to "
+                         f"a folder that holds them (copied from a machine where tiktoken.get_encoding('gpt2') ran)."
+                         ) from None
 
 
 def c4_name(split, index):
@@ -137,7 +164,7 @@ def read_bin(path):
     return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(n,))
 
 
-def tokenize_file(src, encoder, batch=256):
+def tokenize_file(src, encoder, downloaded, batch=256):
     """The tokens of src, each document preceded by BOS. A truncated or corrupt input stops the run."""
     tokens, docs, started = [], 0, time.time()
     size = os.path.getsize(src)
@@ -161,8 +188,10 @@ def tokenize_file(src, encoder, batch=256):
         flush(texts)
     except (EOFError, OSError, zlib.error, UnicodeDecodeError, json.JSONDecodeError, KeyError) as e:
         print()
+        advice = "Delete it and run again: it is fetched anew." if downloaded else \
+            "Check the file (is it complete, gzip or JSON lines with a 'text' field, UTF-8?) or leave it out."
         sys.exit(f"prepare_data: {src} is truncated or corrupt ({type(e).__name__}: {e}); nothing was written. "
-                 f"Delete it and run again (a download is fetched anew).")
+                 f"{advice}")
     print(f"\r  {os.path.basename(src)}: {docs} documents, {len(tokens)} tokens" + " " * 30)
     return np.asarray(tokens, dtype=np.uint16)
 
@@ -187,9 +216,38 @@ def local_inputs(pattern):
     return paths
 
 
+def check_settings(parser, args, settings):
+    """data_dir/prepare.json records the settings its shards were made with (record_settings): a re-run with others
+    would mix two kinds of shard (or keep old ones silently), so it is refused unless --overwrite clears them."""
+    path = os.path.join(args.data_dir, SETTINGS_FILE)
+    shards = glob.glob(os.path.join(args.data_dir, "*.bin"))
+    saved = None
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+    if shards and saved != settings and not args.overwrite:
+        was = "unrecorded settings (an older prepare_data.py)" if saved is None else \
+            ", ".join(f"{k} {saved.get(k)!r}" for k in sorted(settings) if saved.get(k) != settings[k])
+        parser.error(f"--data_dir {args.data_dir} holds shards made with {was}; these flags ask for other ones. "
+                     f"Use another --data_dir, or --overwrite to delete its .bin files and prepare anew")
+    if args.overwrite:
+        for shard in shards:
+            os.remove(shard)
+    os.makedirs(args.data_dir, exist_ok=True)
+
+
+def record_settings(data_dir, settings):
+    """Written before the first shard, so that a run that writes nothing leaves nothing."""
+    path = os.path.join(data_dir, SETTINGS_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(settings, f, indent=1)
+    os.replace(tmp, path)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_dir", default="data/c4", help="where the .bin files go (default: data/c4)")
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--data_dir", default="data/c4", help="where the .bin files go")
     parser.add_argument("--train_shards", type=int, default=1, help="C4 train shards to fetch (of 1024)")
     parser.add_argument("--val_shards", type=int, default=1, help="C4 validation shards to fetch (of 8)")
     parser.add_argument("--base_url", default=None,
@@ -200,13 +258,20 @@ def main(argv=None):
     parser.add_argument("--val_fraction", type=float, default=0.01,
                         help="--local without a validation file: the share of tokens held out for validation")
     parser.add_argument("--keep_downloads", action="store_true", help="keep the .json.gz files after tokenizing")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the .bin files of data_dir first (when it was prepared with other settings)")
     args = parser.parse_args(argv)
     if not 0 <= args.train_shards <= C4_SHARDS["train"] or not 0 <= args.val_shards <= C4_SHARDS["validation"]:
         parser.error(f"--train_shards must be 0..{C4_SHARDS['train']} and --val_shards 0..{C4_SHARDS['validation']}")
-    os.makedirs(args.data_dir, exist_ok=True)
-
-    import tiktoken  # here, so that --help works without it
-    encoder = tiktoken.get_encoding("gpt2")
+    if not 0 < args.val_fraction < 1:
+        parser.error(f"--val_fraction {args.val_fraction} must be between 0 and 1 (the share of tokens held out)")
+    if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
+        parser.error(f"--data_dir {args.data_dir} is a file: give a directory")
+    settings = {"encoding": "gpt2", "bos": BOS}
+    settings |= {"local": os.path.abspath(args.local), "val_fraction": args.val_fraction} if args.local else \
+        {"c4_revision": args.revision}  # any mirror (--base_url, HF_ENDPOINT) serves the same files
+    check_settings(parser, args, settings)
+    encoder = gpt2_encoder()
 
     if args.local:
         inputs = [(path, False) for path in local_inputs(args.local)]
@@ -225,14 +290,16 @@ def main(argv=None):
         path = os.path.join(args.data_dir, os.path.basename(source)) if remote else source
         if remote and not os.path.exists(path):
             download(source, path, os.environ.get("HF_TOKEN"))
-        tokens = tokenize_file(path, encoder)
+        tokens = tokenize_file(path, encoder, downloaded=remote)
         if carve and n == len(inputs) - 1:
             cut = len(tokens) - max(1, int(len(tokens) * args.val_fraction))
             if cut < 1:
                 sys.exit(f"prepare_data: {source} is too small to hold out validation tokens; add a validation file")
+            record_settings(args.data_dir, settings)
             write_bin(dest[:-4] + ".validation.bin", tokens[cut:])  # first: the train .bin marks the pair done
             print(f"  no validation file given: the last {len(tokens) - cut} tokens go to validation")
             tokens = tokens[:cut]
+        record_settings(args.data_dir, settings)
         write_bin(dest, tokens)
         if remote and not args.keep_downloads:
             os.remove(path)

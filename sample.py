@@ -12,8 +12,8 @@ Budgets found by --find_budgets are saved to out_dir/budgets.json and used by --
 --budget(s) flag is given.
 """
 
-import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -22,18 +22,23 @@ import time
 import torch
 
 from selective_gpt import GPT, GPTConfig
-from train import (BOS, add_device_flags, assign_batch, assign_decode, assign_encode, autocast_dtype, batch_generator,
-                   c4_batch, load_shards, pick_device, strip_compile_prefix)
+from prepare_data import ArgumentParser, gpt2_encoder
+from train import (BOS, CheckpointError, add_device_flags, assign_batch, assign_decode, assign_encode,
+                   autocast_dtype, batch_generator, c4_batch, load_checkpoint, load_shards, pick_device,
+                   strip_compile_prefix)
+
+DEFAULT_RUNS = ("out-c4", "out-assign")  # train.py's default out_dir per dataset
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", default="out", help="the training run's directory")
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--out_dir", default=None, help="the training run's directory (None: whichever of "
+                   f"{' and '.join(DEFAULT_RUNS)} holds a checkpoint, if only one does)")
     p.add_argument("--ckpt", default="ckpt.pt", help="checkpoint file in out_dir (ckpt.pt or ckpt_best.pt)")
     p.add_argument("--start", default="", help="prompt text, or FILE:path to read it from a file (BOS is prepended)")
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--max_new_tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0: greedy (like --top_k 1)")
     p.add_argument("--top_k", type=int, default=200, help="sample from the k likeliest tokens (1: greedy)")
     p.add_argument("--seed", type=int, default=1337)
     add_device_flags(p)
@@ -46,25 +51,37 @@ def get_parser():
     p.add_argument("--tolerance", type=float, default=0.01,
                    help="--find_budgets without --target_ppl: allowed relative rise over the unpruned perplexity")
     p.add_argument("--shrink", type=float, default=0.8, help="--find_budgets: a layer's budget shrinks by this")
-    p.add_argument("--eval_iters", type=int, default=None, help="validation batches (default: the run's)")
-    p.add_argument("--batch_size", type=int, default=None, help="validation batch size (default: the run's)")
+    p.add_argument("--eval_iters", type=int, default=None, help="validation batches (None: the run's)")
+    p.add_argument("--batch_size", type=int, default=None, help="validation batch size (None: the run's)")
+    p.add_argument("--data_dir", default=None, help="--eval_ppl, --find_budgets with a c4 run: its token shards "
+                   "(None: the run's --data_dir, relative to where it was trained)")
     return p
 
 
 def load_model(out_dir, ckpt_name, device):
-    path = os.path.join(out_dir, ckpt_name)
-    if not os.path.exists(path):
-        raise SystemExit(f"sample.py: no checkpoint at {path}; train one with train.py (--out_dir {out_dir})")
-    ckpt = torch.load(path, map_location=device, weights_only=True)
+    """The model of a train.py checkpoint, in eval mode, and the run's arguments."""
+    try:
+        ckpt = load_checkpoint(os.path.join(out_dir, ckpt_name), device)
+    except CheckpointError as e:
+        raise SystemExit(f"sample.py: {e}")
     model = GPT(GPTConfig(**ckpt["model_args"]))
     model.load_state_dict(strip_compile_prefix(ckpt["model"]))
-    return model.to(device).eval(), ckpt["args"]
+    return model.to(device).eval(), dict(ckpt["args"], iter_num=ckpt["iter_num"])
 
 
-def validation_batches(run, n, batch_size, device):
-    """The run's own fixed evaluation batches (train.py's), n of them."""
+def model_fingerprint(model):
+    """A hash of the weights: budgets.json says which model its budgets were searched for."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def validation_batches(run, n, batch_size, device, data_dir=None):
+    """The run's own fixed evaluation batches (train.py's), n of them; data_dir overrides the run's."""
     if run["dataset"] == "c4":
-        shards = load_shards(run["data_dir"], "validation")
+        shards = load_shards(data_dir or run["data_dir"], "validation")
     for k in range(n):
         g = batch_generator(run["data_seed"], "val", -1, k)
         if run["dataset"] == "assign":
@@ -112,10 +129,80 @@ def find_budgets(model, batches, ctx, target_ppl, shrink):
         print(f"  budgets {budgets}: val ppl {ppl:.3f}, memory {memory_factor(model, budgets):.2f}x smaller")
 
 
+def check_args(parser, args):
+    """Every flag's value, checked before anything loads."""
+    for name, low in (("num_samples", 1), ("max_new_tokens", 1), ("top_k", 1), ("eval_iters", 1), ("batch_size", 1),
+                      ("budget", 2)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            parser.error(f"--{name} {value} must be at least {low}")
+    if not 0 <= args.temperature < math.inf:
+        parser.error(f"--temperature {args.temperature} must be >= 0 (0: greedy)")
+    if not 0 <= args.tolerance < math.inf or not 0 < args.shrink < 1:
+        parser.error("--tolerance must be >= 0 and --shrink in (0, 1)")
+    if args.target_ppl is not None and not 1 <= args.target_ppl < math.inf:
+        parser.error(f"--target_ppl {args.target_ppl} must be a perplexity (>= 1)")
+    if args.budget is not None and args.budgets is not None:
+        parser.error("give --budget (every layer) or --budgets (one per layer), not both")
+    if (args.budget is not None or args.budgets is not None) and not (args.prune or args.eval_ppl):
+        parser.error("--budget/--budgets set the buffers of --prune (generation) or --eval_ppl (perplexity): "
+                     "add one of them (without, nothing would use the budgets)")
+    if args.budgets is not None:
+        try:
+            args.budgets = [int(b) for b in args.budgets.split(",")]
+        except ValueError:
+            parser.error(f"--budgets {args.budgets}: give whole numbers separated by commas, one per layer: 96,64,32")
+    if args.out_dir is None:
+        runs = [d for d in DEFAULT_RUNS if os.path.exists(os.path.join(d, args.ckpt))]
+        if len(runs) != 1:
+            found = f"both {runs[0]} and {runs[1]} hold one" if runs else \
+                f"neither {DEFAULT_RUNS[0]} nor {DEFAULT_RUNS[1]} holds one"
+            parser.error(f"no --out_dir given, and {found} ({args.ckpt}): name the run with --out_dir")
+        args.out_dir = runs[0]
+        print(f"sample.py: using the run in {args.out_dir}")
+
+
+def saved_budgets(model, run, out_dir):
+    """The budgets of out_dir/budgets.json, if they were searched for this very model; else None, said why."""
+    path = os.path.join(out_dir, "budgets.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        saved = json.load(f)
+    if saved.get("model_fingerprint") != model_fingerprint(model):
+        print(f"sample.py: ignoring {path}: it was searched for another model than this checkpoint's "
+              f"(an earlier run in the same directory?). Run --find_budgets again, or give --budget/--budgets.")
+        return None
+    print(f"budgets from {path}: {saved['budgets']}")
+    return saved["budgets"]
+
+
+def read_prompt(parser, start):
+    """--start text, or the text of FILE:path."""
+    if not start.startswith("FILE:"):
+        return start
+    path = start[5:]
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        parser.error(f"--start FILE:{path}: no such file")
+    except IsADirectoryError:
+        parser.error(f"--start FILE:{path} is a directory: give a text file")
+    except UnicodeDecodeError:
+        parser.error(f"--start FILE:{path} is not UTF-8 text: convert it (e.g. iconv -t utf-8) or give the text")
+    except OSError as e:
+        parser.error(f"--start FILE:{path} cannot be read: {e.strerror}")
+
+
 def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
-    device = pick_device(args.device)
+    check_args(parser, args)
+    try:
+        device = pick_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
     device_type = device.split(":")[0]
     dtype = autocast_dtype(device_type, args.dtype)
     ctx = contextlib.nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
@@ -124,17 +211,13 @@ def main(argv=None):
     L, T = model.config.n_layer, model.config.block_size
 
     budgets = None
-    if args.budget is not None and args.budgets is not None:
-        parser.error("give --budget (every layer) or --budgets (one per layer), not both")
     try:
         if args.budget is not None:
             budgets = model.layer_budgets(args.budget)
         elif args.budgets is not None:
-            budgets = model.layer_budgets([int(b) for b in args.budgets.split(",")])
-        elif (args.prune or args.eval_ppl) and os.path.exists(os.path.join(args.out_dir, "budgets.json")):
-            with open(os.path.join(args.out_dir, "budgets.json")) as f:
-                budgets = model.layer_budgets(json.load(f)["budgets"])
-            print(f"budgets from {args.out_dir}/budgets.json: {budgets}")
+            budgets = model.layer_budgets(args.budgets)
+        elif args.prune or args.eval_ppl:
+            budgets = saved_budgets(model, run, args.out_dir)
         if (args.prune or args.eval_ppl) and budgets is None:
             parser.error("--prune and --eval_ppl need --budget N or --budgets a,b,c (or --find_budgets first)")
         if args.find_budgets:
@@ -146,9 +229,9 @@ def main(argv=None):
     if args.eval_ppl or args.find_budgets:
         try:
             batches = list(validation_batches(run, args.eval_iters or run["eval_iters"],
-                                              args.batch_size or run["batch_size"], device))
+                                              args.batch_size or run["batch_size"], device, args.data_dir))
         except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"sample.py: {e}")
+            raise SystemExit(f"sample.py: {e}{'' if args.data_dir else ' (or point --data_dir at the shards)'}")
 
     if args.find_budgets:
         unpruned = perplexity(model, batches, ctx)
@@ -158,7 +241,8 @@ def main(argv=None):
         if ppl > target:
             raise SystemExit(f"sample.py: even unpruned, val ppl {ppl:.3f} is above the target {target:.3f}")
         result = {"budgets": budgets, "val_ppl": ppl, "unpruned_val_ppl": unpruned, "target_ppl": target,
-                  "memory_factor": memory_factor(model, budgets), "block_size": T, "n_layer": L}
+                  "memory_factor": memory_factor(model, budgets), "block_size": T, "n_layer": L,
+                  "checkpoint": args.ckpt, "iter_num": run["iter_num"], "model_fingerprint": model_fingerprint(model)}
         tmp = os.path.join(args.out_dir, "budgets.json.tmp")
         with open(tmp, "w") as f:
             json.dump(result, f, indent=1)
@@ -177,17 +261,15 @@ def main(argv=None):
     if run["dataset"] == "assign":
         encode, decode, bos = assign_encode, assign_decode, 0
     else:
-        import tiktoken
-        enc = tiktoken.get_encoding("gpt2")
+        enc = gpt2_encoder()
         encode, decode, bos = (lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})), enc.decode, BOS
-    start = args.start
-    if start.startswith("FILE:"):
-        with open(start[5:], encoding="utf-8") as f:
-            start = f.read()
     try:
-        prompt = [bos] + encode(start)
+        prompt = [bos] + encode(read_prompt(parser, args.start))
     except ValueError as e:
         parser.error(str(e))
+    if len(prompt) > T:
+        print(f"sample.py: the prompt has {len(prompt)} tokens with BOS, more than block_size {T}: the model sees BOS "
+              f"and its latest {max(1, T // 2 - 1)} tokens (learned positions stop at block_size)")
     x = torch.tensor([prompt] * args.num_samples, dtype=torch.long, device=device)
     started = time.time()
     with ctx:

@@ -35,12 +35,18 @@ class GPTConfig:
     memory_tau: float = 1.0  # tau of the memory loss (§5)
 
     def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.block_size < 2:
             raise ValueError(f"block_size must be at least 2 (BOS and one token), got {self.block_size}")
-        if self.memory_loss_weight < 0 or self.memory_tau <= 0:
-            raise ValueError("memory_loss_weight must be >= 0 and memory_tau > 0")
+        if not (0 <= self.memory_loss_weight < math.inf and 0 < self.memory_tau < math.inf):
+            raise ValueError(f"memory_loss_weight must be >= 0 and memory_tau > 0, got {self.memory_loss_weight} and "
+                             f"{self.memory_tau}")
         if self.memory_loss_weight > 0 and not self.selective:
             raise ValueError("the memory loss (memory_loss_weight > 0) needs a selective model (selective=True)")
 
@@ -432,7 +438,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, budgets=None):
-        """Continue idx (B, T), BOS first, by max_new_tokens sampled tokens; top_k=1 is greedy.
+        """Continue idx (B, T), BOS first, by max_new_tokens sampled tokens; top_k=1 or temperature=0 is greedy.
 
         A KV cache makes each new token one token of work. With budgets (an int, or one per layer), each layer's
         buffer holds at most that many keys and evicts by §4. Learned positions cannot extrapolate, so when the
@@ -451,11 +457,14 @@ class GPT(nn.Module):
             else:
                 logits = self.decode(idx[:, -1:], state)
             peak = [max(p, cache["n"]) for p, cache in zip(peak, state["layers"])]
-            logits = logits / temperature
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float("inf")
-            idx_next = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)
+            if temperature == 0:  # greedy, like top_k=1
+                idx_next = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                idx_next = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
         self.decode_stats = {"peak": peak, "final": [c["n"] for c in state["layers"]] if state else [0] * len(peak)}
         return idx

@@ -26,6 +26,7 @@ import time
 import numpy as np
 import torch
 
+from prepare_data import ArgumentParser
 from selective_gpt import GPT, GPTConfig
 
 BOS = 50256  # GPT-2's <|endoftext|>, the BOS of C4 windows (SPEC §2)
@@ -116,19 +117,19 @@ def batch_generator(seed, split, step, micro):
 # Arguments
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     a = p.add_argument_group("model (GPTConfig)")
     a.add_argument("--n_layer", type=int, default=4)
     a.add_argument("--n_head", type=int, default=4)
     a.add_argument("--n_embd", type=int, default=128)
-    a.add_argument("--block_size", type=int, default=None, help="context length (default: 256 c4, 96 assign)")
+    a.add_argument("--block_size", type=int, default=None, help="context length (None: 256 for c4, 96 for assign)")
     a.add_argument("--dropout", type=float, default=0.0)
     a.add_argument("--bias", action=argparse.BooleanOptionalAction, default=False, help="biases in Linears/LNs")
     a.add_argument("--selective", action="store_true", help="selective attention (default: a standard transformer)")
     a.add_argument("--memory_loss_weight", type=float, default=0.0, help="epsilon of the memory loss (SPEC §5)")
     a.add_argument("--memory_tau", type=float, default=1.0, help="tau of the memory loss (SPEC §5)")
     a.add_argument("--vocab_size", type=int, default=None,
-                   help="default: 50304 for c4 (GPT-2's 50257 padded to a multiple of 64), the task's for assign")
+                   help="None: 50304 for c4 (GPT-2's 50257 padded to a multiple of 64), the task's for assign")
     d = p.add_argument_group("data")
     d.add_argument("--dataset", choices=["c4", "assign"], default="c4")
     d.add_argument("--data_dir", default="data/c4", help="token shards from prepare_data.py (--dataset c4)")
@@ -136,27 +137,30 @@ def get_parser():
     d.add_argument("--grad_accum", type=int, default=1, help="micro-steps per iteration, over all processes")
     o = p.add_argument_group("optimisation")
     o.add_argument("--learning_rate", type=float, default=1e-3, help="peak learning rate")
-    o.add_argument("--min_lr", type=float, default=None, help="final learning rate (default: learning_rate / 10)")
+    o.add_argument("--min_lr", type=float, default=None, help="final learning rate (None: learning_rate / 10)")
     o.add_argument("--warmup_iters", type=int, default=100, help="linear warmup iterations")
-    o.add_argument("--lr_decay_iters", type=int, default=None, help="cosine decay length (default: max_iters)")
+    o.add_argument("--lr_decay_iters", type=int, default=None,
+                   help="cosine decay length (None: max_iters, also when --resume extends max_iters)")
     o.add_argument("--max_iters", type=int, default=2000)
     o.add_argument("--weight_decay", type=float, default=0.1)
     o.add_argument("--beta1", type=float, default=0.9)
     o.add_argument("--beta2", type=float, default=0.95)
     o.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm at this (0: off)")
     r = p.add_argument_group("running")
-    r.add_argument("--out_dir", default="out", help="checkpoints and the JSON-lines log")
+    r.add_argument("--out_dir", default=None, help="checkpoints and the JSON-lines log (None: out-<dataset>)")
     r.add_argument("--eval_interval", type=int, default=200)
     r.add_argument("--eval_iters", type=int, default=20, help="batches per evaluation")
     r.add_argument("--log_interval", type=int, default=10)
     add_device_flags(r)
     r.add_argument("--compile", action="store_true", help="torch.compile the model")
     r.add_argument("--seed", type=int, default=1337, help="initialisation, dropout and (by default) data order")
-    r.add_argument("--data_seed", type=int, default=None, help="data order only (default: --seed), to compare "
+    r.add_argument("--data_seed", type=int, default=None, help="data order only (None: --seed), to compare "
                    "initialisations on the same batches")
     r.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.pt with its settings")
+    r.add_argument("--overwrite", action="store_true",
+                   help="start over in an out_dir that holds a run (its checkpoints, log and budgets are deleted)")
     r.add_argument("--peak_flops", type=float, default=None,
-                   help="the device's peak FLOP/s for MFU (default: measured with a large matmul at start)")
+                   help="the device's peak FLOP/s for MFU (None: measured with a large matmul at start)")
     return p
 
 
@@ -164,32 +168,67 @@ def add_device_flags(parser):
     """--device and --dtype, shared with sample.py."""
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="autocast dtype (default: bfloat16 where supported, else float32)")
+                        help="autocast dtype (None: bfloat16 where supported, else float32)")
 
 
 MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig)]
+RUN_FILES = ("ckpt.pt", "ckpt_best.pt", "log.jsonl", "budgets.json")  # what --overwrite deletes
+# flag: (holds, what to say): the checks every value must pass (the model's own are GPTConfig's)
+VALUE_CHECKS = {
+    "learning_rate": (lambda v: 0 < v < math.inf, "must be a positive number"),
+    "min_lr": (lambda v: 0 <= v < math.inf, "must be >= 0"),
+    "warmup_iters": (lambda v: v >= 0, "must be >= 0"),
+    "lr_decay_iters": (lambda v: v >= 1, "must be at least 1"),
+    "weight_decay": (lambda v: 0 <= v < math.inf, "must be >= 0"),
+    "beta1": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "beta2": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "grad_clip": (lambda v: 0 <= v < math.inf, "must be >= 0 (0: no clipping)"),
+    "peak_flops": (lambda v: 0 < v < math.inf, "must be a positive number"),
+    "seed": (lambda v: v >= 0, "must be >= 0"),
+    "data_seed": (lambda v: v >= 0, "must be >= 0"),
+    **{name: (lambda v: v >= 1, "must be at least 1")
+       for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval")},
+}
+
+
+def given_flags(parser, argv):
+    """The destinations of the flags on the command line."""
+    return {a.dest for a in parser._actions for s in a.option_strings
+            if any(x == s or x.startswith(s + "=") for x in argv)}
 
 
 def resolve_args(argv=None):
-    """Parse flags; on --resume, every flag not given comes from the checkpoint, and model flags may not change."""
+    """Parse and check flags; on --resume, every flag not given comes from the checkpoint, and model flags may not
+    change. Returns (args, checkpoint or None)."""
     parser = get_parser()
     args = parser.parse_args(argv)
-    argv = sys.argv[1:] if argv is None else argv
-    given = {a.dest for a in parser._actions for s in a.option_strings
-             if any(x == s or x.startswith(s + "=") for x in argv)}
+    given = given_flags(parser, sys.argv[1:] if argv is None else argv)
+    if args.out_dir is None:
+        args.out_dir = f"out-{args.dataset}"
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        parser.error(f"--out_dir {args.out_dir} is a file, not a directory: give another --out_dir")
+    ckpt = None
     if args.resume:
-        path = os.path.join(args.out_dir, "ckpt.pt")
-        if not os.path.exists(path):
-            parser.error(f"--resume: no checkpoint at {path}")
-        saved = torch.load(path, map_location="cpu", weights_only=True)["args"]
+        if args.overwrite:
+            parser.error("--resume continues the run in out_dir, --overwrite deletes it: give one of them")
+        try:
+            ckpt = load_checkpoint(os.path.join(args.out_dir, "ckpt.pt"))
+        except CheckpointError as e:
+            parser.error(f"--resume: {e}")
+        saved = ckpt["args"]
         changed = [f"--{k} {saved[k]} -> {getattr(args, k)}" for k in MODEL_FIELDS + ["dataset"]
                    if k in given and getattr(args, k) != saved[k]]
         if changed:
-            parser.error(f"--resume: {path} is a checkpoint of a different model: {', '.join(changed)}. "
-                         f"Drop those flags, or use another --out_dir")
+            parser.error(f"--resume: {args.out_dir}/ckpt.pt is a checkpoint of a different model: {', '.join(changed)}."
+                         f" Drop those flags, or use another --out_dir")
         for k, v in saved.items():
-            if k not in given and k != "resume":
+            if k not in given and k not in ("resume", "overwrite"):
                 setattr(args, k, v)
+        if "max_iters" in given and "lr_decay_iters" not in given and saved.get("lr_decay_iters") == saved["max_iters"]:
+            args.lr_decay_iters = None  # the schedule followed max_iters (checkpoints of earlier versions say so)
+    elif any(os.path.exists(os.path.join(args.out_dir, f)) for f in RUN_FILES) and not args.overwrite:
+        parser.error(f"--out_dir {args.out_dir} holds a run already (its ckpt.pt or log.jsonl). Continue it with "
+                     f"--resume, start over with --overwrite (deletes it), or give another --out_dir")
     if args.block_size is None:
         args.block_size = 96 if args.dataset == "assign" else 256
     tokens = len(ASSIGN_TOKENS) if args.dataset == "assign" else BOS + 1
@@ -197,17 +236,21 @@ def resolve_args(argv=None):
         args.vocab_size = tokens if args.dataset == "assign" else 50304
     if args.vocab_size < tokens:
         parser.error(f"--vocab_size {args.vocab_size} is smaller than the {tokens} tokens of --dataset {args.dataset}")
-    args.lr_decay_iters = args.lr_decay_iters or args.max_iters
     args.data_seed = args.seed if args.data_seed is None else args.data_seed
     args.min_lr = args.learning_rate / 10 if args.min_lr is None else args.min_lr
-    for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
+    for name, (holds, what) in VALUE_CHECKS.items():
+        value = getattr(args, name)
+        if value is not None and not holds(value):
+            parser.error(f"--{name} {value} {what}")
     try:
         GPTConfig(**model_args(args))
     except ValueError as e:
         parser.error(str(e))
-    return args
+    try:
+        pick_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
+    return args, ckpt
 
 
 def model_args(args):
@@ -215,11 +258,22 @@ def model_args(args):
 
 
 def pick_device(name):
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
+    """'auto' -> the best device here; any other name is checked against the devices this machine has."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    here = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] + \
+        (["mps"] if torch.backends.mps.is_available() else [])
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps") or (
+            device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()) or (
+            device.type == "mps" and "mps" not in here):
+        raise ValueError(f"--device {name}: no such device here; this machine has: {', '.join(here)} (or auto)")
+    return name
 
 
 def autocast_dtype(device_type, name):
@@ -257,13 +311,18 @@ def synchronize(device):
         torch.mps.synchronize()
 
 
+def decay_iters(args):
+    """The cosine's length: --lr_decay_iters, or max_iters (which --resume may extend)."""
+    return args.lr_decay_iters or args.max_iters
+
+
 def get_lr(it, args):
-    """Linear warmup, then cosine decay to min_lr at lr_decay_iters (nanoGPT)."""
+    """Linear warmup, then cosine decay to min_lr at decay_iters (nanoGPT)."""
     if it < args.warmup_iters:
         return args.learning_rate * (it + 1) / (args.warmup_iters + 1)
-    if it > args.lr_decay_iters:
+    if it > decay_iters(args):
         return args.min_lr
-    ratio = (it - args.warmup_iters) / max(1, args.lr_decay_iters - args.warmup_iters)
+    ratio = (it - args.warmup_iters) / max(1, decay_iters(args) - args.warmup_iters)
     return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (args.learning_rate - args.min_lr)
 
 
@@ -275,9 +334,19 @@ def git_commit():
         return None
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Files: written atomically (a temporary name, then renamed), checkpoints read with weights_only and checked.
+
 def save_atomic(obj, path):
     tmp = path + ".tmp"
     torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_lines_atomic(path, records):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
     os.replace(tmp, path)
 
 
@@ -285,60 +354,198 @@ def strip_compile_prefix(state_dict):
     return {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}
 
 
+class CheckpointError(Exception):
+    """A checkpoint that is missing or does not load; the message names the file and what to do."""
+
+
+CHECKPOINT_KEYS = {"model", "optimizer", "args", "model_args", "iter_num", "best_val_loss", "rng"}
+
+
+def load_checkpoint(path, device="cpu"):
+    """A checkpoint of train.py, loaded with weights_only and checked whole (the weights fit its model)."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"no checkpoint at {path}; train one with train.py --out_dir {os.path.dirname(path)}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        missing = CHECKPOINT_KEYS - set(ckpt) if isinstance(ckpt, dict) else CHECKPOINT_KEYS
+        if missing:
+            raise KeyError(f"it lacks {', '.join(sorted(missing))}")
+        GPT(GPTConfig(**ckpt["model_args"])).load_state_dict(strip_compile_prefix(ckpt["model"]))
+    except Exception as e:  # torch.load raises many types on a damaged file (zip, pickle, EOF, key errors)
+        best = os.path.join(os.path.dirname(path), "ckpt_best.pt")
+        fallback = ""
+        if os.path.basename(path) != "ckpt_best.pt" and os.path.exists(best):
+            try:
+                fallback = f" {best} loads (iteration {load_checkpoint(best)['iter_num']}): use it instead" \
+                           f" (sample.py --ckpt ckpt_best.pt; to train on from it, copy it over {path} and --resume)."
+            except CheckpointError:
+                fallback = f" {best} is damaged too."
+        raise CheckpointError(f"{path} is damaged or not a train.py checkpoint ({type(e).__name__}: "
+                              f"{str(e)[:200]}).{fallback}") from None
+    return ckpt
+
+
+def append_log(path, record, started):
+    """One JSON line in the run's log, stamped with the seconds since this process started."""
+    with open(path, "a") as f:
+        f.write(json.dumps(dict(record, elapsed_s=round(time.time() - started, 2))) + "\n")
+
+
+def read_log(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 
+def get_batch(args, shards, split, step, micro, device):
+    """Batch `micro` of iteration `step` of split 'train' or 'val' (step -1: the fixed evaluation batches)."""
+    g = batch_generator(args.data_seed, split, step, micro)
+    if args.dataset == "assign":
+        x, y = assign_batch(args.batch_size, args.block_size, g)
+    else:
+        x, y = c4_batch(shards["validation" if split == "val" else "train"], args.batch_size, args.block_size, g)
+    return x.to(device), y.to(device)
+
+
+def load_c4(args):
+    """The train and validation shards, each split checked to hold at least one window of block_size tokens."""
+    try:
+        shards = {s: load_shards(args.data_dir, s) for s in ("train", "validation")}
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"train.py: {e}")
+    for split, parts in shards.items():
+        longest = max(len(s) for s in parts)
+        if longest < args.block_size:
+            raise SystemExit(f"train.py: the {split} split in {args.data_dir} has at most {longest} tokens in a shard, "
+                             f"fewer than --block_size {args.block_size}: prepare more data or lower --block_size")
+    return shards
+
+
+@torch.no_grad()
+def evaluate(model, args, shards, ctx, device):
+    """Mean cross-entropy (and answer accuracy for assign) on fixed batches of each split."""
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        ce, correct, answers = [], 0, 0
+        for k in range(args.eval_iters):
+            x, y = get_batch(args, shards, split, -1, k, device)  # step -1: the same evaluation batches every time
+            with ctx:
+                logits, _ = model(x, targets=y)
+            ce.append(model.loss_terms["ce"].item())
+            scored = y != -1
+            correct += (logits.argmax(-1)[scored] == y[scored]).sum().item()
+            answers += scored.sum().item()
+        out[f"{split}_loss"] = sum(ce) / len(ce)
+        if args.dataset == "assign":
+            out[f"{split}_accuracy"] = correct / max(answers, 1)
+    out["val_ppl"] = math.exp(min(out["val_loss"], 50))
+    model.train()
+    return out
+
+
+def rng_states(device_type, world):
+    """Every process's RNG state (dropout), so that --resume continues exactly."""
+    states = {"cpu": [torch.get_rng_state()], "cuda": [torch.cuda.get_rng_state()] if device_type == "cuda" else []}
+    if world > 1:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, states)
+        states = {k: [s for g in gathered for s in g[k]] for k in states}
+    return states
+
+
+def clock(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def start_log(args, ckpt, log_path, header):
+    """A new run's log starts with its header. A resumed run's log keeps the records up to the checkpoint's
+    iteration (later ones were redone), then says where it resumed: one record per iteration, whatever happened."""
+    if ckpt is None:
+        write_lines_atomic(log_path, [header])
+        return
+    records = read_log(log_path) if os.path.exists(log_path) else []
+    kept = [r for r in records if r.get("iter", -1) <= ckpt["iter_num"]]
+    write_lines_atomic(log_path, kept + [{"resumed_at": ckpt["iter_num"], "max_iters": args.max_iters,
+                                          "lr_decay_iters": decay_iters(args), "git_commit": header["git_commit"]}])
+
+
+def say_resume(args, ckpt):
+    """What a resume will do, in one line; None when there is nothing to train."""
+    at, saved = ckpt["iter_num"], ckpt["args"]
+    if at >= args.max_iters:
+        return None
+    line = f"resuming {args.out_dir}/ckpt.pt at iteration {at}, training to {args.max_iters}"
+    was = argparse.Namespace(**dict(saved, lr_decay_iters=saved.get("lr_decay_iters") or saved["max_iters"]))
+    if decay_iters(args) != was.lr_decay_iters:
+        line += (f"; the cosine schedule now reaches min_lr {args.min_lr:.2e} at iteration {decay_iters(args)} "
+                 f"(was {was.lr_decay_iters}): learning rate {get_lr(at, args):.2e} at iteration {at} "
+                 f"(the old schedule's {get_lr(at, was):.2e})")
+    return line
+
+
 def main(argv=None):
     sys.stdout.reconfigure(line_buffering=True)  # progress lines show up in a log file as they happen
-    args = resolve_args(argv)
     ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    args, ckpt = resolve_args(argv)
+    if ddp and args.grad_accum % world:
+        raise SystemExit(f"train.py: --grad_accum ({args.grad_accum}) must be a multiple of the {world} processes"
+                         f" torchrun started (--nproc_per_node): e.g. --grad_accum {world}" if rank == 0 else 2)
+    if ckpt is not None and say_resume(args, ckpt) is None:
+        if rank == 0:
+            print(f"{args.out_dir}/ckpt.pt is at iteration {ckpt['iter_num']}, which reaches --max_iters "
+                  f"{args.max_iters}: nothing to train. Give a larger --max_iters to train on.")
+        return
+    try:
+        train(args, ckpt, ddp, rank, world)
+    except KeyboardInterrupt:
+        path = os.path.join(args.out_dir, "ckpt.pt")
+        if rank == 0:
+            saved = f"the last checkpoint is {path} (iteration {load_checkpoint(path)['iter_num']})" \
+                if os.path.exists(path) else "no checkpoint was written yet"
+            print(f"\ninterrupted; {saved}. Continue with: python train.py --out_dir {args.out_dir} --resume",
+                  file=sys.stderr)
+        sys.exit(130)
+
+
+def train(args, ckpt, ddp, rank, world):
+    device = pick_device(args.device)
     if ddp:
         from torch.distributed import init_process_group
-        rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-        use_cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
+        use_cuda = device.startswith("cuda")
         init_process_group(backend="nccl" if use_cuda else "gloo")
-        device = f"cuda:{local_rank}" if use_cuda else "cpu"
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if use_cuda else "cpu"
         if use_cuda:
             torch.cuda.set_device(device)
-        if args.grad_accum % world:
-            raise SystemExit(f"train.py: --grad_accum ({args.grad_accum}) must be a multiple of the {world} processes")
-    else:
-        rank, world, device = 0, 1, pick_device(args.device)
     master = rank == 0
     device_type = device.split(":")[0]
     dtype_name = autocast_dtype(device_type, args.dtype)
-    dtype = getattr(torch, dtype_name)
     micro_steps = args.grad_accum // world  # per process
     tokens_per_iter = args.grad_accum * args.batch_size * args.block_size
-
     torch.manual_seed(args.seed + rank)
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    shards = load_c4(args) if args.dataset == "c4" else None
 
-    if args.dataset == "c4":
-        try:
-            shards = {s: load_shards(args.data_dir, s) for s in ("train", "validation")}
-        except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"train.py: {e}")
-
-    def get_batch(split, step, micro):
-        g = batch_generator(args.data_seed, split, step, micro)
-        if args.dataset == "assign":
-            x, y = assign_batch(args.batch_size, args.block_size, g)
-        else:
-            x, y = c4_batch(shards["validation" if split == "val" else "train"], args.batch_size, args.block_size, g)
-        return x.to(device), y.to(device)
-
+    # the run directory: a new run was checked to be allowed (resolve_args); --overwrite clears the old one
     os.makedirs(args.out_dir, exist_ok=True)
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    config = GPTConfig(**model_args(args))
-    model = GPT(config).to(device)
+    if args.overwrite and master:
+        for name in RUN_FILES:
+            if os.path.exists(os.path.join(args.out_dir, name)):
+                os.remove(os.path.join(args.out_dir, name))
+    ckpt_path, log_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "log.jsonl")
+
+    model = GPT(GPTConfig(**model_args(args))).to(device)
     optimizer = model.configure_optimizers(args.weight_decay, args.learning_rate, (args.beta1, args.beta2),
                                            device_type)
     iter_num, best_val_loss = 0, float("inf")
-    if args.resume:
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    if ckpt is not None:
         model.load_state_dict(strip_compile_prefix(ckpt["model"]))
         optimizer.load_state_dict(ckpt["optimizer"])
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
@@ -346,96 +553,62 @@ def main(argv=None):
         if device_type == "cuda" and ckpt["rng"]["cuda"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"][rank % len(ckpt["rng"]["cuda"])])
     scaler = torch.amp.GradScaler(device_type, enabled=dtype_name == "float16")
-    ctx = contextlib.nullcontext() if dtype_name == "float32" else torch.autocast(device_type, dtype=dtype)
+    ctx = contextlib.nullcontext() if dtype_name == "float32" else \
+        torch.autocast(device_type, dtype=getattr(torch, dtype_name))
     raw_model = model
     if args.compile:
+        if master:
+            print("compiling the model (torch.compile): about 30-60 s on a CPU before the first iteration")
         model = torch.compile(model)
     if ddp:
         from torch.nn.parallel import DistributedDataParallel
-        model = DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
-    peak_flops = args.peak_flops or measure_peak_flops(device, dtype)
+        model = DistributedDataParallel(model, device_ids=[int(os.environ["LOCAL_RANK"])]
+                                        if device_type == "cuda" else None)
+    peak_flops = args.peak_flops or measure_peak_flops(device, getattr(torch, dtype_name))
 
-    log_path = os.path.join(args.out_dir, "log.jsonl")
-    started = time.time()
-
-    def log(record):
-        """A JSON line in out_dir/log.jsonl, stamped with the seconds since this process started."""
-        if master:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(dict(record, elapsed_s=round(time.time() - started, 2))) + "\n")
-
-    if not args.resume:
-        if master and os.path.exists(log_path):
-            os.remove(log_path)
-        log({"config": vars(args), "model": model_args(args), "git_commit": git_commit(), "device": device,
-             "dtype": dtype_name, "world_size": world, "tokens_per_iter": tokens_per_iter,
-             "n_params": raw_model.get_num_params(), "torch": torch.__version__, "peak_flops": peak_flops})
     if master:
+        start_log(args, ckpt, log_path, {
+            "config": vars(args), "model": model_args(args), "git_commit": git_commit(), "device": device,
+            "dtype": dtype_name, "world_size": world, "tokens_per_iter": tokens_per_iter,
+            "n_params": raw_model.get_num_params(), "torch": torch.__version__, "peak_flops": peak_flops})
         print(f"{'selective' if args.selective else 'standard'} GPT, {raw_model.get_num_params() / 1e6:.2f}M "
-              f"parameters, {args.dataset}, {device} {dtype_name}, {tokens_per_iter} tokens/iter, world {world}")
-
-    @torch.no_grad()
-    def evaluate():
-        """Mean cross-entropy (and answer accuracy for assign) on fixed batches of each split."""
-        model.eval()
-        out = {}
-        for split in ("train", "val"):
-            ce, correct, answers = [], 0, 0
-            for k in range(args.eval_iters):
-                x, y = get_batch(split, -1, k)  # step -1: the same evaluation batches every time
-                with ctx:
-                    logits, _ = raw_model(x, targets=y)
-                ce.append(raw_model.loss_terms["ce"].item())
-                scored = y != -1
-                correct += (logits.argmax(-1)[scored] == y[scored]).sum().item()
-                answers += scored.sum().item()
-            out[f"{split}_loss"] = sum(ce) / len(ce)
-            if args.dataset == "assign":
-                out[f"{split}_accuracy"] = correct / max(answers, 1)
-        out["val_ppl"] = math.exp(min(out["val_loss"], 50))
-        model.train()
-        return out
-
-    def checkpoint(path, rng):
-        save_atomic({"model": strip_compile_prefix(raw_model.state_dict()), "optimizer": optimizer.state_dict(),
-                     "args": vars(args), "model_args": model_args(args), "iter_num": iter_num,
-                     "best_val_loss": best_val_loss, "rng": rng}, path)
-
-    def rng_states():
-        """Every process's RNG state (dropout), so that --resume continues exactly."""
-        states = {"cpu": [torch.get_rng_state()],
-                  "cuda": [torch.cuda.get_rng_state()] if device_type == "cuda" else []}
-        if ddp:
-            gathered = [None] * world
-            torch.distributed.all_gather_object(gathered, states)
-            states = {k: [s for g in gathered for s in g[k]] for k in states}
-        return states
-
+              f"parameters, {args.dataset}, {device} {dtype_name}, {tokens_per_iter} tokens/iter, world {world},"
+              f" out_dir {args.out_dir}")
+        if ckpt is not None:
+            print(say_resume(args, ckpt))
+    started = time.time()
     model.train()
-    t0, timed_iters = time.time(), 0  # the clock for ms/iter; evaluations are left out
+    train_seconds, first_iter = 0.0, iter_num  # training time alone (evaluations left out), for the eta
+    t0, timed_iters = time.time(), 0
     while True:
         lr = get_lr(iter_num, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if iter_num % args.eval_interval == 0 or iter_num == args.max_iters:
-            metrics = evaluate()
+        resumed_here = ckpt is not None and iter_num == ckpt["iter_num"]  # evaluated and logged before the stop
+        if (iter_num % args.eval_interval == 0 or iter_num == args.max_iters) and not resumed_here:
+            train_seconds += time.time() - t0
+            metrics = evaluate(raw_model, args, shards, ctx, device)
             if master:
                 acc = f", val accuracy {metrics['val_accuracy']:.3f}" if args.dataset == "assign" else ""
                 print(f"eval {iter_num}: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}, "
                       f"val ppl {metrics['val_ppl']:.2f}{acc}")
-            log(dict(iter=iter_num, **metrics))
+            if master:
+                append_log(log_path, dict(iter=iter_num, **metrics), started)
             improved = metrics["val_loss"] < best_val_loss
             best_val_loss = min(best_val_loss, metrics["val_loss"])
-            rng = rng_states()  # under DDP every process takes part in the gather
+            rng = rng_states(device_type, world)  # under DDP every process takes part in the gather
             if master:
-                checkpoint(ckpt_path, rng)
+                state = {"model": strip_compile_prefix(raw_model.state_dict()), "optimizer": optimizer.state_dict(),
+                         "args": vars(args), "model_args": model_args(args), "iter_num": iter_num,
+                         "best_val_loss": best_val_loss, "rng": rng}
+                save_atomic(state, ckpt_path)
                 if improved:
-                    checkpoint(os.path.join(args.out_dir, "ckpt_best.pt"), rng)
+                    save_atomic(state, os.path.join(args.out_dir, "ckpt_best.pt"))
             t0, timed_iters = time.time(), 0
-        if iter_num == args.max_iters:
+        if iter_num >= args.max_iters:
             break
         for micro in range(micro_steps):
-            x, y = get_batch("train", iter_num, rank * micro_steps + micro)
+            x, y = get_batch(args, shards, "train", iter_num, rank * micro_steps + micro, device)
             sync = not ddp or micro == micro_steps - 1
             with (contextlib.nullcontext() if sync else model.no_sync()), ctx:
                 _, loss = model(x, targets=y)
@@ -452,15 +625,18 @@ def main(argv=None):
         if iter_num % args.log_interval == 0 or iter_num == args.max_iters:
             synchronize(device)
             dt = (time.time() - t0) / timed_iters
+            train_seconds += time.time() - t0
             t0, timed_iters = time.time(), 0
             loss_value = loss.item() * micro_steps  # the last micro-step's loss
             mfu = raw_model.estimate_mfu(args.batch_size * micro_steps, dt, peak_flops, args.block_size)
             terms = {k: v.item() for k, v in raw_model.loss_terms.items()}
             if master:
-                print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
-                      f"{tokens_per_iter / dt:,.0f} tokens/s, mfu {mfu * 100:.2f}%")
-            log(dict(iter=iter_num, loss=loss_value, lr=lr, ms_per_iter=dt * 1000, tokens_per_s=tokens_per_iter / dt,
-                     mfu=mfu, **terms))
+                eta = train_seconds / (iter_num - first_iter) * (args.max_iters - iter_num)
+                print(f"iter {iter_num}/{args.max_iters} ({100 * iter_num // args.max_iters}%): loss {loss_value:.4f}, "
+                      f"lr {lr:.2e}, {dt * 1000:.1f} ms/iter, {tokens_per_iter / dt:,.0f} tokens/s, mfu {mfu * 100:.2f}%,"
+                      f" elapsed {clock(time.time() - started)}, eta {clock(eta)}")
+                append_log(log_path, dict(iter=iter_num, loss=loss_value, lr=lr, ms_per_iter=dt * 1000,
+                                          tokens_per_s=tokens_per_iter / dt, mfu=mfu, **terms), started)
     if ddp:  # leave together, and release DDP's pending gloo work while the interpreter is still whole
         torch.distributed.barrier()
         del model

@@ -1,0 +1,569 @@
+"""Tests of the pipeline: prepare_data.py, train.py, sample.py, experiments.py. The C4-format inputs are generated
+here (small .json.gz files of random words), so the tests need nothing beside the repository but GPT-2's BPE files
+(tiktoken's cache: TIKTOKEN_CACHE_DIR on a machine without internet).
+
+Run: python -m pytest -q          (the slow end-to-end ones: python -m pytest -m slow)
+"""
+
+import contextlib
+import gzip
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+import prepare_data
+import sample
+import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORDS = ["selective", "attention", "caf\u00e9", "\u2014", "mask", "F", "BOS", "1024", "\n\n", "\u4e2d\u6587", "the",
+         "of", "a", "key", "query", "token", "is", "masked", "by", "later", "ones"]
+
+
+def random_texts(n, words_per_text, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [" ".join(WORDS[i] for i in torch.randint(len(WORDS), (words_per_text,), generator=g).tolist())
+            for _ in range(n)]
+
+
+def write_c4_shard(path, texts):
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t, "timestamp": "2019-04-25T12:00:00Z", "url": "https://example.com"}) + "\n")
+
+
+def make_c4_files(root, train_shards=2, docs=40, words=300):
+    """A C4-format 'en' folder: train shards and one validation shard of generated text."""
+    os.makedirs(root, exist_ok=True)
+    for i in range(train_shards):
+        write_c4_shard(os.path.join(root, prepare_data.c4_name("train", i)), random_texts(docs, words, seed=i))
+    write_c4_shard(os.path.join(root, prepare_data.c4_name("validation", 0)), random_texts(docs // 4, words, 99))
+    return root
+
+
+@pytest.fixture(scope="module")
+def c4_data(tmp_path_factory):
+    """Token shards of generated C4-format files (prepare_data.py --local)."""
+    root = tmp_path_factory.mktemp("c4")
+    prepare_data.main(["--local", make_c4_files(str(root / "en")), "--data_dir", str(root / "data")])
+    return str(root / "data")
+
+
+@contextlib.contextmanager
+def shard_server(root, drop_after=None):
+    """A loopback HTTP server of the files in root, with Range support. drop_after: {name: bytes}: the first
+    request for that file sends this many bytes, then closes the connection."""
+    requests = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            name = os.path.basename(self.path)
+            requests.append((name, self.headers.get("Range")))
+            path = os.path.join(root, name)
+            if not os.path.exists(path):
+                self.send_error(404)
+                return
+            with open(path, "rb") as f:
+                data = f.read()
+            start = int(self.headers["Range"][6:-1]) if self.headers.get("Range") else 0
+            self.send_response(206 if start else 200)
+            if start:
+                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            self.send_header("Content-Length", str(len(data) - start))
+            self.end_headers()
+            cut = (drop_after or {}).pop(name, None)
+            self.wfile.write(data[start:] if cut is None else data[start:start + cut])
+            if cut is not None:
+                self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/", requests
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def documents_of(bin_path):
+    enc = prepare_data.gpt2_encoder()
+    tokens = prepare_data.read_bin(bin_path).tolist()
+    assert tokens[0] == prepare_data.BOS
+    docs, current = [], []
+    for t in tokens[1:] + [prepare_data.BOS]:
+        if t == prepare_data.BOS:
+            docs.append(enc.decode(current))
+            current = []
+        else:
+            current.append(t)
+    return docs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# prepare_data.py
+
+def test_prepare_data_resumes_a_dropped_download_and_decodes_back(tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    texts = random_texts(60, 200, seed=0)
+    train_gz = prepare_data.c4_name("train", 0)
+    write_c4_shard(served / train_gz, texts)
+    want = random_texts(10, 50, seed=1)
+    write_c4_shard(served / prepare_data.c4_name("validation", 0), want)
+    half = os.path.getsize(served / train_gz) // 2
+    data = tmp_path / "data"
+    with shard_server(served, drop_after={train_gz: half}) as (url, requests):
+        prepare_data.main(["--base_url", url, "--data_dir", str(data)])
+        assert (train_gz, f"bytes={half}-") in requests, "the second request resumes where the first one broke"
+        assert documents_of(data / "c4-train.00000-of-01024.bin") == texts
+        assert documents_of(data / "c4-validation.00000-of-00008.bin") == want
+        assert sorted(os.listdir(data)) == ["c4-train.00000-of-01024.bin", "c4-validation.00000-of-00008.bin",
+                                            prepare_data.SETTINGS_FILE]
+        before = {p: os.path.getmtime(data / p) for p in os.listdir(data) if p.endswith(".bin")}
+        count = len(requests)
+        prepare_data.main(["--base_url", url, "--data_dir", str(data)])
+        assert len(requests) == count and before == {p: os.path.getmtime(data / p) for p in before}
+
+
+def test_prepare_data_stops_on_a_corrupt_shard_and_writes_nothing(tmp_path, capsys):
+    served = tmp_path / "served"
+    served.mkdir()
+    good = tmp_path / "good.json.gz"
+    write_c4_shard(good, [f"text number {i} " * 50 for i in range(400)])
+    blob = good.read_bytes()
+    (served / prepare_data.c4_name("train", 0)).write_bytes(blob[: len(blob) // 2])  # a truncated gzip
+    data = tmp_path / "data"
+    with shard_server(served) as (url, _):
+        with pytest.raises(SystemExit, match="c4-train.00000-of-01024.json.gz is truncated or corrupt.*fetched anew"):
+            prepare_data.main(["--base_url", url, "--data_dir", str(data), "--val_shards", "0"])
+    assert not [p for p in os.listdir(data) if p.endswith((".bin", ".tmp"))]
+
+
+def test_prepare_data_local_txt_holds_out_validation(tmp_path):
+    (tmp_path / "notes.txt").write_text("one two three four five six seven eight nine ten " * 40)
+    data = tmp_path / "data"
+    prepare_data.main(["--local", str(tmp_path / "*.txt"), "--data_dir", str(data), "--val_fraction", "0.1"])
+    train_tokens, val_tokens = prepare_data.read_bin(data / "notes.bin"), prepare_data.read_bin(
+        data / "notes.validation.bin")
+    assert len(val_tokens) == int((len(train_tokens) + len(val_tokens)) * 0.1) and train_tokens[0] == prepare_data.BOS
+
+
+def test_prepare_data_overwrite_prepares_anew_with_new_settings(tmp_path):
+    (tmp_path / "notes.txt").write_text("one two three four five six seven eight nine ten " * 40)
+    data = tmp_path / "data"
+    prepare_data.main(["--local", str(tmp_path / "notes.txt"), "--data_dir", str(data), "--val_fraction", "0.1"])
+    prepare_data.main(["--local", str(tmp_path / "notes.txt"), "--data_dir", str(data), "--val_fraction", "0.5",
+                       "--overwrite"])
+    train_tokens, val_tokens = (prepare_data.read_bin(data / n) for n in ("notes.bin", "notes.validation.bin"))
+    assert len(val_tokens) == int((len(train_tokens) + len(val_tokens)) * 0.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train.py
+
+def run_script(*args, timeout=600, cwd=HERE, env=None):
+    out = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                         env=env)
+    return out.returncode, out.stdout + out.stderr
+
+
+def log_records(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "24", "--batch_size", "4",
+        "--eval_iters", "2", "--log_interval", "1", "--warmup_iters", "2", "--dtype", "float32"]
+
+
+@pytest.fixture(scope="module")
+def assign_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("assign") / "run")
+    code, text = run_script("train.py", "--dataset", "assign", "--selective", *TINY, "--max_iters", "30",
+                            "--eval_interval", "15", "--learning_rate", "3e-3", "--out_dir", out)
+    assert code == 0, text
+    return out
+
+
+def test_train_assign_end_to_end(assign_run):
+    records = log_records(assign_run)
+    header = records[0]
+    assert header["config"]["selective"] and header["git_commit"] is None or len(header["git_commit"]) == 40
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["iter"] for r in evals] == [0, 15, 30] and evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
+    assert all(0 <= r["val_accuracy"] <= 1 for r in evals)
+    steps = [r for r in records if "loss" in r and "val_loss" not in r]
+    assert len(steps) == 30 and {"lr", "ms_per_iter", "tokens_per_s", "mfu"} <= steps[0].keys()
+    assert os.path.exists(os.path.join(assign_run, "ckpt.pt")) and os.path.exists(
+        os.path.join(assign_run, "ckpt_best.pt"))
+
+
+def test_train_c4_end_to_end(tmp_path, c4_data):
+    code, text = run_script("train.py", "--dataset", "c4", "--data_dir", c4_data, "--selective", *TINY,
+                            "--max_iters", "4", "--eval_interval", "2", "--log_interval", "2",
+                            "--out_dir", str(tmp_path / "out"))
+    assert code == 0, text
+    assert "iter 4/4 (100%): loss" in text and "eta 0:00" in text  # progress a person can read
+    evals = [r for r in log_records(tmp_path / "out") if "val_loss" in r]
+    assert len(evals) == 3 and all(math.isfinite(r["val_loss"]) for r in evals)
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+
+
+def test_c4_windows_start_with_bos():
+    shard = torch.arange(1000, dtype=torch.int64).numpy().astype("uint16")
+    x, y = train.c4_batch([shard], 8, 16, torch.Generator().manual_seed(0))
+    assert (x[:, 0] == train.BOS).all() and torch.equal(x[:, 1:], y[:, :-1]) and (y[:, 1:] - y[:, :-1] == 1).all()
+
+
+def test_assign_task_answers_are_latest_values():
+    x, y = train.assign_batch(16, 200, torch.Generator().manual_seed(0))
+    assert (x[:, 0] == 0).all()
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        latest = {}
+        for t, (tok, target) in enumerate(zip(row_x, row_y)):
+            word = train.ASSIGN_TOKENS[tok]
+            if "=" in word:
+                latest[word[0]] = word[2]
+            if word.endswith("?"):
+                assert train.ASSIGN_TOKENS[target] == latest[word[0]]
+            else:
+                assert target == -1
+
+
+def step_losses(out):
+    return [(r["iter"], r["loss"]) for r in log_records(out) if "loss" in r and "val_loss" not in r]
+
+
+def test_resume_continues_exactly_with_one_record_per_iteration(tmp_path):
+    common = ["--dataset", "assign", "--selective", *TINY, "--dropout", "0.1", "--eval_interval", "3",
+              "--lr_decay_iters", "6"]
+    whole, part = str(tmp_path / "whole"), str(tmp_path / "part")
+    assert run_script("train.py", *common, "--max_iters", "6", "--out_dir", whole)[0] == 0
+    assert run_script("train.py", *common, "--max_iters", "3", "--out_dir", part)[0] == 0  # checkpoint at 3
+    with open(os.path.join(part, "log.jsonl"), "a") as f:  # a run that died after logging past its checkpoint
+        f.write(json.dumps({"iter": 4, "loss": 99.0}) + "\n" + json.dumps({"iter": 5, "val_loss": 99.0}) + "\n")
+    code, text = run_script("train.py", "--resume", "--max_iters", "6", "--out_dir", part)
+    assert code == 0, text
+    assert step_losses(part) == step_losses(whole) and len(step_losses(whole)) == 6  # iteration 4 once, redone
+    evals = [r["iter"] for r in log_records(part) if "val_loss" in r]
+    assert evals == [0, 3, 6] and [r["resumed_at"] for r in log_records(part) if "resumed_at" in r] == [3]
+    code, text = run_script("train.py", "--resume", "--n_head", "4", "--out_dir", part)
+    assert code != 0 and "different model" in text and "n_head" in text
+
+
+def test_resume_to_a_reached_target_stops_and_a_larger_one_extends_the_schedule(tmp_path):
+    out = str(tmp_path / "o")
+    assert run_script("train.py", "--dataset", "assign", *TINY, "--max_iters", "6", "--eval_interval", "3",
+                      "--out_dir", out)[0] == 0
+    before = log_records(out)
+    code, text = run_script("train.py", "--resume", "--max_iters", "4", "--out_dir", out, timeout=60)
+    assert code == 0 and "nothing to train" in text and log_records(out) == before
+    code, text = run_script("train.py", "--resume", "--max_iters", "12", "--out_dir", out)
+    assert code == 0 and "reaches min_lr 1.00e-04 at iteration 12 (was 6)" in text, text
+    lrs = {r["iter"]: r["lr"] for r in log_records(out) if "lr" in r}
+    args = train.argparse.Namespace(warmup_iters=2, learning_rate=1e-3, min_lr=1e-4, lr_decay_iters=None,
+                                    max_iters=12)
+    assert all(lrs[it] == pytest.approx(train.get_lr(it - 1, args)) for it in range(7, 13))
+    assert lrs[7] > 1e-4 * 1.5  # not stuck at min_lr after the old schedule's end
+
+
+def test_overwrite_starts_over(tmp_path):
+    out = str(tmp_path / "o")
+    flags = ["--dataset", "assign", *TINY, "--max_iters", "2", "--eval_interval", "2", "--out_dir", out]
+    assert run_script("train.py", *flags)[0] == 0
+    (tmp_path / "o" / "budgets.json").write_text("{}")
+    code, text = run_script("train.py", *flags, "--overwrite", "--seed", "7")
+    assert code == 0, text
+    records = log_records(out)
+    assert records[0]["config"]["seed"] == 7 and sum("config" in r for r in records) == 1
+    assert not (tmp_path / "o" / "budgets.json").exists()
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path):
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "train.py", "--dataset", "assign", *TINY, "--max_iters", "100000",
+                             "--eval_interval", "5", "--log_interval", "100", "--out_dir", str(out)],
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "ckpt.pt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stdout + stderr
+    assert "Traceback" not in stderr and f"python train.py --out_dir {out} --resume" in stderr
+    assert len(stderr.strip().splitlines()) == 1 and "the last checkpoint is" in stderr
+
+
+def test_ddp_two_processes_match_one_with_twice_the_accumulation(tmp_path):
+    common = ["--dataset", "assign", "--selective", *TINY, "--max_iters", "3", "--eval_interval", "3"]
+    single = str(tmp_path / "single")
+    assert run_script("train.py", *common, "--grad_accum", "2", "--out_dir", single)[0] == 0
+    ddp = str(tmp_path / "ddp")
+    code, text = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+                            *common, "--grad_accum", "2", "--device", "cpu", "--out_dir", ddp)
+    assert code == 0, text
+    final = lambda out: [r for r in log_records(out) if "val_loss" in r][-1]
+    assert log_records(ddp)[0]["world_size"] == 2
+    assert final(ddp)["val_loss"] == pytest.approx(final(single)["val_loss"], rel=1e-5)
+    assert final(ddp)["val_loss"] != pytest.approx(log_records(single)[1]["val_loss"], rel=1e-3)  # it trained
+    code, text = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+                            *common, "--grad_accum", "3", "--device", "cpu", "--out_dir", str(tmp_path / "x"))
+    assert code != 0 and text.count("--grad_accum (3) must be a multiple of the 2 processes") == 1
+
+
+def test_help_shows_every_default():
+    for script, flag in (("train.py", "--learning_rate"), ("sample.py", "--temperature"),
+                         ("prepare_data.py", "--val_fraction"), ("experiments.py", "--only")):
+        code, text = run_script(script, "--help")
+        assert code == 0 and "(default:" in text, script
+    assert "repeat the flag" in run_script("experiments.py", "--help")[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sample.py
+
+def test_sample_prune_eval_and_find_budgets(assign_run, capsys, tmp_path):
+    sample.main(["--out_dir", assign_run, "--start", "a=3 b=1 a?", "--max_new_tokens", "40", "--top_k", "1",
+                 "--prune", "--budget", "4", "--dtype", "float32"])
+    text = capsys.readouterr().out
+    assert text.startswith("a=3 b=1 a?") and "layer 1: budget 4, peak 4 cached keys" in text and "x smaller" in text
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("c=4 c?")
+    sample.main(["--out_dir", assign_run, "--start", f"FILE:{prompt}", "--max_new_tokens", "3", "--dtype", "float32"])
+    assert capsys.readouterr().out.startswith("c=4 c? ")
+    sample.main(["--out_dir", assign_run, "--eval_ppl", "--budgets", "3,5", "--dtype", "float32"])
+    assert "with budgets [3, 5]" in capsys.readouterr().out
+    sample.main(["--out_dir", assign_run, "--find_budgets", "--tolerance", "0.05", "--shrink", "0.5",
+                 "--dtype", "float32"])
+    found = json.load(open(os.path.join(assign_run, "budgets.json")))
+    assert found["val_ppl"] <= found["target_ppl"] and len(found["budgets"]) == 2
+    assert found["memory_factor"] == pytest.approx(2 * 24 / sum(found["budgets"]))
+    sample.main(["--out_dir", assign_run, "--eval_ppl", "--dtype", "float32"])  # budgets.json is picked up
+    assert f"with budgets {found['budgets']}" in capsys.readouterr().out
+
+
+def test_sample_ignores_budgets_searched_for_another_model(assign_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(assign_run, out)
+    sample.main(["--out_dir", str(out), "--find_budgets", "--tolerance", "0.05", "--dtype", "float32"])
+    capsys.readouterr()
+    code, text = run_script("train.py", "--dataset", "assign", "--selective", *TINY, "--n_layer", "3",
+                            "--max_iters", "1", "--overwrite", "--out_dir", str(out))
+    assert code == 0, text
+    (out / "budgets.json").write_text(json.dumps(dict(json.load(open(os.path.join(assign_run, "budgets.json"))))))
+    with pytest.raises(SystemExit):  # the retrained model has 3 layers; the stale file is not used
+        sample.main(["--out_dir", str(out), "--eval_ppl", "--dtype", "float32"])
+    text = capsys.readouterr()
+    assert "searched for another model" in text.out and "need --budget" in text.err
+
+
+def test_sample_temperature_zero_is_greedy(assign_run, capsys):
+    outputs = []
+    for flags in (["--temperature", "0"], ["--top_k", "1"]):
+        sample.main(["--out_dir", assign_run, "--start", "a=3 b=1 a?", "--max_new_tokens", "12", "--dtype", "float32",
+                     "--seed", str(len(outputs)), *flags])
+        outputs.append(capsys.readouterr().out.split("---")[0])
+    assert outputs[0] == outputs[1]
+
+
+def test_sample_says_a_long_prompt_was_cut(assign_run, capsys):
+    sample.main(["--out_dir", assign_run, "--start", "a=1 " * 40, "--max_new_tokens", "2", "--dtype", "float32"])
+    assert "the prompt has 41 tokens with BOS, more than block_size 24: the model sees BOS and its latest 11" in \
+        capsys.readouterr().out
+
+
+def test_sample_data_dir_works_from_anywhere(tmp_path, c4_data):
+    out = str(tmp_path / "run")
+    code, text = run_script("train.py", "--dataset", "c4", "--data_dir", os.path.relpath(c4_data, HERE), "--selective",
+                            *TINY, "--max_iters", "1", "--out_dir", out)
+    assert code == 0, text
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    flags = ["--out_dir", out, "--eval_ppl", "--budget", "4", "--dtype", "float32"]
+    code, text = run_script(os.path.join(HERE, "sample.py"), *flags, cwd=elsewhere)
+    assert code != 0 and "--data_dir" in text and "Traceback" not in text
+    code, text = run_script(os.path.join(HERE, "sample.py"), *flags, "--data_dir", c4_data, cwd=elsewhere)
+    assert code == 0 and "with budgets [4, 4]" in text, text
+
+
+def test_sample_refuses_budgets_for_a_standard_model(tmp_path, capsys):
+    out = str(tmp_path / "std")
+    assert run_script("train.py", "--dataset", "assign", *TINY, "--max_iters", "1", "--out_dir", out)[0] == 0
+    with pytest.raises(SystemExit):
+        sample.main(["--out_dir", out, "--eval_ppl", "--budget", "4"])
+    assert "selective model" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input, every script: a non-zero exit, a short message that names the flag or file, no traceback, and
+# nothing on disk changed.
+
+def snapshot(root):
+    """Every file under root with its size and modification time."""
+    return {os.path.join(d, f): (os.path.getsize(os.path.join(d, f)), os.path.getmtime(os.path.join(d, f)))
+            for d, _, files in os.walk(root) for f in files}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, assign_run, c4_data):
+    """A folder with the bad inputs' material: a finished run, damaged checkpoints, files of every wrong kind."""
+    root = tmp_path_factory.mktemp("workspace")
+    shutil.copytree(assign_run, root / "run")
+    for name, damage in (("truncated", lambda b: b[: len(b) // 2]), ("garbage", lambda b: b"hello\n")):
+        shutil.copytree(assign_run, root / name)
+        blob = (root / name / "ckpt.pt").read_bytes()
+        (root / name / "ckpt.pt").write_bytes(damage(blob))
+    shutil.copytree(root / "garbage", root / "both_damaged")
+    (root / "both_damaged" / "ckpt_best.pt").write_bytes(b"\x00" * 100)
+    (root / "a_file").write_text("not a directory")
+    (root / "latin1.txt").write_bytes("caf\xe9 a=3".encode("latin-1"))
+    (root / "folder").mkdir()
+    short = root / "short"  # a validation shard shorter than the default block size (256)
+    short.mkdir()
+    for name in os.listdir(c4_data):
+        if name.endswith(".bin") and "validation" not in name:
+            shutil.copy(os.path.join(c4_data, name), short)
+    prepare_data.write_bin(str(short / "c4-validation.00000-of-00008.bin"), [prepare_data.BOS] + [11] * 99)
+    (root / "notes.txt").write_text("one two three four five six seven eight nine ten " * 40)
+    prepare_data.main(["--local", str(root / "notes.txt"), "--data_dir", str(root / "prepared")])
+    os.makedirs(root / "empty_cache")
+    (root / "bad.json.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")
+    return root
+
+
+A = ["train.py", "--dataset", "assign", *TINY, "--max_iters", "1"]  # train.py, tiny and quick
+S = ["sample.py", "--out_dir", "run", "--dtype", "float32"]  # sample.py on the finished run
+BAD_INPUTS = [
+    # train.py
+    ([*A, "--n_head", "0", "--out_dir", "new"], "n_head must be at least 1"),
+    ([*A, "--n_embd", "0", "--out_dir", "new"], "n_embd must be at least 1"),
+    ([*A, "--n_layer", "0", "--out_dir", "new"], "n_layer must be at least 1"),
+    ([*A, "--n_layer", "-2", "--out_dir", "new"], "n_layer must be at least 1"),
+    ([*A, "--dropout", "1", "--out_dir", "new"], "dropout must be in [0, 1)"),
+    ([*A, "--dropout", "-0.1", "--out_dir", "new"], "dropout must be in [0, 1)"),
+    ([*A, "--learning_rate=-1e-3", "--out_dir", "new"], "--learning_rate -0.001 must be a positive number"),
+    ([*A, "--learning_rate", "nan", "--out_dir", "new"], "--learning_rate nan must be a positive number"),
+    ([*A, "--learning_rate", "0", "--out_dir", "new"], "--learning_rate 0.0 must be a positive number"),
+    ([*A, "--batch_size", "0", "--out_dir", "new"], "--batch_size 0 must be at least 1"),
+    ([*A, "--eval_iters", "0", "--out_dir", "new"], "--eval_iters 0 must be at least 1"),
+    ([*A, "--eval_interval", "-5", "--out_dir", "new"], "--eval_interval -5 must be at least 1"),
+    ([*A, "--beta2", "1", "--out_dir", "new"], "--beta2 1.0 must be in [0, 1)"),
+    ([*A, "--min_lr=-1", "--out_dir", "new"], "--min_lr -1.0 must be >= 0"),
+    (["train.py", "--dataset", "c4", "--data_dir", "short", *TINY[:6], "--out_dir", "new"],
+     "the validation split in short has at most 100 tokens in a shard, fewer than --block_size 256"),
+    (["train.py", "--dataset", "c4", "--data_dir", "nowhere", "--out_dir", "new"], "prepare_data.py"),
+    ([*A, "--out_dir", "a_file"], "--out_dir a_file is a file"),
+    ([*A, "--device", "cuda", "--out_dir", "new"], "--device cuda: no such device here; this machine has: cpu"),
+    ([*A, "--device", "mps", "--out_dir", "new"], "--device mps: no such device here"),
+    ([*A, "--device", "foo", "--out_dir", "new"], "--device foo: no such device here"),
+    ([*A, "--out_dir", "run"], "--out_dir run holds a run already"),
+    (["train.py", "--resume", "--out_dir", "truncated"],
+     "truncated/ckpt.pt is damaged or not a train.py checkpoint"),
+    (["train.py", "--resume", "--out_dir", "garbage"], "garbage/ckpt_best.pt loads (iteration 30): use it instead"),
+    (["train.py", "--resume", "--out_dir", "both_damaged"], "both_damaged/ckpt_best.pt is damaged too"),
+    (["train.py", "--resume", "--out_dir", "nowhere"], "no checkpoint at nowhere/ckpt.pt"),
+    (["train.py", "--resume", "--overwrite", "--out_dir", "run"], "give one of them"),
+    ([*A, "--vocab_size", "10", "--out_dir", "new"], "smaller than the 99 tokens"),
+    ([*A, "--dtype", "float16", "--out_dir", "new"], "float16 is not supported on the CPU"),
+    # sample.py
+    ([*S, "--temperature", "-1"], "--temperature -1.0 must be >= 0"),
+    ([*S, "--top_k", "0"], "--top_k 0 must be at least 1"),
+    ([*S, "--top_k", "-3"], "--top_k -3 must be at least 1"),
+    ([*S, "--num_samples", "0"], "--num_samples 0 must be at least 1"),
+    ([*S, "--max_new_tokens", "0"], "--max_new_tokens 0 must be at least 1"),
+    ([*S, "--max_new_tokens", "-5"], "--max_new_tokens -5 must be at least 1"),
+    ([*S, "--budget", "4"], "--budget/--budgets set the buffers of --prune"),
+    ([*S, "--budgets", "4,4"], "--budget/--budgets set the buffers of --prune"),
+    ([*S, "--prune", "--budgets", "8.5,4"], "--budgets 8.5,4: give whole numbers"),
+    ([*S, "--prune", "--budget", "1"], "--budget 1 must be at least 2"),
+    ([*S, "--prune", "--budgets", "4,4,4"], "3 budgets for 2 layers"),
+    ([*S, "--budget", "3", "--budgets", "3,3", "--prune"], "not both"),
+    ([*S, "--prune"], "need --budget"),
+    ([*S, "--start", "hello"], "no token 'hello'"),
+    ([*S, "--start", "FILE:missing.txt"], "--start FILE:missing.txt: no such file"),
+    ([*S, "--start", "FILE:folder"], "--start FILE:folder is a directory"),
+    ([*S, "--start", "FILE:latin1.txt"], "--start FILE:latin1.txt is not UTF-8"),
+    ([*S, "--eval_ppl", "--budget", "4", "--eval_iters", "0"], "--eval_iters 0 must be at least 1"),
+    ([*S, "--eval_ppl", "--budget", "4", "--batch_size", "0"], "--batch_size 0 must be at least 1"),
+    ([*S, "--device", "foo"], "--device foo: no such device here"),
+    (["sample.py", "--out_dir", "truncated"], "truncated/ckpt.pt is damaged"),
+    (["sample.py", "--out_dir", "garbage"], "garbage/ckpt_best.pt loads (iteration 30): use it instead"),
+    (["sample.py", "--out_dir", "nowhere"], "no checkpoint at nowhere/ckpt.pt"),
+    (["sample.py"], "no --out_dir given, and neither out-c4 nor out-assign holds one"),
+    # prepare_data.py
+    (["prepare_data.py", "--local", "notes.txt", "--data_dir", "new", "--val_fraction", "0"],
+     "--val_fraction 0.0 must be between 0 and 1"),
+    (["prepare_data.py", "--local", "notes.txt", "--data_dir", "new", "--val_fraction", "1.5"],
+     "--val_fraction 1.5 must be between 0 and 1"),
+    (["prepare_data.py", "--local", "notes.txt", "--data_dir", "prepared", "--val_fraction", "0.2"],
+     "--data_dir prepared holds shards made with val_fraction 0.01"),
+    (["prepare_data.py", "--local", "bad.json.gz", "--data_dir", "new"], "bad.json.gz is truncated or corrupt"),
+    (["prepare_data.py", "--local", "nothing_here", "--data_dir", "new"], "no .json.gz, .jsonl or .txt files"),
+    (["prepare_data.py", "--local", "notes.txt", "--data_dir", "a_file"], "--data_dir a_file is a file"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_INPUTS, ids=[" ".join(a[1:])[-60:] for a, _ in BAD_INPUTS])
+def test_bad_input_is_refused_clearly_and_changes_nothing(workspace, argv, message):
+    before = snapshot(workspace)
+    env = dict(os.environ, PYTHONPATH=HERE)
+    code, text = run_script(os.path.join(HERE, argv[0]), *argv[1:], cwd=workspace, env=env, timeout=120)
+    assert code not in (0, 130) and message in text, text
+    assert "Traceback" not in text
+    assert len(text.strip().splitlines()) <= 3, text  # a short paragraph, not the usage
+    after = snapshot(workspace)
+    assert after == before, set(after) ^ set(before)
+
+
+def test_bad_input_corrupt_local_file_does_not_say_delete(workspace):
+    code, text = run_script(os.path.join(HERE, "prepare_data.py"), "--local", "bad.json.gz", "--data_dir", "new2",
+                            cwd=workspace)
+    assert code != 0 and "Delete it" not in text and "Check the file" in text
+
+
+def test_offline_without_the_bpe_files_says_what_to_do(workspace):
+    env = dict(os.environ, TIKTOKEN_CACHE_DIR=str(workspace / "empty_cache"), HTTPS_PROXY="http://127.0.0.1:9",
+               HTTP_PROXY="http://127.0.0.1:9", NO_PROXY="")
+    code, text = run_script(os.path.join(HERE, "prepare_data.py"), "--local", "notes.txt", "--data_dir", "offline",
+                            cwd=workspace, env=env, timeout=120)
+    assert code != 0 and "Traceback" not in text and "TIKTOKEN_CACHE_DIR" in text, text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Slow: minutes each. python -m pytest -m slow
+
+@pytest.mark.slow
+def test_quick_start_learns_the_assign_task(tmp_path):
+    """The README's main job, shortened: the selective model answers almost every query after 600 steps."""
+    code, text = run_script("train.py", "--dataset", "assign", "--selective", "--max_iters", "600",
+                            "--eval_interval", "300", "--out_dir", str(tmp_path / "run"), timeout=1800)
+    assert code == 0, text
+    assert [r for r in log_records(tmp_path / "run") if "val_accuracy" in r][-1]["val_accuracy"] > 0.9
+
+
+@pytest.mark.slow
+def test_experiments_quick(tmp_path):
+    data = str(tmp_path / "c4")
+    prepare_data.main(["--local", make_c4_files(str(tmp_path / "en"), train_shards=2, docs=60), "--data_dir", data])
+    code, text = run_script("experiments.py", "--quick", "--data_dir", data, "--out_dir", str(tmp_path / "runs"),
+                            timeout=3000)
+    assert code == 0, text
+    results = json.load(open(tmp_path / "runs" / "assets" / "results.json"))
+    assert {"heads", "assign", "pruning", "recipe", "wall_seconds", "commit", "machine"} <= results.keys()
+    assert len(results["heads"]["rows"]) == 4 and len(results["pruning"]) == 2
+    assert "| n_head |" in (tmp_path / "runs" / "assets" / "results.md").read_text()
