@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -53,6 +54,10 @@ def get_parser():
     p.add_argument("--shrink", type=float, default=0.8, help="--find_budgets: a layer's budget shrinks by this")
     p.add_argument("--eval_iters", type=int, default=None, help="validation batches (None: the run's)")
     p.add_argument("--batch_size", type=int, default=None, help="validation batch size (None: the run's)")
+    p.add_argument("--explain", action="store_true", help="show what each layer masks for the last token of --start "
+                   "(F of the last query, and with --budget(s) what each layer's buffer evicted, SPEC §4)")
+    p.add_argument("--explain_png", default=None, metavar="PATH", help="with --explain: also draw F per layer (and "
+                   "the evictions) to this PNG (needs matplotlib)")
     p.add_argument("--data_dir", default=None, help="--eval_ppl, --find_budgets with a c4 run: its token shards "
                    "(None: the run's --data_dir, relative to where it was trained)")
     return p
@@ -144,9 +149,13 @@ def check_args(parser, args):
         parser.error(f"--target_ppl {args.target_ppl} must be a perplexity (>= 1)")
     if args.budget is not None and args.budgets is not None:
         parser.error("give --budget (every layer) or --budgets (one per layer), not both")
-    if (args.budget is not None or args.budgets is not None) and not (args.prune or args.eval_ppl):
-        parser.error("--budget/--budgets set the buffers of --prune (generation) or --eval_ppl (perplexity): "
-                     "add one of them (without, nothing would use the budgets)")
+    if (args.budget is not None or args.budgets is not None) and not (args.prune or args.eval_ppl or args.explain):
+        parser.error("--budget/--budgets set the buffers of --prune (generation), --eval_ppl (perplexity) or "
+                     "--explain: add one of them (without, nothing would use the budgets)")
+    if args.explain_png is not None and not args.explain:
+        parser.error("--explain_png draws what --explain shows: add --explain")
+    if args.explain_png is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.explain_png))):
+        parser.error(f"--explain_png {args.explain_png}: its folder does not exist")
     if args.budgets is not None:
         try:
             args.budgets = [int(b) for b in args.budgets.split(",")]
@@ -193,6 +202,92 @@ def read_prompt(parser, start):
         parser.error(f"--start FILE:{path} is not UTF-8 text: convert it (e.g. iconv -t utf-8) or give the text")
     except OSError as e:
         parser.error(f"--start FILE:{path} cannot be read: {e.strerror}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --explain: what selective attention forgets, per layer, for one prompt
+
+def explain(model, prompt, budgets=None):
+    """Per layer, for the prompt's tokens: F (T, T) of the parallel pass (§1.3), F of the last query on each token,
+    gone (T, T) bool: key j was out of the buffer when query t attended (§4, budgets), and evicted_at[j]: the query
+    at which token j left the buffer (None: it stayed)."""
+    idx = torch.tensor([prompt], device=next(model.parameters()).device)
+    return [summarise_layer(F[0].cpu(), visible[0].cpu()) for F, visible in model.selection_masks(idx, budgets)]
+
+
+def summarise_layer(F, visible):
+    """explain's record of one layer from its F (T, T) and visible (T, T) (selective_gpt.GPT.selection_masks)."""
+    gone = torch.ones_like(visible).tril() & ~visible
+    evicted_at = [int(gone[:, j].nonzero()[0]) if gone[:, j].any() else None for j in range(F.size(0))]
+    return {"F": F, "F_last": F[-1].tolist(), "gone": gone, "evicted_at": evicted_at}
+
+
+BAR = " ▏▎▍▌▋▊▉█"  # eighths of a block: a bar in any terminal
+
+
+def masked_bar(f, width=5):
+    """How much of a key's weight F takes away, 1 - exp(-F), as a bar of `width` characters."""
+    eighths = round((1 - math.exp(-f)) * width * 8)
+    return (BAR[-1] * (eighths // 8) + (BAR[eighths % 8] if eighths % 8 else "")).ljust(width)
+
+
+def render_explanation(words, layers, budgets, colour):
+    """The terminal view: a row per prompt token, a column per layer: F for the last query, a bar of the share of
+    the token's attention weight it masks (1 - exp(-F)), and 'evicted @t' where the layer's buffer dropped it."""
+    last = len(words) - 1
+    lines = [f"What each layer masks for the last query, {words[-1]!r} (position {last}): F, and the share of each "
+             f"token's weight it takes away (1 - exp(-F), bar: 0 to 1)" +
+             (f"; with budgets {budgets}, 'ev@t' marks a token the layer's buffer evicted at query t (SPEC §4)"
+              if budgets else "")]
+    width = 13 + (7 if budgets else 0)
+    lines.append("  pos token        " + "".join(f"layer {n}".ljust(width) for n in range(len(layers))))
+    for j, word in enumerate(words):
+        cells = []
+        for layer in layers:
+            f = layer["F_last"][j]
+            bar = masked_bar(f)
+            if colour and f > 0:
+                bar = f"\033[{31 if f >= 2.3 else 33}m{bar}\033[0m"  # red past 90% masked, yellow below
+            at = layer["evicted_at"][j]
+            cell = f"{f:6.2f} {bar} " + (f"ev@{at:<3d}" if at is not None else "       " if budgets else "")
+            cells.append(cell)
+        shown = word.replace("\n", "\\n")[:12]
+        lines.append(f"{j:5d} {shown:<12} " + "".join(cells))
+    return "\n".join(lines)
+
+
+def explain_png(path, words, layers, budgets):
+    """One heatmap of F per layer (queries x keys), evicted keys dotted; False if matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    T, L = len(words), len(layers)
+    fig, axes = plt.subplots(1, L, figsize=(4.2 * L, 4.4), squeeze=False)
+    for n, (ax, layer) in enumerate(zip(axes[0], layers)):
+        F = layer["F"].clone()
+        F[torch.ones(T, T, dtype=torch.bool).triu(1)] = float("nan")  # the future: no F
+        image = ax.imshow(F.numpy(), cmap="magma_r", interpolation="nearest")
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="F")
+        t, j = layer["gone"].nonzero(as_tuple=True)
+        if len(t):
+            ax.scatter(j.numpy(), t.numpy(), s=4, c="tab:cyan", marker="s", linewidths=0, label="evicted")
+            ax.legend(loc="upper right", fontsize=7)
+        ax.set_title(f"layer {n}" + (f", budget {budgets[n]}" if budgets else ""))
+        ax.set_xlabel("key")
+        ax.set_ylabel("query")
+        if T <= 40:
+            labels = [w.replace("\n", "\\n")[:10] for w in words]
+            ax.set_xticks(range(T), labels, rotation=90, fontsize=7)
+            ax.set_yticks(range(T), labels, fontsize=7)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
 
 
 def main(argv=None):
@@ -257,7 +352,6 @@ def main(argv=None):
               f"(memory {memory_factor(model, budgets):.2f}x smaller)")
         return
 
-    # generation
     if run["dataset"] == "assign":
         encode, decode, bos = assign_encode, assign_decode, 0
     else:
@@ -267,6 +361,27 @@ def main(argv=None):
         prompt = [bos] + encode(read_prompt(parser, args.start))
     except ValueError as e:
         parser.error(str(e))
+
+    if args.explain:
+        if len(prompt) > T:
+            parser.error(f"--explain: the prompt has {len(prompt)} tokens with BOS, more than block_size {T}: shorten "
+                         f"--start")
+        try:
+            layers = explain(model, prompt, budgets)
+        except ValueError as e:
+            parser.error(f"--explain: {e}")
+        words = [decode([token]) for token in prompt]
+        words[0] = "<BOS>"
+        colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+        print(render_explanation(words, layers, budgets, colour))
+        if args.explain_png is not None:
+            if explain_png(args.explain_png, words, layers, budgets):
+                print(f"F per layer drawn to {args.explain_png}")
+            else:
+                print("--explain_png: matplotlib is not installed (pip install matplotlib); the view above is all")
+        return
+
+    # generation
     if len(prompt) > T:
         print(f"sample.py: the prompt has {len(prompt)} tokens with BOS, more than block_size {T}: the model sees BOS "
               f"and its latest {max(1, T // 2 - 1)} tokens (learned positions stop at block_size)")

@@ -411,6 +411,22 @@ class GPT(nn.Module):
         T = T or self.config.block_size
         return self.flops_per_token(T) * T * fwdbwd_per_iter / dt / peak_flops
 
+    @torch.no_grad()
+    def selection_masks(self, idx, budgets=None):
+        """What each layer forgets on idx (B, T), BOS first: one parallel pass, returning per layer (F, visible):
+        F (B, T, T) float32 (§1.3), and visible (B, T, T) bool, the keys in the buffer when each query attends
+        (§4 with budgets; without, every earlier key)."""
+        if not self.config.selective:
+            raise ValueError("a standard model has no F: selection masks need a selective model")
+        budgets = self.layer_budgets(budgets) if budgets is not None else [None] * self.config.n_layer
+        x, out = self._embed(idx), []
+        for block, budget in zip(self.transformer.h, budgets):
+            x, F, _ = block(x, budget=budget, need_F=True)
+            visible = (~future_mask(idx.size(1), idx.device)).expand_as(F) if budget is None else \
+                pruned_visibility(F, budget)
+            out.append((F.float(), visible))
+        return out
+
     # ------------------------------------------------------------------------------------------------------------
     # Generation with a KV cache (§3) and context pruning (§4).
 

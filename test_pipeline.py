@@ -24,6 +24,7 @@ import torch
 import prepare_data
 import sample
 import train
+from selective_gpt import GPT, GPTConfig, pruned_visibility, selective_mask
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORDS = ["selective", "attention", "caf\u00e9", "\u2014", "mask", "F", "BOS", "1024", "\n\n", "\u4e2d\u6587", "the",
@@ -410,6 +411,83 @@ def test_sample_refuses_budgets_for_a_standard_model(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# sample.py --explain
+
+def evictions_by_hand(F, budget):
+    """SPEC §4 walked one query at a time, written independently of pruned_visibility: {key: query that evicted it}."""
+    T = F.size(0)
+    live, evicted = [], {}
+    for t in range(T):
+        live.append(t)
+        if len(live) > budget:
+            candidates = [j for j in live if j not in (0, t)]
+            worst = max(F[t, j].item() for j in candidates)
+            victim = min(j for j in candidates if F[t, j].item() == worst)  # ties: the oldest
+            live.remove(victim)
+            evicted[victim] = t
+    return evicted
+
+
+def test_explain_shows_the_last_row_of_F_and_the_eviction_order_on_a_hand_built_F():
+    g = torch.Generator().manual_seed(3)
+    S = torch.rand(9, 9, generator=g).tril(-1)
+    S[:, 0] = 0
+    S[4, 2] = 5.0  # token 4 masks token 2 hard
+    F = torch.cumsum(torch.nn.functional.pad(S[:-1], (0, 0, 1, 0)), dim=0)[None]
+    F[0, 6, 6] = 100.0  # the current token's F never counts (SPEC §4): give it the largest
+    for budget in (3, 5):
+        layer = sample.summarise_layer(F[0], pruned_visibility(F, budget)[0])
+        assert layer["F_last"] == F[0, -1].tolist()
+        assert {j: t for j, t in enumerate(layer["evicted_at"]) if t is not None} == evictions_by_hand(F[0], budget)
+    text = sample.render_explanation([f"w{j}" for j in range(9)], [layer], [5], colour=False)
+    rows = text.splitlines()[2:]
+    assert len(rows) == 9 and all(f"{F[0, -1, j].item():6.2f}" in rows[j] for j in range(9))
+    assert [("ev@" in r) for r in rows] == [t is not None for t in layer["evicted_at"]]
+
+
+def test_explain_on_a_tiny_model_equals_selective_mask_and_pruned_visibility():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=20, n_layer=2, n_head=2, n_embd=16, selective=True)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8)  # large logits: selection is active
+    prompt = [0] + torch.randint(1, 20, (11,)).tolist()
+    budgets = [4, 6]
+    layers = sample.explain(model, prompt, budgets)
+    x = model._embed(torch.tensor([prompt]))
+    for block, budget, layer in zip(model.transformer.h, budgets, layers):
+        q, k, _ = block.attn.qkv(block.ln_1(x))
+        logits0 = (q[:, 0] @ k[:, 0].transpose(-2, -1)) / math.sqrt(q.size(-1))
+        F = selective_mask(logits0.masked_fill(torch.ones(12, 12, dtype=torch.bool).triu(1), float("-inf")))
+        torch.testing.assert_close(torch.tensor(layer["F_last"]), F[0, -1])
+        assert F[0, -1].max() > 1  # the test means something: this model masks
+        gone = torch.ones(12, 12, dtype=torch.bool).tril() & ~pruned_visibility(F, budget)[0]
+        assert torch.equal(layer["gone"], gone) and any(t is not None for t in layer["evicted_at"])
+        x = block(x, budget=budget)[0]
+
+
+def test_explain_command_prints_the_view_and_draws_the_png(assign_run, tmp_path, capsys):
+    png = tmp_path / "f.png"
+    sample.main(["--out_dir", assign_run, "--explain", "--start", "a=3 b=1 a=7 c=2 a?", "--budget", "3",
+                 "--explain_png", str(png), "--dtype", "float32"])
+    text = capsys.readouterr().out
+    assert "What each layer masks for the last query, 'a?'" in text and "<BOS>" in text and "a=7" in text
+    try:
+        import matplotlib  # noqa: F401
+        assert png.stat().st_size > 1000 and "drawn to" in text
+    except ImportError:
+        assert not png.exists() and "pip install matplotlib" in text
+
+
+def test_explain_refuses_a_standard_model(tmp_path, capsys):
+    out = str(tmp_path / "std")
+    assert run_script("train.py", "--dataset", "assign", *TINY, "--max_iters", "1", "--out_dir", out)[0] == 0
+    with pytest.raises(SystemExit):
+        sample.main(["--out_dir", out, "--explain", "--start", "a=1 a?"])
+    assert "--explain: a standard model has no F" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Bad input, every script: a non-zero exit, a short message that names the flag or file, no traceback, and
 # nothing on disk changed.
 
@@ -501,6 +579,9 @@ BAD_INPUTS = [
     ([*S, "--eval_ppl", "--budget", "4", "--eval_iters", "0"], "--eval_iters 0 must be at least 1"),
     ([*S, "--eval_ppl", "--budget", "4", "--batch_size", "0"], "--batch_size 0 must be at least 1"),
     ([*S, "--device", "foo"], "--device foo: no such device here"),
+    ([*S, "--explain_png", "x.png"], "--explain_png draws what --explain shows: add --explain"),
+    ([*S, "--explain", "--explain_png", "nowhere/x.png"], "--explain_png nowhere/x.png: its folder does not exist"),
+    ([*S, "--explain", "--start", "a=1 " * 30], "--explain: the prompt has 31 tokens with BOS, more than block_size"),
     (["sample.py", "--out_dir", "truncated"], "truncated/ckpt.pt is damaged"),
     (["sample.py", "--out_dir", "garbage"], "garbage/ckpt_best.pt loads (iteration 30): use it instead"),
     (["sample.py", "--out_dir", "nowhere"], "no checkpoint at nowhere/ckpt.pt"),
