@@ -250,6 +250,7 @@ def plain_run(job):
     """One plain-loop training run (a worker process, 1 thread); writes out/<name>.jsonl, returns its path."""
     import math as m
     import train as tr
+    from train import git_commit
     from selective_gpt import GPT, GPTConfig, causal_selective_mask, head0_logits, future_mask
     name, r, cfg, seed, data_dir, log_path = (job[k] for k in ("name", "recipe", "cfg", "seed", "data_dir", "log"))
     if os.path.exists(log_path):
@@ -334,15 +335,29 @@ def plain_run(job):
         opt.step()
         opt.zero_grad(set_to_none=True)
         window.append({"loss": loss.item(), "grad_norm": total, "grad_norm_max": total, "grad_norm_qk0": qk0,
-                       "grad_norm_qk0_max": qk0})
+                       "grad_norm_qk0_max": qk0, **adam_steps(model, opt, hs, C, r["beta2"])})
     tmp = log_path + ".tmp"
     with open(tmp, "w") as f:
-        f.write(json.dumps({"config": {"name": name, "recipe": r, **cfg, "seed": seed, "n_head": job["n_head"],
+        f.write(json.dumps({"git_commit": git_commit(), "config": {"name": name, "recipe": r, **cfg, "seed": seed,
+                                                                  "n_head": job["n_head"],
                                        "selective": job["selective"]}}) + "\n")
         for rec in records:
             f.write(json.dumps(rec) + "\n")
     os.replace(tmp, log_path)
     return log_path
+
+
+def adam_steps(model, opt, hs, C, beta2):
+    """The size of Adam's last update relative to the learning rate, |m_hat| / (sqrt(v_hat) + eps), averaged over
+    head 0's query and key rows (the selection's weights) and over the other heads' query and key rows."""
+    head0, rest = [], []
+    for block in model.transformer.h:
+        state = opt.state[block.attn.c_attn.weight]
+        step = float(state["step"])
+        ratio = (state["exp_avg"] / (1 - 0.9 ** step)).abs() / ((state["exp_avg_sq"] / (1 - beta2 ** step)).sqrt() + 1e-8)
+        head0 += [ratio[:hs], ratio[C:C + hs]]
+        rest += [ratio[hs:C], ratio[C + hs:2 * C]]
+    return {"adam_step_qk0": torch.cat(head0).mean().item(), "adam_step_qk_rest": torch.cat(rest).mean().item()}
 
 
 def run_jobs(jobs, workers):
