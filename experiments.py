@@ -1,7 +1,7 @@
 """
 The paper's claims (SPEC §6), checked at the scale two CPU cores allow. One command reruns everything:
 
-    python prepare_data.py --local ../shared/data/c4_sample/en --data_dir data/c4_sample   # (or real C4)
+    python prepare_data.py --local PATH/TO/c4/en --data_dir data/c4_sample   # C4-format files you have (or real C4)
     python experiments.py                  # full run: hours on 2 CPU cores
     python experiments.py --quick          # the same pipeline on tiny settings, minutes (a slow test runs it)
     python experiments.py --plots          # only redraw assets/*.png from the logs in assets/logs
@@ -534,7 +534,8 @@ def main(argv=None):
     todo = args.only or ["assign", "pruning", "heads"]
     if {"heads", "pruning", "recipe"} & set(todo) and not glob.glob(os.path.join(args.data_dir, "*.bin")):
         raise SystemExit(f"experiments.py: no token shards in {args.data_dir}: run  python prepare_data.py --local "
-                         f"../shared/data/c4_sample/en --data_dir {args.data_dir}  (or prepare_data.py for C4)")
+                         f"PATH/TO/c4/en --data_dir {args.data_dir}  (C4-format files you have), or "
+                         f"python prepare_data.py --data_dir {args.data_dir}  to download C4")
     os.makedirs(assets, exist_ok=True)
     results_path = os.path.join(assets, "results.json")
     results = {}

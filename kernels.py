@@ -3,13 +3,13 @@ Fast paths for selective attention. selective_gpt.py holds the readable definiti
 everything here is checked against selective_attention_reference by test_selective.py.
 
   fused_selective_attention(q, k, v)   selective attention that never keeps H x T x T logits:
-      CUDA (triton installed): the fused Triton kernel, forward and backward (KERNEL.md). No T x T tensor at all.
+      CUDA (triton installed): the fused Triton kernel, forward and backward (docs/KERNEL.md). No T x T tensor at all.
       CPU: one scaled_dot_product_attention call with the float mask -F (forward), and a backward that walks
            query chunks last to first, recomputing each chunk's probabilities and adding the gradient through F.
   masked_attention(q, k, v, bias)      one SDPA call with a float mask broadcast over the heads (the 'sdpa' tier).
   causal_attention(q, k, v)            standard causal attention (flash SDPA), the baseline.
 
-Both fused paths tile the queries the same way (SPEC §7, KERNEL.md): for query tile I,
+Both fused paths tile the queries the same way (docs/SPEC.md §7, docs/KERNEL.md): for query tile I,
 F[i, j] = C_I[j] + sum_{k in I, k < i} S[k, j], where the carry C_I[j] = sum_{k < i0} S[k, j] holds the column
 sums of S over all earlier tiles, so F never needs to exist beyond one tile:
 
@@ -70,7 +70,7 @@ def fused_selective_attention(q, k, v):
 # The stock SDPA backward cannot return the gradient of a float mask on the CPU: asked for one, PyTorch falls back
 # to its math kernel and keeps all H x T x T probabilities. Here the backward walks query chunks of C rows from last
 # to first; for each chunk it recomputes the (H, C, keys) probabilities with batched matmuls and softmax, takes
-# dq, dk, dv as FlashAttention does, and the gradient through F (KERNEL.md, backward):
+# dq, dk, dv as FlashAttention does, and the gradient through F (docs/KERNEL.md §2):
 #   dF = -sum_h dZ_h,  dS[k, j] = sum_{i > k} dF[i, j]  (a running column sum R over later chunks + a small
 #   triangular matmul inside the chunk),  dA_0 += dS where S > 0,  into head 0's q and k.
 
@@ -186,7 +186,7 @@ chunked_forward.register_autograd(_chunked_backward_rule, setup_context=_chunked
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CUDA: the fused Triton kernel (KERNEL.md). One program per (query tile, batch x head) forward, and per
+# CUDA: the fused Triton kernel (docs/KERNEL.md). One program per (query tile, batch x head) forward, and per
 # (key tile, batch x head) backward. F exists only tile by tile, in registers.
 
 if triton is not None:

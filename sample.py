@@ -265,11 +265,12 @@ def explain_png(path, words, layers, budgets):
     except ImportError:
         return False
     T, L = len(words), len(layers)
+    top = max(1.0, max(layer["F"].max().item() for layer in layers))  # one colour scale for every layer
     fig, axes = plt.subplots(1, L, figsize=(4.2 * L, 4.4), squeeze=False)
     for n, (ax, layer) in enumerate(zip(axes[0], layers)):
         F = layer["F"].clone()
         F[torch.ones(T, T, dtype=torch.bool).triu(1)] = float("nan")  # the future: no F
-        image = ax.imshow(F.numpy(), cmap="magma_r", interpolation="nearest")
+        image = ax.imshow(F.numpy(), cmap="magma_r", interpolation="nearest", vmin=0, vmax=top)
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="F")
         t, j = layer["gone"].nonzero(as_tuple=True)
         if len(t):

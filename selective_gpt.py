@@ -2,9 +2,9 @@
 A GPT-2 style decoder with Selective Attention, all of the model in this one file.
 
 Selective Attention Improves Transformer, Leviathan, Kalman & Matias, ICLR 2025 (arXiv 2410.02703).
-The mechanism is `selective_mask` below (SPEC.md §1); `selective_attention_reference` is the paper's sketch
+The mechanism is `selective_mask` below (docs/SPEC.md §1); `selective_attention_reference` is the paper's sketch
 written out line by line, and `selective_attention` is what the model runs. Section numbers (§) refer to
-SPEC.md, the exact definition this code implements. The layout and parameter names follow nanoGPT's model.py,
+docs/SPEC.md, the exact definition this code implements. The layout and parameter names follow nanoGPT's model.py,
 so a standard checkpoint loads into a selective model: selective attention adds no parameters.
 """
 
