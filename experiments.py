@@ -21,6 +21,7 @@ assets/*.png (matplotlib, optional).
 import glob
 import json
 import os
+import pathlib
 import platform
 import shutil
 import statistics
@@ -31,7 +32,8 @@ import time
 import torch
 
 import sample
-from prepare_data import ArgumentParser
+from prepare_data import ArgumentParser, answers_right, write_atomic, write_json
+from train import git_commit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FULL = {
@@ -163,13 +165,8 @@ def assign_experiment(cfg, out_root, assets):
 
 @torch.no_grad()
 def accuracy(model, batches, budget):
-    correct = total = 0
-    for x, y in batches:
-        logits, _ = model(x, targets=y, budgets=budget)
-        scored = y != -1
-        correct += (logits.argmax(-1)[scored] == y[scored]).sum().item()
-        total += scored.sum().item()
-    return correct / total
+    right = [answers_right(model(x, targets=y, budgets=budget)[0], y) for x, y in batches]
+    return sum(r for r, _ in right) / sum(n for _, n in right)
 
 
 def pruning_experiment(cfg, data_dir, out_root, assets):
@@ -221,9 +218,7 @@ def search(model, batches, ctx, target, cfg, path_json):
             return [tuple(step) for step in saved["path"]]
     print(f"  {path_json}: budget search for val ppl <= {target:.3f}", flush=True)
     path = sample.find_budgets(model, batches, ctx, target, cfg["shrink"])
-    with open(path_json + ".tmp", "w") as f:
-        json.dump({"settings": settings, "path": path}, f)
-    os.replace(path_json + ".tmp", path_json)
+    write_json(path_json, {"settings": settings, "path": path})
     return path
 
 
@@ -249,17 +244,17 @@ RECIPES |= {
 def plain_run(job):
     """One plain-loop training run (a worker process, 1 thread); writes out/<name>.jsonl, returns its path."""
     import math as m
-    import train as tr
-    from train import git_commit
+    import prepare_data as data
     from selective_gpt import GPT, GPTConfig, causal_selective_mask, head0_logits, future_mask
     name, r, cfg, seed, data_dir, log_path = (job[k] for k in ("name", "recipe", "cfg", "seed", "data_dir", "log"))
     if os.path.exists(log_path):
         return log_path
     torch.set_num_threads(1)
-    shards = {s: tr.load_shards(data_dir, s) for s in ("train", "validation")}
+    shards = {s: data.load_shards(data_dir, s) for s in ("train", "validation")}
     T, B, steps = cfg["block_size"], cfg["batch_size"], cfg["max_iters"]
     stop = cfg.get("stop") or steps  # train only to here (the schedule still spans max_iters): a cheap first look
-    batch = lambda split, step, micro: tr.c4_batch(shards[split], B, T, tr.batch_generator(DATA_SEED, "train" if split == "train" else "val", step, micro))
+    batch = lambda split, step, micro: data.c4_batch(shards[split], B, T, data.batch_generator(
+        DATA_SEED, "train" if split == "train" else "val", step, micro))
     val = [batch("validation", -1, i) for i in range(cfg["eval_iters"])]
     probe = val[0][0]  # the diagnostics' batch
     torch.manual_seed(seed)
@@ -336,14 +331,10 @@ def plain_run(job):
         opt.zero_grad(set_to_none=True)
         window.append({"loss": loss.item(), "grad_norm": total, "grad_norm_max": total, "grad_norm_qk0": qk0,
                        "grad_norm_qk0_max": qk0, **adam_steps(model, opt, hs, C, r["beta2"])})
-    tmp = log_path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(json.dumps({"git_commit": git_commit(), "config": {"name": name, "recipe": r, **cfg, "seed": seed,
-                                                                  "n_head": job["n_head"],
-                                       "selective": job["selective"]}}) + "\n")
-        for rec in records:
-            f.write(json.dumps(rec) + "\n")
-    os.replace(tmp, log_path)
+    header = {"git_commit": git_commit(), "config": {"name": name, "recipe": r, **cfg, "seed": seed,
+                                                     "n_head": job["n_head"], "selective": job["selective"]}}
+    write_atomic(log_path, lambda tmp: pathlib.Path(tmp).write_text(
+        "".join(json.dumps(rec) + "\n" for rec in [header] + records)))
     return log_path
 
 
@@ -565,12 +556,8 @@ def main(argv=None):
         results["machine"] = f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, " \
                              f"torch {torch.__version__}"
         results["command"] = "python experiments.py" + (" --quick" if args.quick else "")
-        results["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
-                                           text=True).stdout.strip() or None
-        tmp = results_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(tmp, results_path)
+        results["commit"] = (git_commit() or "")[:7] or None
+        write_json(results_path, results)
     with open(os.path.join(assets, "results.md"), "w") as f:
         f.write(tables(results) + "\n")
     print(tables(results))

@@ -18,6 +18,7 @@ import gzip
 import http.client
 import json
 import os
+import pathlib
 import sys
 import time
 import urllib.error
@@ -25,11 +26,12 @@ import urllib.request
 import zlib
 
 import numpy as np
+import torch
 
 C4_REVISION = "1ddc917116b730e1859edef32896ec5c16be51d0"  # a fixed commit of allenai/c4, so the data never moves
 C4_SHARDS = {"train": 1024, "validation": 8}
 MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
-BOS = 50256  # GPT-2's <|endoftext|>
+BOS = 50256  # GPT-2's <|endoftext|>: the BOS of every C4 window (SPEC §2) and the separator of documents
 SETTINGS_FILE = "prepare.json"  # in data_dir: how its shards were made, so a re-run never mixes two settings
 
 
@@ -45,6 +47,24 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n(python {self.prog} --help lists every flag and its default)\n")
+
+
+def add_device_flags(parser):
+    """--device and --dtype, for train.py and sample.py (selective_gpt.pick_device and autocast_dtype check them)."""
+    parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="autocast dtype (None: bfloat16 where supported, else float32)")
+
+
+def write_atomic(path, write):
+    """A file appears whole or not at all: write(tmp) fills a temporary file beside path, which is then renamed."""
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj, indent=1)))
 
 
 def gpt2_encoder():
@@ -146,11 +166,8 @@ def write_bin(path, tokens):
     """llm.c's .bin layout, written to a temporary file and renamed, so a .bin on disk is always complete."""
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:3] = MAGIC, VERSION, len(tokens)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(np.asarray(tokens, dtype=np.uint16).tobytes())
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_bytes(
+        header.tobytes() + np.asarray(tokens, dtype=np.uint16).tobytes()))
 
 
 def read_bin(path):
@@ -238,11 +255,93 @@ def check_settings(parser, args, settings):
 
 def record_settings(data_dir, settings):
     """Written before the first shard, so that a run that writes nothing leaves nothing."""
-    path = os.path.join(data_dir, SETTINGS_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(settings, f, indent=1)
-    os.replace(tmp, path)
+    write_json(os.path.join(data_dir, SETTINGS_FILE), settings)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The variable-assignment task (--dataset assign): a stream of assignments "a=3" that set and reset 8 variables,
+# and queries "a?" whose answer, the next token, is the variable's latest value. Only answers are scored. Each new
+# assignment makes the earlier ones of its variable useless: the situation selective attention is built for.
+
+ASSIGN_VARS, ASSIGN_VALUES, QUERY_SHARE = "abcdefgh", "0123456789", 0.3
+ASSIGN_TOKENS = (["^"] + [f"{v}={x}" for v in ASSIGN_VARS for x in ASSIGN_VALUES]  # BOS, assignments,
+                 + [f"{v}?" for v in ASSIGN_VARS] + list(ASSIGN_VALUES))  # queries, answers
+QUERY0, ANSWER0 = 1 + len(ASSIGN_VARS) * len(ASSIGN_VALUES), 1 + len(ASSIGN_VARS) * (len(ASSIGN_VALUES) + 1)
+
+
+def assign_batch(batch_size, block_size, generator):
+    """x, y: (B, block_size); a sequence reads '^ a=3 b=1 a? 3 a=7 ...'. y is the answer after each query, else -1."""
+    B, V = batch_size, len(ASSIGN_VARS)
+    var = torch.randint(V, (B, block_size), generator=generator)
+    val = torch.randint(len(ASSIGN_VALUES), (B, block_size), generator=generator)
+    ask = torch.rand(B, block_size, generator=generator) < QUERY_SHARE
+    seq = torch.zeros(B, block_size + 1, dtype=torch.long)  # position 0: BOS
+    scored = torch.zeros(B, block_size + 1, dtype=torch.bool)
+    latest = torch.full((B, V), -1)  # each variable's current value, -1 before its first assignment
+    pending = torch.full((B,), -1)  # the answer the next token must give, -1 if none
+    rows = torch.arange(B)
+    for t in range(1, block_size + 1):
+        v, known = var[:, t - 1], latest[rows, var[:, t - 1]]
+        answer = pending >= 0
+        query = ~answer & ask[:, t - 1] & (known >= 0)  # only variables with a value are asked for
+        assign = ~answer & ~query
+        seq[:, t] = torch.where(answer, ANSWER0 + pending,
+                                torch.where(query, QUERY0 + v, 1 + v * len(ASSIGN_VALUES) + val[:, t - 1]))
+        scored[:, t] = answer
+        latest[rows, v] = torch.where(assign, val[:, t - 1], known)
+        pending = torch.where(query, known, -1)
+    return seq[:, :-1], seq[:, 1:].masked_fill(~scored[:, 1:], -1)
+
+
+def answers_right(logits, y):
+    """(right, scored): how many scored targets (y != -1) the logits' argmax gets, and how many there are."""
+    scored = y != -1
+    return (logits.argmax(-1)[scored] == y[scored]).sum().item(), scored.sum().item()
+
+
+def assign_encode(text):
+    """'a=3 b=1 a?' -> token ids (tokens separated by white space)."""
+    unknown = [w for w in text.split() if w not in ASSIGN_TOKENS]
+    if unknown:
+        raise ValueError(f"the assign task has no token {unknown[0]!r}: its tokens are 'a=3' (assign), 'a?' (query),"
+                         f" '3' (answer), variables {ASSIGN_VARS}, values {ASSIGN_VALUES}")
+    return [ASSIGN_TOKENS.index(w) for w in text.split()]
+
+
+def assign_decode(tokens):
+    return " ".join(ASSIGN_TOKENS[t] for t in tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches of C4 token shards, for train.py and sample.py
+
+def load_shards(data_dir, split):
+    paths = [p for p in sorted(glob.glob(os.path.join(data_dir, "*.bin"))) if split_of(p) == split]
+    if not paths:
+        raise FileNotFoundError(f"no {split} shards (*.bin) in {data_dir}: run  python prepare_data.py  (downloads "
+                                f"C4; --local PATH for files you have), or train offline with --dataset assign")
+    return [read_bin(p) for p in paths]
+
+
+def c4_batch(shards, batch_size, block_size, generator):
+    """Random windows of the token stream with BOS put at position 0 (SPEC §2): x = [BOS, t_o .. t_{o+T-2}],
+    y = [t_o .. t_{o+T-1}]. A shard is picked with probability proportional to its windows."""
+    windows = torch.tensor([max(len(s) - block_size + 1, 0) for s in shards], dtype=torch.float64)
+    if windows.sum() == 0:
+        raise ValueError(f"every shard is shorter than block_size ({block_size}) tokens")
+    which = torch.multinomial(windows, batch_size, replacement=True, generator=generator)
+    starts = (torch.rand(batch_size, generator=generator, dtype=torch.float64) * windows[which]).long()
+    y = torch.stack([torch.from_numpy(shards[w][o:o + block_size].astype(np.int64))
+                     for w, o in zip(which.tolist(), starts.tolist())])
+    x = torch.cat([torch.full((batch_size, 1), BOS), y[:, :-1]], dim=1)
+    return x, y
+
+
+def batch_generator(seed, split, step, micro):
+    """The generator for one batch: a function of where the batch is used (split 'train' or 'val', iteration
+    step, or -1 for the fixed evaluation batches, micro-step), never of what ran before."""
+    words = [seed, ("train", "val").index(split), step + 1, micro]
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1))
 
 
 def main(argv=None):

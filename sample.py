@@ -12,7 +12,6 @@ Budgets found by --find_budgets are saved to out_dir/budgets.json and used by --
 --budget(s) flag is given.
 """
 
-import contextlib
 import hashlib
 import json
 import math
@@ -23,10 +22,10 @@ import time
 import torch
 
 from selective_gpt import GPT, GPTConfig
-from prepare_data import ArgumentParser, gpt2_encoder
-from train import (BOS, CheckpointError, add_device_flags, assign_batch, assign_decode, assign_encode,
-                   autocast_dtype, batch_generator, c4_batch, load_checkpoint, load_shards, pick_device,
-                   strip_compile_prefix)
+from prepare_data import (BOS, ArgumentParser, add_device_flags, assign_batch, assign_decode, assign_encode,
+                          batch_generator, c4_batch, gpt2_encoder, load_shards, write_atomic, write_json)
+from selective_gpt import (CheckpointError, autocast, autocast_dtype, load_checkpoint, pick_device,
+                           strip_compile_prefix)
 
 DEFAULT_RUNS = ("out-c4", "out-assign")  # train.py's default out_dir per dataset
 
@@ -284,10 +283,8 @@ def explain_png(path, words, layers, budgets):
             ax.set_xticks(range(T), labels, rotation=90, fontsize=7)
             ax.set_yticks(range(T), labels, fontsize=7)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
     return True
 
 
@@ -297,11 +294,9 @@ def main(argv=None):
     check_args(parser, args)
     try:
         device = pick_device(args.device)
+        ctx = autocast(device.split(":")[0], autocast_dtype(device.split(":")[0], args.dtype))
     except ValueError as e:
         parser.error(str(e))
-    device_type = device.split(":")[0]
-    dtype = autocast_dtype(device_type, args.dtype)
-    ctx = contextlib.nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
     torch.manual_seed(args.seed)
     model, run = load_model(args.out_dir, args.ckpt, device)
     L, T = model.config.n_layer, model.config.block_size
@@ -339,10 +334,7 @@ def main(argv=None):
         result = {"budgets": budgets, "val_ppl": ppl, "unpruned_val_ppl": unpruned, "target_ppl": target,
                   "memory_factor": memory_factor(model, budgets), "block_size": T, "n_layer": L,
                   "checkpoint": args.ckpt, "iter_num": run["iter_num"], "model_fingerprint": model_fingerprint(model)}
-        tmp = os.path.join(args.out_dir, "budgets.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmp, os.path.join(args.out_dir, "budgets.json"))
+        write_json(os.path.join(args.out_dir, "budgets.json"), result)
         print(f"budgets {budgets}: val ppl {ppl:.3f} (unpruned {unpruned:.3f}), {L} x {T} keys -> {sum(budgets)}: "
               f"memory {result['memory_factor']:.2f}x smaller; saved to {args.out_dir}/budgets.json")
         return

@@ -8,6 +8,7 @@ docs/SPEC.md, the exact definition this code implements. The layout and paramete
 so a standard checkpoint loads into a selective model: selective attention adds no parameters.
 """
 
+import contextlib
 import inspect
 import math
 import os
@@ -493,3 +494,81 @@ def memory_loss(Fs, tau):
     keys_seen = torch.arange(1, T + 1, device=Fs[0].device, dtype=Fs[0].dtype)
     per_layer = [(keys_seen - F.clamp(max=tau).sum(dim=-1) / tau).max(dim=-1).values for F in Fs]  # (B,) each
     return torch.stack(per_layer).sum(dim=0).mean() / (len(Fs) * T)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running a model: the device, the autocast dtype and train.py's checkpoints (shared by train.py and sample.py).
+
+def pick_device(name):
+    """'auto' -> the best device here; any other name is checked against the devices this machine has."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    here = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] + \
+        (["mps"] if torch.backends.mps.is_available() else [])
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps") or (
+            device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()) or (
+            device.type == "mps" and "mps" not in here):
+        raise ValueError(f"--device {name}: no such device here; this machine has: {', '.join(here)} (or auto)")
+    return name
+
+
+def autocast_dtype(device_type, name):
+    """The autocast dtype's name, checked against what the device can do (None: the best one there)."""
+    if name is None:
+        bf16 = device_type == "cpu" or (device_type == "cuda" and torch.cuda.is_bf16_supported())
+        name = "bfloat16" if bf16 else "float32"
+    if device_type == "cpu" and name == "float16":
+        raise ValueError("--dtype float16 is not supported on the CPU; use --dtype bfloat16 or float32")
+    if device_type == "cuda" and name == "bfloat16" and not torch.cuda.is_bf16_supported():
+        raise ValueError("--dtype bfloat16: this GPU has none; use --dtype float16 or float32")
+    if device_type == "mps" and name == "bfloat16":
+        raise ValueError("--dtype bfloat16 is not supported on MPS; use --dtype float16 or float32")
+    return name
+
+
+def autocast(device_type, dtype_name):
+    """The context the model runs in: autocast to dtype_name, or nothing for float32."""
+    if dtype_name == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=getattr(torch, dtype_name))
+
+
+def strip_compile_prefix(state_dict):
+    return {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing or does not load; the message names the file and what to do."""
+
+
+CHECKPOINT_KEYS = {"model", "optimizer", "args", "model_args", "iter_num", "best_val_loss", "rng"}
+
+
+def load_checkpoint(path, device="cpu"):
+    """A checkpoint of train.py, loaded with weights_only and checked whole (the weights fit its model)."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"no checkpoint at {path}; train one with train.py --out_dir {os.path.dirname(path)}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        missing = CHECKPOINT_KEYS - set(ckpt) if isinstance(ckpt, dict) else CHECKPOINT_KEYS
+        if missing:
+            raise KeyError(f"it lacks {', '.join(sorted(missing))}")
+        GPT(GPTConfig(**ckpt["model_args"])).load_state_dict(strip_compile_prefix(ckpt["model"]))
+    except Exception as e:  # torch.load raises many types on a damaged file (zip, pickle, EOF, key errors)
+        best = os.path.join(os.path.dirname(path), "ckpt_best.pt")
+        fallback = ""
+        if os.path.basename(path) != "ckpt_best.pt" and os.path.exists(best):
+            try:
+                fallback = f" {best} loads (iteration {load_checkpoint(best)['iter_num']}): use it instead" \
+                           f" (sample.py --ckpt ckpt_best.pt; to train on from it, copy it over {path} and --resume)."
+            except CheckpointError:
+                fallback = f" {best} is damaged too."
+        raise CheckpointError(f"{path} is damaged or not a train.py checkpoint ({type(e).__name__}: "
+                              f"{str(e)[:200]}).{fallback}") from None
+    return ckpt

@@ -226,21 +226,21 @@ def test_train_c4_end_to_end(tmp_path, c4_data):
 
 def test_c4_windows_start_with_bos():
     shard = torch.arange(1000, dtype=torch.int64).numpy().astype("uint16")
-    x, y = train.c4_batch([shard], 8, 16, torch.Generator().manual_seed(0))
-    assert (x[:, 0] == train.BOS).all() and torch.equal(x[:, 1:], y[:, :-1]) and (y[:, 1:] - y[:, :-1] == 1).all()
+    x, y = prepare_data.c4_batch([shard], 8, 16, torch.Generator().manual_seed(0))
+    assert (x[:, 0] == prepare_data.BOS).all() and torch.equal(x[:, 1:], y[:, :-1]) and (y[:, 1:] - y[:, :-1] == 1).all()
 
 
 def test_assign_task_answers_are_latest_values():
-    x, y = train.assign_batch(16, 200, torch.Generator().manual_seed(0))
+    x, y = prepare_data.assign_batch(16, 200, torch.Generator().manual_seed(0))
     assert (x[:, 0] == 0).all()
     for row_x, row_y in zip(x.tolist(), y.tolist()):
         latest = {}
         for t, (tok, target) in enumerate(zip(row_x, row_y)):
-            word = train.ASSIGN_TOKENS[tok]
+            word = prepare_data.ASSIGN_TOKENS[tok]
             if "=" in word:
                 latest[word[0]] = word[2]
             if word.endswith("?"):
-                assert train.ASSIGN_TOKENS[target] == latest[word[0]]
+                assert prepare_data.ASSIGN_TOKENS[target] == latest[word[0]]
             else:
                 assert target == -1
 
@@ -502,6 +502,7 @@ def workspace(tmp_path_factory, assign_run, c4_data):
     """A folder with the bad inputs' material: a finished run, damaged checkpoints, files of every wrong kind."""
     root = tmp_path_factory.mktemp("workspace")
     shutil.copytree(assign_run, root / "run")
+    (root / "run" / "budgets.json").unlink(missing_ok=True)  # other tests may have searched budgets for assign_run
     for name, damage in (("truncated", lambda b: b[: len(b) // 2]), ("garbage", lambda b: b"hello\n")):
         shutil.copytree(assign_run, root / name)
         blob = (root / name / "ckpt.pt").read_bytes()

@@ -15,103 +15,20 @@ the gradient accumulation sees.
 import argparse
 import contextlib
 import dataclasses
-import glob
 import json
 import math
 import os
+import pathlib
 import subprocess
 import sys
 import time
 
-import numpy as np
 import torch
 
-from prepare_data import ArgumentParser
-from selective_gpt import GPT, GPTConfig
-
-BOS = 50256  # GPT-2's <|endoftext|>, the BOS of C4 windows (SPEC §2)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The variable-assignment task (--dataset assign): a stream of assignments "a=3" that set and reset 8 variables,
-# and queries "a?" whose answer, the next token, is the variable's latest value. Only answers are scored. Each new
-# assignment makes the earlier ones of its variable useless: the situation selective attention is built for.
-
-ASSIGN_VARS, ASSIGN_VALUES, QUERY_SHARE = "abcdefgh", "0123456789", 0.3
-ASSIGN_TOKENS = (["^"] + [f"{v}={x}" for v in ASSIGN_VARS for x in ASSIGN_VALUES]  # BOS, assignments,
-                 + [f"{v}?" for v in ASSIGN_VARS] + list(ASSIGN_VALUES))  # queries, answers
-QUERY0, ANSWER0 = 1 + len(ASSIGN_VARS) * len(ASSIGN_VALUES), 1 + len(ASSIGN_VARS) * (len(ASSIGN_VALUES) + 1)
-
-
-def assign_batch(batch_size, block_size, generator):
-    """x, y: (B, block_size); a sequence reads '^ a=3 b=1 a? 3 a=7 ...'. y is the answer after each query, else -1."""
-    B, V = batch_size, len(ASSIGN_VARS)
-    var = torch.randint(V, (B, block_size), generator=generator)
-    val = torch.randint(len(ASSIGN_VALUES), (B, block_size), generator=generator)
-    ask = torch.rand(B, block_size, generator=generator) < QUERY_SHARE
-    seq = torch.zeros(B, block_size + 1, dtype=torch.long)  # position 0: BOS
-    scored = torch.zeros(B, block_size + 1, dtype=torch.bool)
-    latest = torch.full((B, V), -1)  # each variable's current value, -1 before its first assignment
-    pending = torch.full((B,), -1)  # the answer the next token must give, -1 if none
-    rows = torch.arange(B)
-    for t in range(1, block_size + 1):
-        v, known = var[:, t - 1], latest[rows, var[:, t - 1]]
-        answer = pending >= 0
-        query = ~answer & ask[:, t - 1] & (known >= 0)  # only variables with a value are asked for
-        assign = ~answer & ~query
-        seq[:, t] = torch.where(answer, ANSWER0 + pending,
-                                torch.where(query, QUERY0 + v, 1 + v * len(ASSIGN_VALUES) + val[:, t - 1]))
-        scored[:, t] = answer
-        latest[rows, v] = torch.where(assign, val[:, t - 1], known)
-        pending = torch.where(query, known, -1)
-    return seq[:, :-1], seq[:, 1:].masked_fill(~scored[:, 1:], -1)
-
-
-def assign_encode(text):
-    """'a=3 b=1 a?' -> token ids (tokens separated by white space)."""
-    unknown = [w for w in text.split() if w not in ASSIGN_TOKENS]
-    if unknown:
-        raise ValueError(f"the assign task has no token {unknown[0]!r}: its tokens are 'a=3' (assign), 'a?' (query),"
-                         f" '3' (answer), variables {ASSIGN_VARS}, values {ASSIGN_VALUES}")
-    return [ASSIGN_TOKENS.index(w) for w in text.split()]
-
-
-def assign_decode(tokens):
-    return " ".join(ASSIGN_TOKENS[t] for t in tokens)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# C4 token shards (prepare_data.py)
-
-def load_shards(data_dir, split):
-    from prepare_data import read_bin, split_of
-    paths = [p for p in sorted(glob.glob(os.path.join(data_dir, "*.bin"))) if split_of(p) == split]
-    if not paths:
-        raise FileNotFoundError(f"no {split} shards (*.bin) in {data_dir}: run  python prepare_data.py  (downloads "
-                                f"C4; --local PATH for files you have), or train offline with --dataset assign")
-    return [read_bin(p) for p in paths]
-
-
-def c4_batch(shards, batch_size, block_size, generator):
-    """Random windows of the token stream with BOS put at position 0 (SPEC §2): x = [BOS, t_o .. t_{o+T-2}],
-    y = [t_o .. t_{o+T-1}]. A shard is picked with probability proportional to its windows."""
-    windows = torch.tensor([max(len(s) - block_size + 1, 0) for s in shards], dtype=torch.float64)
-    if windows.sum() == 0:
-        raise ValueError(f"every shard is shorter than block_size ({block_size}) tokens")
-    which = torch.multinomial(windows, batch_size, replacement=True, generator=generator)
-    starts = (torch.rand(batch_size, generator=generator, dtype=torch.float64) * windows[which]).long()
-    y = torch.stack([torch.from_numpy(shards[w][o:o + block_size].astype(np.int64))
-                     for w, o in zip(which.tolist(), starts.tolist())])
-    x = torch.cat([torch.full((batch_size, 1), BOS), y[:, :-1]], dim=1)
-    return x, y
-
-
-def batch_generator(seed, split, step, micro):
-    """The generator for one batch: a function of where the batch is used (split 'train' or 'val', iteration
-    step, or -1 for the fixed evaluation batches, micro-step), never of what ran before."""
-    words = [seed, ("train", "val").index(split), step + 1, micro]
-    return torch.Generator().manual_seed(int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1))
-
+from prepare_data import (ASSIGN_TOKENS, BOS, ArgumentParser, add_device_flags, answers_right, assign_batch,
+                          batch_generator, c4_batch, load_shards, write_atomic)
+from selective_gpt import (GPT, CheckpointError, GPTConfig, autocast, autocast_dtype, load_checkpoint, pick_device,
+                           strip_compile_prefix)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments
@@ -162,13 +79,6 @@ def get_parser():
     r.add_argument("--peak_flops", type=float, default=None,
                    help="the device's peak FLOP/s for MFU (None: measured with a large matmul at start)")
     return p
-
-
-def add_device_flags(parser):
-    """--device and --dtype, shared with sample.py."""
-    parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="autocast dtype (None: bfloat16 where supported, else float32)")
 
 
 MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig)]
@@ -247,7 +157,7 @@ def resolve_args(argv=None):
     except ValueError as e:
         parser.error(str(e))
     try:
-        pick_device(args.device)
+        autocast_dtype(pick_device(args.device).split(":")[0], args.dtype)
     except ValueError as e:
         parser.error(str(e))
     return args, ckpt
@@ -255,39 +165,6 @@ def resolve_args(argv=None):
 
 def model_args(args):
     return {k: getattr(args, k) for k in MODEL_FIELDS}
-
-
-def pick_device(name):
-    """'auto' -> the best device here; any other name is checked against the devices this machine has."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if torch.backends.mps.is_available() else "cpu"
-    here = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] + \
-        (["mps"] if torch.backends.mps.is_available() else [])
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps") or (
-            device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()) or (
-            device.type == "mps" and "mps" not in here):
-        raise ValueError(f"--device {name}: no such device here; this machine has: {', '.join(here)} (or auto)")
-    return name
-
-
-def autocast_dtype(device_type, name):
-    """The autocast dtype, checked against what the device can do."""
-    if name is None:
-        bf16 = device_type == "cpu" or (device_type == "cuda" and torch.cuda.is_bf16_supported())
-        name = "bfloat16" if bf16 else "float32"
-    if device_type == "cpu" and name == "float16":
-        raise SystemExit("train.py: float16 is not supported on the CPU; use --dtype bfloat16 or float32")
-    if device_type == "cuda" and name == "bfloat16" and not torch.cuda.is_bf16_supported():
-        raise SystemExit("train.py: this GPU has no bfloat16; use --dtype float16 or float32")
-    if device_type == "mps" and name == "bfloat16":
-        raise SystemExit("train.py: use --dtype float16 or float32 on MPS")
-    return name
 
 
 def measure_peak_flops(device, dtype):
@@ -337,52 +214,8 @@ def git_commit():
 # ----------------------------------------------------------------------------------------------------------------
 # Files: written atomically (a temporary name, then renamed), checkpoints read with weights_only and checked.
 
-def save_atomic(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def write_lines_atomic(path, records):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    os.replace(tmp, path)
-
-
-def strip_compile_prefix(state_dict):
-    return {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}
-
-
-class CheckpointError(Exception):
-    """A checkpoint that is missing or does not load; the message names the file and what to do."""
-
-
-CHECKPOINT_KEYS = {"model", "optimizer", "args", "model_args", "iter_num", "best_val_loss", "rng"}
-
-
-def load_checkpoint(path, device="cpu"):
-    """A checkpoint of train.py, loaded with weights_only and checked whole (the weights fit its model)."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"no checkpoint at {path}; train one with train.py --out_dir {os.path.dirname(path)}")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-        missing = CHECKPOINT_KEYS - set(ckpt) if isinstance(ckpt, dict) else CHECKPOINT_KEYS
-        if missing:
-            raise KeyError(f"it lacks {', '.join(sorted(missing))}")
-        GPT(GPTConfig(**ckpt["model_args"])).load_state_dict(strip_compile_prefix(ckpt["model"]))
-    except Exception as e:  # torch.load raises many types on a damaged file (zip, pickle, EOF, key errors)
-        best = os.path.join(os.path.dirname(path), "ckpt_best.pt")
-        fallback = ""
-        if os.path.basename(path) != "ckpt_best.pt" and os.path.exists(best):
-            try:
-                fallback = f" {best} loads (iteration {load_checkpoint(best)['iter_num']}): use it instead" \
-                           f" (sample.py --ckpt ckpt_best.pt; to train on from it, copy it over {path} and --resume)."
-            except CheckpointError:
-                fallback = f" {best} is damaged too."
-        raise CheckpointError(f"{path} is damaged or not a train.py checkpoint ({type(e).__name__}: "
-                              f"{str(e)[:200]}).{fallback}") from None
-    return ckpt
+def write_log(path, records):
+    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records)))
 
 
 def append_log(path, record, started):
@@ -435,9 +268,8 @@ def evaluate(model, args, shards, ctx, device):
             with ctx:
                 logits, _ = model(x, targets=y)
             ce.append(model.loss_terms["ce"].item())
-            scored = y != -1
-            correct += (logits.argmax(-1)[scored] == y[scored]).sum().item()
-            answers += scored.sum().item()
+            right, scored = answers_right(logits, y)
+            correct, answers = correct + right, answers + scored
         out[f"{split}_loss"] = sum(ce) / len(ce)
         if args.dataset == "assign":
             out[f"{split}_accuracy"] = correct / max(answers, 1)
@@ -466,11 +298,11 @@ def start_log(args, ckpt, log_path, header):
     """A new run's log starts with its header. A resumed run's log keeps the records up to the checkpoint's
     iteration (later ones were redone), then says where it resumed: one record per iteration, whatever happened."""
     if ckpt is None:
-        write_lines_atomic(log_path, [header])
+        write_log(log_path, [header])
         return
     records = read_log(log_path) if os.path.exists(log_path) else []
     kept = [r for r in records if r.get("iter", -1) <= ckpt["iter_num"]]
-    write_lines_atomic(log_path, kept + [{"resumed_at": ckpt["iter_num"], "max_iters": args.max_iters,
+    write_log(log_path, kept + [{"resumed_at": ckpt["iter_num"], "max_iters": args.max_iters,
                                           "lr_decay_iters": decay_iters(args), "git_commit": header["git_commit"]}])
 
 
@@ -553,8 +385,7 @@ def train(args, ckpt, ddp, rank, world):
         if device_type == "cuda" and ckpt["rng"]["cuda"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"][rank % len(ckpt["rng"]["cuda"])])
     scaler = torch.amp.GradScaler(device_type, enabled=dtype_name == "float16")
-    ctx = contextlib.nullcontext() if dtype_name == "float32" else \
-        torch.autocast(device_type, dtype=getattr(torch, dtype_name))
+    ctx = autocast(device_type, dtype_name)
     raw_model = model
     if args.compile:
         if master:
@@ -601,9 +432,9 @@ def train(args, ckpt, ddp, rank, world):
                 state = {"model": strip_compile_prefix(raw_model.state_dict()), "optimizer": optimizer.state_dict(),
                          "args": vars(args), "model_args": model_args(args), "iter_num": iter_num,
                          "best_val_loss": best_val_loss, "rng": rng}
-                save_atomic(state, ckpt_path)
+                write_atomic(ckpt_path, lambda tmp: torch.save(state, tmp))
                 if improved:
-                    save_atomic(state, os.path.join(args.out_dir, "ckpt_best.pt"))
+                    write_atomic(os.path.join(args.out_dir, "ckpt_best.pt"), lambda tmp: torch.save(state, tmp))
             t0, timed_iters = time.time(), 0
         if iter_num >= args.max_iters:
             break
