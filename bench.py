@@ -5,7 +5,7 @@ machine noise hits both alike: quote the ratios, not the times.
     python bench.py                  # training step, selective / standard, block 256, 512, 1024, fp32 and bf16;
                                      # decoding with and without context pruning
     python bench.py kernels          # attention alone, forward + backward, T = 512 .. 8192: standard flash SDPA,
-                                     # selective through an SDPA float mask, selective fused (kernels.py)
+                                     # selective through an SDPA float mask ('mask'), the tiled kernels.py path
     python bench.py --json out.json  # also save the numbers
 
 Peak memory: on CUDA torch.cuda.max_memory_allocated; on the CPU (Linux) how far the process's peak resident set
@@ -24,7 +24,8 @@ import time
 
 import torch
 
-import kernels
+from torch.nn import functional as nnf
+
 from selective_gpt import GPT, GPTConfig, selective_attention
 
 MODEL = dict(n_layer=4, n_head=8, n_embd=256, vocab_size=50304, bias=False)  # the small model of the experiments
@@ -93,13 +94,13 @@ def make_case(case, device):
     """A closure that runs one benchmark case once: a training step, or attention forward + backward."""
     if case["kind"] == "step":
         torch.manual_seed(0)
-        model = GPT(GPTConfig(block_size=case["T"], selective=case["selective"], **MODEL)).to(device)
+        model = GPT(GPTConfig(block_size=case["T"], selective=case["selective"], attention=case.get("path", "auto"),
+                              **MODEL)).to(device)
         g = torch.Generator().manual_seed(0)
         x, y = (torch.randint(0, 50257, (case["B"], case["T"]), generator=g).to(device) for _ in range(2))
         ctx = torch.autocast(device, dtype=torch.bfloat16) if case["dtype"] == "bf16" else contextlib.nullcontext()
 
         def step():
-            os.environ["SELECTIVE_ATTENTION"] = case.get("impl", "")  # "" = the default choice
             with ctx:
                 _, loss = model(x, targets=y)
             loss.backward()
@@ -111,10 +112,10 @@ def make_case(case, device):
     q, k, v, dy = (torch.randn(shape, generator=g).to(device, dtype).requires_grad_() for _ in range(4))
 
     def attention():
-        if case["impl"] == "standard":
-            y = kernels.causal_attention(q, k, v)
+        if case["path"] == "standard":
+            y = nnf.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            y, _ = selective_attention(q, k, v, impl=case["impl"])
+            y = selective_attention(q, k, v, attention=case["path"])
         y.backward(dy)
         q.grad = k.grad = v.grad = None
     return attention
@@ -137,7 +138,7 @@ def bench_steps(device, repeats, results):
         for dtype in ("fp32", "bf16"):
             step = {"kind": "step", "T": T, "B": 8, "dtype": dtype}
             cases = {"standard": dict(step, selective=False), "selective": dict(step, selective=True),
-                     "mask": dict(step, selective=True, impl="sdpa")}
+                     "mask": dict(step, selective=True, path="mask")}
             times = side_by_side({k: make_case(c, device) for k, c in cases.items()}, device, repeats)
             mem = {k: peak_memory(c, device) for k, c in cases.items()}
             print(f"{T:>6} {dtype:>5} | {times['standard']:10.3f} {ratio(times['selective'], times['standard']):>11} "
@@ -174,22 +175,22 @@ def bench_decoding(device, results):
 
 def bench_kernels(device, dtype, results):
     B, H, D = 4, 8, 64
-    impls = ["standard", "sdpa", "fused"]
+    paths = ["standard", "mask", "tiled"]
     print(f"\nAttention forward + backward, B={B} H={H} d={D} {dtype} on {device}; ratios to standard causal SDPA:")
-    print(f"{'T':>5} | {'standard ms':>11} {'sdpa mask x':>11} {'fused x':>8} | {'std MiB':>8} {'sdpa mem x':>10} "
-          f"{'fused mem x':>11}")
+    print(f"{'T':>5} | {'standard ms':>11} {'mask x':>8} {'tiled x':>8} | {'std MiB':>8} {'mask mem x':>10} "
+          f"{'tiled mem x':>11}")
     for T in (512, 1024, 2048, 4096, 8192):
-        cases = {i: {"kind": "attention", "impl": i, "B": B, "H": H, "T": T, "D": D, "dtype": dtype} for i in impls}
+        cases = {p: {"kind": "attention", "path": p, "B": B, "H": H, "T": T, "D": D, "dtype": dtype} for p in paths}
         # the float-mask path keeps H x T x T float32 tensors in its backward: skip it where they would not fit
         if device == "cpu" and 4 * B * H * T * T * 4 > 0.25 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"):
-            del cases["sdpa"]
+            del cases["mask"]
         repeats = 3 if T <= 2048 else 1
-        times = side_by_side({i: make_case(c, device) for i, c in cases.items()}, device, repeats)
-        mem = {i: peak_memory(c, device) for i, c in cases.items()}
+        times = side_by_side({p: make_case(c, device) for p, c in cases.items()}, device, repeats)
+        mem = {p: peak_memory(c, device) for p, c in cases.items()}
         std = times["standard"]
-        print(f"{T:>5} | {std * 1000:11.1f} {ratio(times.get('sdpa'), std):>11} {ratio(times['fused'], std):>8} | "
-              f"{fmt_mem(mem['standard']):>8} {ratio(mem.get('sdpa'), mem['standard']):>10} "
-              f"{ratio(mem['fused'], mem['standard']):>11}")
+        print(f"{T:>5} | {std * 1000:11.1f} {ratio(times.get('mask'), std):>8} {ratio(times['tiled'], std):>8} | "
+              f"{fmt_mem(mem['standard']):>8} {ratio(mem.get('mask'), mem['standard']):>10} "
+              f"{ratio(mem['tiled'], mem['standard']):>11}")
         results.append({"bench": "attention", "T": T, "B": B, "H": H, "D": D, "dtype": dtype, "device": device,
                         "seconds": times, "peak_bytes": mem})
 
@@ -207,7 +208,7 @@ def main():
     started = time.time()
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
     print(f"bench.py {args.what} on {args.device} ({device_name}, {torch.get_num_threads()} threads), "
-          f"torch {torch.__version__}, fused path: {'Triton' if args.device == 'cuda' else 'CPU query chunks'}")
+          f"torch {torch.__version__}, tiled path: {'Triton' if args.device == 'cuda' else 'CPU query chunks'}")
     results = []
     if args.what == "speed":
         bench_steps(args.device, args.repeats, results)

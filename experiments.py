@@ -273,7 +273,7 @@ def plain_run(job):
         opt = model.configure_optimizers(0.1, r["lr"], (0.9, r["beta2"]), "cpu")
     warmup, min_lr = 100, r["lr"] / 10
     ctx = torch.autocast("cpu", dtype=torch.bfloat16)
-    hs = r["n_embd"] // job["n_head"]
+    head_dim = r["n_embd"] // job["n_head"]
     C = r["n_embd"]
 
     @torch.no_grad()
@@ -292,7 +292,7 @@ def plain_run(job):
             out["max_F"].append(F.max().item())
             out["share_F_over_5"].append(((F > 5) & causal).sum().item() / (causal.sum().item() * x.size(0)))
             out["head0_entropy"].append(-(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean().item())
-            x, _, _ = block(x)
+            x = block(x)
         losses = []
         for xv, yv in val:
             with ctx:
@@ -323,14 +323,14 @@ def plain_run(job):
         loss.backward()
         total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item()
         qk0 = torch.linalg.vector_norm(torch.stack([
-            torch.cat([b.attn.c_attn.weight.grad[:hs], b.attn.c_attn.weight.grad[C:C + hs]]).norm()
+            torch.cat([b.attn.c_attn.weight.grad[:head_dim], b.attn.c_attn.weight.grad[C:C + head_dim]]).norm()
             for b in model.transformer.h])).item()
         if r["clip"] > 0:
             torch.nn.utils.clip_grad_norm_(params, r["clip"])
         opt.step()
         opt.zero_grad(set_to_none=True)
         window.append({"loss": loss.item(), "grad_norm": total, "grad_norm_max": total, "grad_norm_qk0": qk0,
-                       "grad_norm_qk0_max": qk0, **adam_steps(model, opt, hs, C, r["beta2"])})
+                       "grad_norm_qk0_max": qk0, **adam_steps(model, opt, head_dim, C, r["beta2"])})
     header = {"git_commit": git_commit(), "config": {"name": name, "recipe": r, **cfg, "seed": seed,
                                                      "n_head": job["n_head"], "selective": job["selective"]}}
     write_atomic(log_path, lambda tmp: pathlib.Path(tmp).write_text(
@@ -338,16 +338,17 @@ def plain_run(job):
     return log_path
 
 
-def adam_steps(model, opt, hs, C, beta2):
+def adam_steps(model, opt, head_dim, C, beta2):
     """The size of Adam's last update relative to the learning rate, |m_hat| / (sqrt(v_hat) + eps), averaged over
     head 0's query and key rows (the selection's weights) and over the other heads' query and key rows."""
     head0, rest = [], []
     for block in model.transformer.h:
         state = opt.state[block.attn.c_attn.weight]
         step = float(state["step"])
-        ratio = (state["exp_avg"] / (1 - 0.9 ** step)).abs() / ((state["exp_avg_sq"] / (1 - beta2 ** step)).sqrt() + 1e-8)
-        head0 += [ratio[:hs], ratio[C:C + hs]]
-        rest += [ratio[hs:C], ratio[C + hs:2 * C]]
+        m_hat, v_hat = state["exp_avg"] / (1 - 0.9 ** step), state["exp_avg_sq"] / (1 - beta2 ** step)
+        ratio = m_hat.abs() / (v_hat.sqrt() + 1e-8)
+        head0 += [ratio[:head_dim], ratio[C:C + head_dim]]
+        rest += [ratio[head_dim:C], ratio[C + head_dim:2 * C]]
     return {"adam_step_qk0": torch.cat(head0).mean().item(), "adam_step_qk_rest": torch.cat(rest).mean().item()}
 
 
@@ -377,7 +378,8 @@ def recipe_experiment(cfg, data_dir, out_root, assets):
                 name = f"recipe-{recipe}-{'sel' if selective else 'std'}-s{seed}"
                 if cfg["train"].get("stop"):
                     name += f"-stop{cfg['train']['stop']}"
-                jobs.append(dict(name=name, recipe_name=recipe, recipe=RECIPES[recipe], cfg=cfg["train"], seed=seed, n_head=cfg["n_head"],
+                jobs.append(dict(name=name, recipe_name=recipe, recipe=RECIPES[recipe], cfg=cfg["train"], seed=seed,
+                                 n_head=cfg["n_head"],
                                  selective=selective, data_dir=data_dir,
                                  log=os.path.join(out_root, "recipe", name + ".jsonl")))
     logs = run_jobs(jobs, cfg["workers"])
@@ -452,8 +454,8 @@ def plots(assets):
         fig, ax = plt.subplots(figsize=(5, 3.6))
         for selective, color in ((False, "tab:blue"), (True, "tab:red")):
             rows = [r for r in results["heads"]["rows"] if r["selective"] == selective]
-            hs = [r["n_head"] for r in rows]
-            ax.plot(hs, [r["mean"] for r in rows], "o-", color=color, label="selective" if selective else "standard")
+            heads = [r["n_head"] for r in rows]
+            ax.plot(heads, [r["mean"] for r in rows], "o-", color=color, label="selective" if selective else "standard")
             for r in rows:
                 ax.plot([r["n_head"]] * len(r["val_losses"]), r["val_losses"], ".", color=color, alpha=0.4)
         ax.set_xscale("log", base=2)

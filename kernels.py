@@ -1,15 +1,13 @@
 r"""
-Fast paths for selective attention. selective_gpt.py holds the readable definition and picks among these;
-everything here is checked against selective_attention_reference by test_selective.py.
+The tiled fast paths of selective attention (the 'tiled' path of selective_gpt.selective_attention); everything here
+is checked against selective_gpt.selective_attention_reference by test_selective.py.
 
-  fused_selective_attention(q, k, v)   selective attention that never keeps H x T x T logits:
-      CUDA (triton installed): the fused Triton kernel, forward and backward (docs/KERNEL.md). No T x T tensor at all.
+  tiled_selective_attention(q, k, v)   selective attention that never keeps H x T x T logits:
+      CUDA (triton installed): a Triton kernel, forward and backward (docs/KERNEL.md). No T x T tensor at all.
       CPU: one scaled_dot_product_attention call with the float mask -F (forward), and a backward that walks
            query chunks last to first, recomputing each chunk's probabilities and adding the gradient through F.
-  masked_attention(q, k, v, bias)      one SDPA call with a float mask broadcast over the heads (the 'sdpa' tier).
-  causal_attention(q, k, v)            standard causal attention (flash SDPA), the baseline.
 
-Both fused paths tile the queries the same way (docs/SPEC.md §7, docs/KERNEL.md): for query tile I,
+Both tile the queries the same way (docs/SPEC.md §7, docs/KERNEL.md): for query tile I,
 F[i, j] = C_I[j] + sum_{k in I, k < i} S[k, j], where the carry C_I[j] = sum_{k < i0} S[k, j] holds the column
 sums of S over all earlier tiles, so F never needs to exist beyond one tile:
 
@@ -32,36 +30,30 @@ from torch.nn import functional as nnf
 try:
     import triton
     import triton.language as tl
-except ImportError:  # triton is optional: without it CUDA uses the 'sdpa' tier
+except ImportError:  # triton is optional: without it CUDA uses the 'mask' path
     triton = None
 
 
-def causal_attention(q, k, v, dropout_p=0.0):
-    """Standard causal attention, q, k, v: (B, H, T, d_head). The baseline every ratio is measured against."""
-    return nnf.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-
-
-def masked_attention(q, k, v, bias, dropout_p=0.0):
-    """One scaled_dot_product_attention call with a float mask `bias` (B, 1, T, T), broadcast over the heads."""
-    return nnf.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
-
-
-def fused_applies(q, dropout_p=0.0):
-    """Whether fused_selective_attention can run these inputs (it has no dropout)."""
+def why_not_tiled(q, dropout_p=0.0):
+    """Why tiled_selective_attention cannot run these inputs, or None if it can."""
     if dropout_p > 0:
-        return False
-    return q.device.type == "cpu" or (q.device.type == "cuda" and triton is not None and q.dtype != torch.float64)
-
-
-def fused_selective_attention(q, k, v):
-    """Selective attention (SPEC §1) of q, k, v: (B, H, T, d_head) without H x T x T logits; returns y like q."""
+        return "it has no dropout"
     if q.device.type == "cuda":
         if triton is None:
-            raise RuntimeError("the fused CUDA kernel needs triton: pip install triton, or use impl='sdpa'")
+            return "triton is not installed (pip install triton)"
+        return "it has no float64 kernel" if q.dtype == torch.float64 else None
+    return None if q.device.type == "cpu" else f"it has no kernel for {q.device.type}"
+
+
+def tiled_applies(q, dropout_p=0.0):
+    return why_not_tiled(q, dropout_p) is None
+
+
+def tiled_selective_attention(q, k, v):
+    """Selective attention (SPEC §1) of q, k, v: (B, H, T, head_dim) without H x T x T logits; returns y like q."""
+    if q.device.type == "cuda":
         return triton_selective_attention(q, k, v)
-    if q.device.type == "cpu":
-        return chunked_selective_attention(q, k, v)
-    raise RuntimeError(f"no fused selective attention for device {q.device.type}; use impl='sdpa'")
+    return chunked_selective_attention(q, k, v)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -186,7 +178,7 @@ chunked_forward.register_autograd(_chunked_backward_rule, setup_context=_chunked
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CUDA: the fused Triton kernel (docs/KERNEL.md). One program per (query tile, batch x head) forward, and per
+# CUDA: the Triton kernel (docs/KERNEL.md). One program per (query tile, batch x head) forward, and per
 # (key tile, batch x head) backward. F exists only tile by tile, in registers.
 
 if triton is not None:
@@ -313,7 +305,7 @@ def triton_blocks(D):
 
 
 def triton_selective_attention(q, k, v, blocks=None):
-    """The fused kernel as a differentiable function. blocks: (BM, BN) tile sizes, default triton_blocks.
+    """The Triton kernel as a differentiable function. blocks: (BM, BN) tile sizes, default triton_blocks.
     Tensors may live on the CPU under TRITON_INTERPRET=1 (the tests)."""
     return triton_forward(q, k, v, *(blocks or triton_blocks(q.size(-1))[:2]))[0]
 

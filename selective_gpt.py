@@ -2,16 +2,18 @@
 A GPT-2 style decoder with Selective Attention, all of the model in this one file.
 
 Selective Attention Improves Transformer, Leviathan, Kalman & Matias, ICLR 2025 (arXiv 2410.02703).
-The mechanism is `selective_mask` below (docs/SPEC.md §1); `selective_attention_reference` is the paper's sketch
-written out line by line, and `selective_attention` is what the model runs. Section numbers (§) refer to
-docs/SPEC.md, the exact definition this code implements. The layout and parameter names follow nanoGPT's model.py,
-so a standard checkpoint loads into a selective model: selective attention adds no parameters.
+Section numbers (§) refer to docs/SPEC.md, the exact definition this code implements. The file reads in the
+order of the paper: the configuration; the mechanism (`selective_mask`, the paper's sketch written out, the memory
+loss); the ways attention can be computed; the decoding buffer that context pruning empties; the transformer. The
+layout and parameter names follow nanoGPT's model.py, so a standard checkpoint loads into a selective model:
+selective attention adds no parameters.
 """
 
 import contextlib
 import inspect
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +21,9 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as nnf
 
-import kernels  # the fast paths: a fused Triton kernel on CUDA, a query-chunked backward on the CPU
+import kernels  # the tiled fast paths: a Triton kernel on CUDA, query chunks on the CPU
+
+ATTENTION_PATHS = ("reference", "mask", "tiled")  # how selective attention is computed; "auto" picks one
 
 
 @dataclass
@@ -34,6 +38,7 @@ class GPTConfig:
     selective: bool = False  # False: a standard transformer
     memory_loss_weight: float = 0.0  # epsilon of the memory loss (§5); 0 = off
     memory_tau: float = 1.0  # tau of the memory loss (§5)
+    attention: str = "auto"  # selective attention's implementation (§7): reference, mask, tiled; auto: the fastest
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -50,6 +55,8 @@ class GPTConfig:
                              f"{self.memory_tau}")
         if self.memory_loss_weight > 0 and not self.selective:
             raise ValueError("the memory loss (memory_loss_weight > 0) needs a selective model (selective=True)")
+        if self.attention not in ("auto",) + ATTENTION_PATHS:
+            raise ValueError(f"attention must be auto, {', '.join(ATTENTION_PATHS)}; got {self.attention!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -58,13 +65,13 @@ class GPTConfig:
 def selective_mask(logits):
     """F from head 0's attention logits, exactly §1.
 
-    logits: (..., T, T), already scaled by 1/sqrt(d_head) and causally masked (-inf above the diagonal).
+    logits: (..., T, T), already scaled by 1/sqrt(head_dim) and causally masked (-inf above the diagonal).
     Returns F, same shape, in float32 (float64 stays float64, for gradient checks). F[i, j] is how much every
     later query i has learned to ignore key j; the model subtracts it from every head's logits.
     """
     T = logits.size(-1)
     # §1.1 S = relu(A_0): token k selects earlier token j by S[k, j] > 0. relu(-inf) = 0: the future selects nothing.
-    # S and F stay float32 under autocast: F sums up to T terms (§1, numerics).
+    # S and F stay float32 under autocast: F sums up to T terms (§1.5).
     S = torch.relu(logits.to(torch.promote_types(logits.dtype, torch.float32)))
     # §1.2 never mask BOS (key column 0), a token never masks itself (the diagonal): keep S strictly below the
     # diagonal and right of column 0.
@@ -79,7 +86,7 @@ def selective_mask(logits):
 def selective_attention_reference(q, k, v):
     """The paper's sketch, materialised: all H x T x T logits. Slow and plain; tests check every path against it.
 
-    q, k, v: (B, H, T, d_head). Returns (y, F) with y: (B, H, T, d_head) and F: (B, T, T).
+    q, k, v: (B, H, T, head_dim). Returns (y, F) with y: (B, H, T, head_dim) and F: (B, T, T).
     """
     T = q.size(-2)
     logits = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # A_h for every head h
@@ -90,48 +97,24 @@ def selective_attention_reference(q, k, v):
     return att.to(v.dtype) @ v, F
 
 
-def selective_attention(q, k, v, dropout_p=0.0, impl=None):
-    """Selective attention as the model runs it; q, k, v: (B, H, T, d_head). Returns (y, F).
-
-    impl picks the implementation (default: $SELECTIVE_ATTENTION, else the fastest that applies):
-      'fused'     - kernels.fused_selective_attention (Triton on CUDA, query chunks on the CPU): no H x T x T
-                    tensor in the forward or the backward; F is None.
-      'sdpa'      - sdpa_selective_attention: F from head 0, then one scaled_dot_product_attention call.
-      'reference' - selective_attention_reference: all H x T x T logits.
-    """
-    impl = impl or os.environ.get("SELECTIVE_ATTENTION") or ("fused" if kernels.fused_applies(q, dropout_p) else "sdpa")
-    if impl == "fused":
-        return kernels.fused_selective_attention(q, k, v), None
-    if impl == "sdpa":
-        y, F, _ = sdpa_selective_attention(q, k, v, dropout_p)
-        return y, F
-    if impl == "reference":
-        if dropout_p > 0:
-            raise ValueError("the reference implementation has no dropout; use impl='sdpa'")
-        return selective_attention_reference(q, k, v)
-    raise ValueError(f"unknown selective attention implementation {impl!r}: use fused, sdpa or reference")
-
-
-def sdpa_selective_attention(q, k, v, dropout_p=0.0, budget=None):
-    """F from head 0 only (B x T x T), then one scaled_dot_product_attention call with the float mask
-    (causal - F) broadcast over the heads: no H x T x T logits. budget: also prune the context (§4).
-    Returns (y, F, visible); visible: (T, T) or (B, T, T) bool, the keys each query saw."""
-    F = causal_selective_mask(q, k)
-    visible = ~future_mask(q.size(-2), q.device) if budget is None else pruned_visibility(F, budget)
-    bias = (-F).masked_fill(~visible, float("-inf"))  # causal (and pruned) minus F, float32
-    y = kernels.masked_attention(q, k, v, bias[:, None], dropout_p)  # bias broadcast over the heads
-    return y, F, visible
-
-
-def causal_selective_mask(q, k):
-    """F (B, T, T) of q, k: (B, H, T, d_head): selective_mask of head 0's causally masked logits."""
-    return selective_mask(head0_logits(q, k).masked_fill(future_mask(q.size(-2), q.device), float("-inf")))
+def memory_loss(Fs, tau):
+    """§5: M_i = (i + 1) - sum_{j <= i} min(F[i, j], tau) / tau, the soft count of keys query i still needs;
+    L_mem = (1 / (L * T)) * sum_l max_i M_i, averaged over the batch. Fs: one (B, T, T) F per layer."""
+    T = Fs[0].size(-1)
+    keys_seen = torch.arange(1, T + 1, device=Fs[0].device, dtype=Fs[0].dtype)
+    per_layer = [(keys_seen - F.clamp(max=tau).sum(dim=-1) / tau).max(dim=-1).values for F in Fs]  # (B,) each
+    return torch.stack(per_layer).sum(dim=0).mean() / (len(Fs) * T)
 
 
 def head0_logits(q, k):
-    """Head 0's scaled logits q_0 k_0^T / sqrt(d_head), (B, T_q, T_k); the one expression every path uses, so
-    that decoding and the parallel pass round alike."""
+    """Head 0's scaled logits q_0 k_0^T / sqrt(head_dim), (B, T_q, T_k); the one expression every path uses, so
+    that decoding and the parallel pass round alike (§1.5)."""
     return (q[:, 0] @ k[:, 0].transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
+
+
+def causal_selective_mask(q, k):
+    """F (B, T, T) of q, k: (B, H, T, head_dim): selective_mask of head 0's causally masked logits."""
+    return selective_mask(head0_logits(q, k).masked_fill(future_mask(q.size(-2), q.device), float("-inf")))
 
 
 def future_mask(T, device):
@@ -140,10 +123,50 @@ def future_mask(T, device):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Context pruning (§3, §4): the decoding buffers, and their simulation in one parallel pass.
+# How selective attention is computed (§7): three paths, equal up to rounding (tested against the reference).
+
+def attention_path(attention, q, dropout_p=0.0):
+    """The path GPTConfig.attention names; 'auto' is 'tiled' where it applies (no dropout; CPU, or CUDA with
+    triton), else 'mask'."""
+    if attention == "auto":
+        return "tiled" if kernels.tiled_applies(q, dropout_p) else "mask"
+    if attention == "tiled" and not kernels.tiled_applies(q, dropout_p):
+        raise ValueError(f"attention='tiled' cannot run here ({kernels.why_not_tiled(q, dropout_p)}): use 'mask'")
+    if attention == "reference" and dropout_p > 0:
+        raise ValueError("attention='reference' has no dropout: use 'mask'")
+    return attention
+
+
+def selective_attention(q, k, v, dropout_p=0.0, attention="auto"):
+    """Selective attention of q, k, v: (B, H, T, head_dim) by the path `attention` names; returns y like q.
+      'tiled'     - kernels.tiled_selective_attention: no H x T x T or T x T tensor in the backward (docs/KERNEL.md).
+      'mask'      - masked_selective_attention: F from head 0 (B x T x T), then one SDPA call with a float mask.
+      'reference' - selective_attention_reference: all H x T x T logits.
+    """
+    path = attention_path(attention, q, dropout_p)
+    if path == "tiled":
+        return kernels.tiled_selective_attention(q, k, v)
+    if path == "mask":
+        return masked_selective_attention(q, k, v, dropout_p)[0]
+    return selective_attention_reference(q, k, v)[0]
+
+
+def masked_selective_attention(q, k, v, dropout_p=0.0, budget=None):
+    """F from head 0 only (B x T x T), then one scaled_dot_product_attention call with the float mask
+    (causal - F) broadcast over the heads: no H x T x T logits. budget: also prune the context (§4.1).
+    Returns (y, F, visible); visible: (T, T) or (B, T, T) bool, the keys each query saw."""
+    F = causal_selective_mask(q, k)
+    visible = ~future_mask(q.size(-2), q.device) if budget is None else pruned_visibility(F, budget)
+    bias = (-F).masked_fill(~visible, float("-inf"))  # causal (and pruned) minus F, float32
+    y = nnf.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None], dropout_p=dropout_p)  # over the heads
+    return y, F, visible
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Context pruning (§3, §4): what a layer keeps while decoding, and the same pruning in one parallel pass.
 
 def pruned_visibility(F, budget):
-    """§4 in parallel: live[b, t, j] = key j is in the buffer when query t attends, if the buffer holds <= budget.
+    """§4.1: live[b, t, j] = key j is in the buffer when query t attends, if the buffer holds <= budget.
 
     Walks t = 0..T-1: token t joins; if that makes budget + 1 keys, the key with the largest F[t, j] leaves,
     never BOS (j = 0) and never t itself; ties go to the oldest key; an evicted key never returns.
@@ -164,12 +187,72 @@ def pruned_visibility(F, budget):
     return torch.from_numpy(visible).to(F.device)
 
 
-def update_running_mask(f, logits0, pos, newest):
-    """§3.3: after query t, f_j += relu(A_0[t, j]) for every cached key j except BOS (pos 0) and t itself.
+class KVBuffer:
+    """One layer's decoding state (§3, §4): keys and values in `capacity` fixed slots, the position of each, and, for
+    a selective layer, its running mask f (f_j = F[t, j] for the next query t). A new key takes the next free slot,
+    or, once the buffer is full, the slot of the key it evicts: a step costs O(capacity), never O(context)."""
 
-    f, logits0, pos, newest: (B, n) running masks, head 0's logits of query t, positions, and which entry is t.
-    """
-    return f + torch.relu(logits0.to(f.dtype)).masked_fill((pos == 0) | newest, 0.0)
+    def __init__(self, k, v, positions, f, capacity):
+        B, H, n, head_dim = k.shape
+        self.k, self.v = k.new_zeros(B, H, capacity, head_dim), v.new_zeros(B, H, capacity, head_dim)
+        self.pos = positions.new_zeros(B, capacity)
+        self.k[:, :, :n], self.v[:, :, :n], self.pos[:, :n] = k, v, positions
+        self.f = None
+        if f is not None:
+            self.f = f.new_zeros(B, capacity)
+            self.f[:, :n] = f
+        self.n = n  # slots in use
+
+    @classmethod
+    def after_prompt(cls, q, k, v, F, visible, capacity):
+        """The buffer after the parallel pass over a prompt (B, H, T, head_dim): the keys the last query saw, with
+        f_j = F[T-1, j] updated by the last query (§3.3). F, visible: None for a standard layer."""
+        B, H, T, head_dim = k.shape
+        keep = torch.ones(B, T, dtype=torch.bool, device=k.device) if visible is None else \
+            visible[..., -1, :].expand(B, T)
+        pos = torch.arange(T, device=k.device).expand(B, T)[keep].view(B, -1)  # ascending, same count per row
+        take = pos[:, None, :, None].expand(B, H, pos.size(1), head_dim)
+        kept_k, kept_v = k.gather(2, take), v.gather(2, take)
+        f = None
+        if F is not None:
+            f = cls.masks_after(F[:, -1].gather(1, pos), head0_logits(q[:, :, -1:], kept_k).squeeze(1), pos, T - 1)
+        return cls(kept_k, kept_v, pos, f, capacity)
+
+    @staticmethod
+    def masks_after(f, logits0, pos, t):
+        """§3.3: after query t, f_j += relu(A_0[t, j]) for every cached key j except BOS (position 0) and t."""
+        return f + torch.relu(logits0.to(f.dtype)).masked_fill((pos == 0) | (pos == t), 0.0)
+
+    def add(self, k, v, t):
+        """§3.1 and §4: token t's key and value (B, H, 1, head_dim) join, with f = 0; in a full buffer they replace
+        the key with the largest f, never BOS, ties to the oldest."""
+        B = k.size(0)
+        if self.n < self.k.size(2):  # room: the next slot
+            slot = torch.full((B,), self.n, dtype=torch.long, device=k.device)
+            self.n += 1
+        else:
+            f = self.f.masked_fill(self.pos == 0, float("-inf"))
+            largest = f == f.max(dim=1, keepdim=True).values
+            slot = self.pos.masked_fill(~largest, torch.iinfo(torch.long).max).argmin(dim=1)
+        rows = torch.arange(B, device=k.device)
+        self.k[rows, :, slot], self.v[rows, :, slot], self.pos[rows, slot] = k[:, :, 0], v[:, :, 0], t
+        if self.f is not None:
+            self.f[rows, slot] = 0.0
+
+    def attend(self, q, t):
+        """§3.2, then §3.3: every head attends over the buffer with logits q . k / sqrt(head_dim) - f_j; then the
+        running masks take query t's votes."""
+        keys, values = self.k[:, :, :self.n], self.v[:, :, :self.n]
+        if self.f is None:
+            return nnf.scaled_dot_product_attention(q, keys, values)
+        f = self.f[:, :self.n]
+        y = nnf.scaled_dot_product_attention(q, keys, values, attn_mask=-f[:, None, None, :])
+        self.f[:, :self.n] = self.masks_after(f, head0_logits(q, keys).squeeze(1), self.pos[:, :self.n], t)
+        return y
+
+    def positions(self):
+        """(B, n): the positions of the cached keys."""
+        return self.pos[:, :self.n]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -197,83 +280,50 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
         self.n_embd = config.n_embd
+        self.head_dim = config.n_embd // config.n_head
         self.selective = config.selective
+        self.attention = config.attention
 
     def qkv(self, x):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        return [t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v)]  # (B, H, T, hs)
+        return [t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v)]  # (B, H, T, head_dim)
 
-    def forward(self, x, budget=None, need_F=False, cache_capacity=None):
-        """x: (B, T, C). budget: simulate context pruning (§4). need_F: return F (for the memory loss, §5).
-        cache_capacity: also return this layer's decoding buffers (the prefill of generate).
-        Returns (y, F, cache); F and cache may be None."""
-        B, T, C = x.size()
+    def out(self, y):
+        B, H, T, head_dim = y.shape
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, H * head_dim)))
+
+    def forward(self, x, budget=None):
+        """x: (B, T, C) -> (B, T, C). budget: the most keys a query may see, pruned by §4 (the 'mask' path)."""
         q, k, v = self.qkv(x)
         dropout_p = self.attn_dropout if self.training else 0.0
-        F = visible = None
         if not self.selective:
-            y = kernels.causal_attention(q, k, v, dropout_p)
-        elif budget is None and cache_capacity is None:
-            y, F = selective_attention(q, k, v, dropout_p)
-            if need_F and F is None:  # the fused kernel keeps no F; the memory loss needs it (§5)
-                F = causal_selective_mask(q, k)
-        else:  # pruning or decoding buffers: the path that materialises F and the visible keys
-            y, F, visible = sdpa_selective_attention(q, k, v, dropout_p, budget)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        y = self.resid_dropout(self.c_proj(y))
-        cache = self.prefill_cache(q, k, v, F, visible, cache_capacity) if cache_capacity else None
-        return y, F, cache
-
-    def prefill_cache(self, q, k, v, F, visible, capacity):
-        """The decoding buffers after the parallel pass over a prompt: the keys live after the last query,
-        with their running masks f_j = F[T, j] (§3), in a buffer of `capacity` slots."""
-        B, H, T, hs = k.shape
-        everything = torch.ones(B, T, dtype=torch.bool, device=k.device)
-        keep = everything if visible is None else visible[..., -1, :].expand(B, T)  # the keys the last query saw
-        pos = torch.arange(T, device=k.device).expand(B, T)[keep].view(B, -1)  # ascending, same count per row
-        n = pos.size(1)
-        take = pos[:, None, :, None].expand(B, H, n, hs)
-        cache = {"k": k.new_zeros(B, H, capacity, hs), "v": v.new_zeros(B, H, capacity, hs),
-                 "pos": pos.new_zeros(B, capacity), "n": n}
-        cache["k"][:, :, :n] = k.gather(2, take)
-        cache["v"][:, :, :n] = v.gather(2, take)
-        cache["pos"][:, :n] = pos
-        if self.selective:
-            f = F[:, -1].gather(1, pos)  # F[T-1, j]: the running mask before the last query's update
-            logits0 = head0_logits(q[:, :, -1:], cache["k"][:, :, :n]).squeeze(1)
-            cache["f"] = F.new_zeros(B, capacity)
-            cache["f"][:, :n] = update_running_mask(f, logits0, pos, pos == T - 1)
-        return cache
-
-    def decode_step(self, x, cache, t):
-        """One new token x: (B, 1, C) at position t, with a KV cache (§3) and, when the buffer is full, eviction (§4).
-        Work is O(buffer), never the whole context again. `cache` is updated in place."""
-        q, k, v = self.qkv(x)  # (B, H, 1, hs)
-        B = x.size(0)
-        n, capacity = cache["n"], cache["k"].size(2)
-        if n < capacity:  # room: token t takes the next slot
-            slot = torch.full((B,), n, dtype=torch.long, device=x.device)
-            cache["n"] = n = n + 1
-        else:  # full: t replaces the key with the largest f, never BOS; ties go to the oldest (smallest position)
-            f = cache["f"].masked_fill(cache["pos"] == 0, float("-inf"))
-            largest = f == f.max(dim=1, keepdim=True).values
-            slot = cache["pos"].masked_fill(~largest, torch.iinfo(torch.long).max).argmin(dim=1)
-        rows = torch.arange(B, device=x.device)
-        cache["k"][rows, :, slot] = k[:, :, 0]
-        cache["v"][rows, :, slot] = v[:, :, 0]
-        cache["pos"][rows, slot] = t
-        keys, values, pos = cache["k"][:, :, :n], cache["v"][:, :, :n], cache["pos"][:, :n]
-        if not self.selective:
-            y = nnf.scaled_dot_product_attention(q, keys, values)
+            y = nnf.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        elif budget is not None:
+            y = masked_selective_attention(q, k, v, dropout_p, budget)[0]
         else:
-            cache["f"][rows, slot] = 0.0  # §3.1 a new key starts unmasked
-            f = cache["f"][:, :n]
-            y = nnf.scaled_dot_product_attention(q, keys, values, attn_mask=-f[:, None, None, :])  # §3.2
-            logits0 = head0_logits(q, keys).squeeze(1)
-            cache["f"][:, :n] = update_running_mask(f, logits0, pos, pos == t)  # §3.3
-        y = y.transpose(1, 2).reshape(B, 1, self.n_embd)
-        return self.c_proj(y)
+            y = selective_attention(q, k, v, dropout_p, self.attention)
+        return self.out(y)
+
+    def selection_mask(self, x):
+        """This layer's F (B, T, T) for input x (§1.1-1.3), for the memory loss and for looking at."""
+        q, k, _ = self.qkv(x)
+        return causal_selective_mask(q, k)
+
+    def prefill(self, x, budget, capacity):
+        """The parallel pass over a prompt x, and the buffer decoding goes on from (§3, §4). Returns (y, buffer)."""
+        q, k, v = self.qkv(x)
+        if not self.selective:
+            y, F, visible = nnf.scaled_dot_product_attention(q, k, v, is_causal=True), None, None
+        else:
+            y, F, visible = masked_selective_attention(q, k, v, budget=budget)
+        return self.out(y), KVBuffer.after_prompt(q, k, v, F, visible, capacity)
+
+    def decode_step(self, x, buffer, t):
+        """One new token x: (B, 1, C) at position t. Work is O(buffer), never the whole context again."""
+        q, k, v = self.qkv(x)
+        buffer.add(k, v, t)
+        return self.out(buffer.attend(q, t))
 
 
 class MLP(nn.Module):
@@ -298,17 +348,28 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, **attn_args):
-        a, F, cache = self.attn(self.ln_1(x), **attn_args)
-        x = x + a
-        return x + self.mlp(self.ln_2(x)), F, cache
+    def forward(self, x, budget=None):
+        x = x + self.attn(self.ln_1(x), budget)
+        return x + self.mlp(self.ln_2(x))
 
-    def decode_step(self, x, cache, t):
-        x = x + self.attn.decode_step(self.ln_1(x), cache, t)
+    def prefill(self, x, budget, capacity):
+        a, buffer = self.attn.prefill(self.ln_1(x), budget, capacity)
+        x = x + a
+        return x + self.mlp(self.ln_2(x)), buffer
+
+    def decode_step(self, x, buffer, t):
+        x = x + self.attn.decode_step(self.ln_1(x), buffer, t)
         return x + self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):
+    """nanoGPT's GPT, standard or selective (config.selective).
+
+    Training recipe (docs/SPEC.md §8): train a selective model with gradient-norm clipping (1.0) or AdamW
+    beta2 <= 0.95, as train.py does by default. Measured here (README, Results: training recipe), with AdamW
+    beta2 = 0.999 and no clipping the first steps bring gradient spikes that Adam's second moment remembers for
+    hundreds of steps: both models train slower, and selective attention loses its lead over standard attention.
+    """
 
     def __init__(self, config):
         super().__init__()
@@ -372,8 +433,9 @@ class GPT(nn.Module):
         x = self._embed(idx)
         Fs = []
         for block, budget in zip(self.transformer.h, budgets):
-            x, F, _ = block(x, budget=budget, need_F=mem_loss)
-            Fs.append(F)
+            if mem_loss:  # §5 looks at every layer's F
+                Fs.append(block.attn.selection_mask(block.ln_1(x)))
+            x = block(x, budget)
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # inference: only the last position's logits
@@ -387,8 +449,13 @@ class GPT(nn.Module):
             self.loss_terms["mem"] = mem.detach()
         return logits, loss
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW; weight decay on matrices and embeddings only (nanoGPT)."""
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, grad_clip=None):
+        """AdamW; weight decay on matrices and embeddings only (nanoGPT). grad_clip: the norm the training loop
+        clips gradients at (None or 0: none); a selective model warns when neither clipping nor beta2 <= 0.99
+        guards it against early gradient spikes (§8)."""
+        if self.config.selective and betas[1] > 0.99 and not grad_clip:
+            warnings.warn(f"selective attention with AdamW beta2 = {betas[1]} and no gradient clipping trains poorly: "
+                          f"clip the gradient norm (1.0) or use beta2 = 0.95 (docs/SPEC.md §8)", stacklevel=2)
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -400,10 +467,10 @@ class GPT(nn.Module):
         counted over the causal half (about T/2 keys per query), plus selective attention's extra work: head 0's
         logits (a second QK^T of one head) and the cumsum over T x T (forward and backward)."""
         cfg = self.config
-        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, T or cfg.block_size
-        flops = 6 * self.get_num_params() + L * 6 * H * Q * T  # 2 matmuls x 2 FLOPs x T/2 keys x 3 (fwd + bwd)
+        L, H, head_dim, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, T or cfg.block_size
+        flops = 6 * self.get_num_params() + L * 6 * H * head_dim * T  # 2 matmuls x 2 FLOPs x T/2 keys x 3 (fwd+bwd)
         if cfg.selective:
-            flops += L * (3 * Q * T + T)  # head 0's QK^T (fwd + bwd), and the cumsum of F and its gradient
+            flops += L * (3 * head_dim * T + T)  # head 0's QK^T (fwd + bwd), and the cumsum of F and its gradient
         return flops
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops, T=None):
@@ -422,10 +489,11 @@ class GPT(nn.Module):
         budgets = self.layer_budgets(budgets) if budgets is not None else [None] * self.config.n_layer
         x, out = self._embed(idx), []
         for block, budget in zip(self.transformer.h, budgets):
-            x, F, _ = block(x, budget=budget, need_F=True)
+            F = block.attn.selection_mask(block.ln_1(x))
             visible = (~future_mask(idx.size(1), idx.device)).expand_as(F) if budget is None else \
                 pruned_visibility(F, budget)
             out.append((F.float(), visible))
+            x = block(x, budget)
         return out
 
     # ------------------------------------------------------------------------------------------------------------
@@ -435,21 +503,20 @@ class GPT(nn.Module):
     def prefill(self, idx, budgets=None):
         """Encode a prompt idx (B, T), BOS first, in one parallel pass and set up the KV caches (§3) for decoding.
         budgets: buffer sizes (§4), an int or one per layer, or None. Returns (logits (B, V) for the next token,
-        state); state = {'t': the next position, 'layers': one cache per layer}."""
+        state); state = {'t': the next position, 'layers': one KVBuffer per layer}."""
         budgets = self.layer_budgets(budgets) if budgets is not None else [None] * self.config.n_layer
         x, layers = self._embed(idx), []
         for block, budget in zip(self.transformer.h, budgets):
-            x, _, cache = block(x, budget=budget, cache_capacity=min(budget or self.config.block_size,
-                                                                     self.config.block_size))
-            layers.append(cache)
+            x, buffer = block.prefill(x, budget, min(budget or self.config.block_size, self.config.block_size))
+            layers.append(buffer)
         return self.lm_head(self.transformer.ln_f(x[:, -1])), {"t": idx.size(1), "layers": layers}
 
     @torch.no_grad()
     def decode(self, idx_next, state):
         """Feed the next token idx_next (B, 1) through the KV caches: one token of work. Returns logits (B, V)."""
         x = self._embed(idx_next, start=state["t"])
-        for block, cache in zip(self.transformer.h, state["layers"]):
-            x = block.decode_step(x, cache, state["t"])
+        for block, buffer in zip(self.transformer.h, state["layers"]):
+            x = block.decode_step(x, buffer, state["t"])
         state["t"] += 1
         return self.lm_head(self.transformer.ln_f(x[:, -1]))
 
@@ -473,7 +540,7 @@ class GPT(nn.Module):
                 logits, state = self.prefill(context, budgets)
             else:
                 logits = self.decode(idx[:, -1:], state)
-            peak = [max(p, cache["n"]) for p, cache in zip(peak, state["layers"])]
+            peak = [max(p, buffer.n) for p, buffer in zip(peak, state["layers"])]
             if temperature == 0:  # greedy, like top_k=1
                 idx_next = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -483,17 +550,8 @@ class GPT(nn.Module):
                     logits[logits < v[:, [-1]]] = -float("inf")
                 idx_next = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
-        self.decode_stats = {"peak": peak, "final": [c["n"] for c in state["layers"]] if state else [0] * len(peak)}
+        self.decode_stats = {"peak": peak, "final": [b.n for b in state["layers"]] if state else [0] * len(peak)}
         return idx
-
-
-def memory_loss(Fs, tau):
-    """§5: M_i = (i + 1) - sum_{j <= i} min(F[i, j], tau) / tau, the soft count of keys query i still needs;
-    L_mem = (1 / (L * T)) * sum_l max_i M_i, averaged over the batch. Fs: one (B, T, T) F per layer."""
-    T = Fs[0].size(-1)
-    keys_seen = torch.arange(1, T + 1, device=Fs[0].device, dtype=Fs[0].dtype)
-    per_layer = [(keys_seen - F.clamp(max=tau).sum(dim=-1) / tau).max(dim=-1).values for F in Fs]  # (B,) each
-    return torch.stack(per_layer).sum(dim=0).mean() / (len(Fs) * T)
 
 
 # ----------------------------------------------------------------------------------------------------------------

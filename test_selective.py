@@ -6,6 +6,7 @@ Run: python -m pytest -q          (the slow end-to-end ones: python -m pytest -m
 import math
 import os
 import re
+import warnings
 
 import torch
 
@@ -16,8 +17,8 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 import kernels  # noqa: E402
-from selective_gpt import (GPT, GPTConfig, CausalSelfAttention, memory_loss, pruned_visibility,  # noqa: E402
-                           selective_attention, selective_attention_reference, selective_mask)
+from selective_gpt import (GPT, GPTConfig, CausalSelfAttention, attention_path, memory_loss,  # noqa: E402
+                           pruned_visibility, selective_attention, selective_attention_reference, selective_mask)
 
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=60,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -115,18 +116,16 @@ def test_selective_mask_large_logits_under_autocast():
 def test_model_forward_under_bf16_autocast_at_1024():
     model = tiny_model(dtype=torch.float32, block_size=1024, n_layer=1, vocab_size=50)
     idx = torch.randint(0, 50, (1, 1024), generator=torch.Generator().manual_seed(0))
-    for impl in ("fused", "sdpa"):
-        os.environ["SELECTIVE_ATTENTION"] = impl
-        try:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                logits, loss = model(idx, targets=idx)
-        finally:
-            del os.environ["SELECTIVE_ATTENTION"]
+    for path in ("tiled", "mask"):
+        for block in model.transformer.h:
+            block.attn.attention = path
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, loss = model(idx, targets=idx)
         assert torch.isfinite(logits).all() and torch.isfinite(loss)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The attention paths: reference, sdpa, fused (CPU here), and their gradients
+# The attention paths: reference, mask, tiled (CPU here), and their gradients
 
 def grads_of(fn, q, k, v, dy):
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
@@ -139,29 +138,29 @@ def reference(q, k, v):
     return selective_attention_reference(q, k, v)[0]
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "fused"])
+@pytest.mark.parametrize("path", ["mask", "tiled"])
 @pytest.mark.parametrize("T", [1, 2, 17, 64, 130])
-def test_paths_match_reference_fp32(impl, T):
+def test_paths_match_reference_fp32(path, T):
     q, k, v = random_qkv(T=T, seed=T)
     dy = torch.randn_like(q)
     want = grads_of(reference, q, k, v, dy)
-    got = grads_of(lambda a, b, c: selective_attention(a, b, c, impl=impl)[0], q, k, v, dy)
+    got = grads_of(lambda a, b, c: selective_attention(a, b, c, attention=path), q, k, v, dy)
     for name, w, g in zip(["y", "dq", "dk", "dv"], want, got):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=2e-5, msg=f"{impl} {name}")
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=2e-5, msg=f"{path} {name}")
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "fused"])
-def test_paths_close_under_bf16_autocast(impl):
+@pytest.mark.parametrize("path", ["mask", "tiled"])
+def test_paths_close_under_bf16_autocast(path):
     q, k, v = random_qkv(T=70, seed=3, grad=False)
     want = reference(q.double(), k.double(), v.double())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y, _ = selective_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), impl=impl)
+        y = selective_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), attention=path)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.double(), want, rtol=0.05, atol=0.05)
 
 
 @pytest.mark.parametrize("rows", [1, 4, 7, 32])
-def test_fused_cpu_chunks_match_reference_float64(rows):
+def test_cpu_chunks_match_reference_float64(rows):
     """Several query chunks: the carries and the reverse running sums of the backward cross chunk borders."""
     q, k, v = random_qkv(T=29, dtype=torch.float64, seed=rows)
     dy = torch.randn_like(q)
@@ -171,23 +170,21 @@ def test_fused_cpu_chunks_match_reference_float64(rows):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=name)
 
 
-def test_fused_cpu_gradcheck_float64():
+def test_cpu_chunks_gradcheck_float64():
     q, k, v = random_qkv(B=1, H=2, T=11, D=4, dtype=torch.float64, seed=1)
     assert torch.autograd.gradcheck(lambda a, b, c: kernels.chunked_selective_attention(a, b, c, 4), (q, k, v))
 
 
-@pytest.mark.parametrize("impl", ["reference", "sdpa", "fused"])
-def test_gradcheck_selective_attention_layer(impl, monkeypatch):
+@pytest.mark.parametrize("path", ["reference", "mask", "tiled"])
+def test_gradcheck_selective_attention_layer(path):
     """Finite differences in float64 through a whole selective attention layer (projections included)."""
-    monkeypatch.setenv("SELECTIVE_ATTENTION", impl)
     torch.manual_seed(0)
-    layer = CausalSelfAttention(GPTConfig(n_embd=8, n_head=2, block_size=8, selective=True)).double()
+    layer = CausalSelfAttention(GPTConfig(n_embd=8, n_head=2, block_size=8, selective=True, attention=path)).double()
     with torch.no_grad():
         layer.c_attn.weight.mul_(10)  # make F non-trivial
     x = torch.randn(2, 7, 8, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda inp: layer(inp)[0], (x,))
-    _, F, _ = layer(x, need_F=True)
-    assert (F > 0).any(), "the check must run through a non-zero F"
+    assert torch.autograd.gradcheck(layer, (x,))
+    assert (layer.selection_mask(x) > 0).any(), "the check must run through a non-zero F"
 
 
 def test_selection_gradient_reaches_head0_query_and_key():
@@ -209,7 +206,7 @@ def test_selection_gradient_reaches_head0_query_and_key():
 
 
 def test_compiled_selective_model_has_no_graph_breaks_and_matches_eager():
-    """torch.compile(fullgraph=True) raises on any graph break; the fused path is an opaque custom op to it."""
+    """torch.compile(fullgraph=True) raises on any graph break; the tiled path is an opaque custom op to it."""
     torch._dynamo.reset()
     model = tiny_model(dtype=torch.float32, n_layer=2, block_size=40)
     idx = torch.randint(0, 61, (2, 40), generator=torch.Generator().manual_seed(7))
@@ -224,20 +221,20 @@ def test_compiled_selective_model_has_no_graph_breaks_and_matches_eager():
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-4)
 
 
-def test_fused_custom_ops_pass_opcheck():
+def test_tiled_custom_ops_pass_opcheck():
     q, k, v = random_qkv(B=2, H=2, T=9, D=8)
     torch.library.opcheck(torch.ops.selective_gpt.chunked_forward.default, (q, k, v, 4))
 
 
-def test_dispatch_names_and_errors(monkeypatch):
+def test_attention_paths_are_chosen_and_checked():
     q, k, v = random_qkv(T=5, grad=False)
-    monkeypatch.setenv("SELECTIVE_ATTENTION", "reference")
-    y, F = selective_attention(q, k, v)
-    assert F is not None and torch.equal(y, selective_attention_reference(q, k, v)[0])
-    with pytest.raises(ValueError, match="unknown selective attention"):
-        selective_attention(q, k, v, impl="nope")
-    monkeypatch.delenv("SELECTIVE_ATTENTION")
-    assert kernels.fused_applies(q) and not kernels.fused_applies(q, dropout_p=0.1)
+    assert torch.equal(selective_attention(q, k, v, attention="reference"), selective_attention_reference(q, k, v)[0])
+    assert attention_path("auto", q) == "tiled" and attention_path("auto", q, dropout_p=0.1) == "mask"
+    with pytest.raises(ValueError, match="no dropout"):
+        attention_path("tiled", q, dropout_p=0.1)
+    with pytest.raises(ValueError, match="attention must be auto, reference, mask, tiled"):
+        GPTConfig(attention="fused")
+    assert kernels.tiled_applies(q) and not kernels.tiled_applies(q, dropout_p=0.1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -258,17 +255,16 @@ def test_causality(selective):
 
 def zero_head0_queries(model):
     """Zero head 0's query projection: A_0 = 0, so S = relu(A_0) = 0 and F = 0 (selection off)."""
-    hs = model.config.n_embd // model.config.n_head
+    head_dim = model.config.n_embd // model.config.n_head
     with torch.no_grad():
         for block in model.transformer.h:
-            block.attn.c_attn.weight[:hs] = 0
-            block.attn.c_attn.bias[:hs] = 0
+            block.attn.c_attn.weight[:head_dim] = 0
+            block.attn.c_attn.bias[:head_dim] = 0
 
 
-@pytest.mark.parametrize("impl", ["fused", "sdpa", "reference"])
-def test_selection_off_equals_standard(impl, monkeypatch):
-    monkeypatch.setenv("SELECTIVE_ATTENTION", impl)
-    standard, selective = tiny_model(selective=False), tiny_model(selective=True)
+@pytest.mark.parametrize("path", ["tiled", "mask", "reference"])
+def test_selection_off_equals_standard(path):
+    standard, selective = tiny_model(selective=False), tiny_model(selective=True, attention=path)
     selective.load_state_dict(standard.state_dict())
     idx = torch.randint(0, 61, (2, 33), generator=torch.Generator().manual_seed(2))
     assert not torch.allclose(standard(idx, targets=idx)[0], selective(idx, targets=idx)[0])
@@ -294,7 +290,7 @@ def decode_logits(model, idx, budgets=None, record=None):
     for t in range(1, idx.size(1)):
         steps.append(model.decode(idx[:, t:t + 1], state))
         if record is not None:
-            record.append([cache["pos"][:, :cache["n"]].clone() for cache in state["layers"]])
+            record.append([buffer.positions().clone() for buffer in state["layers"]])
     return torch.stack(steps, dim=1)
 
 
@@ -308,9 +304,8 @@ def test_kv_cache_generate_equals_full_forward(selective):
     torch.testing.assert_close(decode_logits(model, out[:, :-1]), logits, rtol=1e-9, atol=1e-9)
 
 
-def test_budgets_at_least_T_give_the_unpruned_logits(monkeypatch):
-    monkeypatch.setenv("SELECTIVE_ATTENTION", "sdpa")  # the same path with and without budgets: exact equality
-    model = tiny_model()
+def test_budgets_at_least_T_give_the_unpruned_logits():
+    model = tiny_model(attention="mask")  # the same path with and without budgets: exact equality
     idx = torch.randint(0, 61, (2, 30), generator=torch.Generator().manual_seed(4))
     unpruned, _ = model(idx, targets=idx)
     for budgets in (30, 100, [30, 31, 64]):
@@ -457,7 +452,7 @@ def test_configure_optimizers_decays_matrices_only():
 # The Triton kernel, through Triton's interpreter on the CPU
 
 triton_missing = pytest.mark.skipif(kernels.triton is None, reason="triton is not installed (pip install triton): "
-                                    "the fused Triton kernel was NOT tested")
+                                    "the Triton kernel was NOT tested")
 
 
 @triton_missing
@@ -501,3 +496,15 @@ def test_spec_sections_cited_in_the_code_exist():
             with open(os.path.join(here, name), encoding="utf-8") as f:
                 cited |= set(re.findall(r"§ ?(\d+(?:\.\d+)?)", f.read()))
     assert {"1", "1.3", "4"} <= cited and cited <= sections, cited - sections
+
+
+def test_selective_model_warns_about_an_unguarded_optimiser():
+    """§8: beta2 > 0.99 without gradient clipping is named at training time; either guard silences it."""
+    model = tiny_model(dtype=torch.float32)
+    with pytest.warns(UserWarning, match="clip the gradient norm"):
+        model.configure_optimizers(0.1, 1e-3, (0.9, 0.999), "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.configure_optimizers(0.1, 1e-3, (0.9, 0.999), "cpu", grad_clip=1.0)
+        model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+        tiny_model(selective=False, dtype=torch.float32).configure_optimizers(0.1, 1e-3, (0.9, 0.999), "cpu")

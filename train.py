@@ -27,8 +27,8 @@ import torch
 
 from prepare_data import (ASSIGN_TOKENS, BOS, ArgumentParser, add_device_flags, answers_right, assign_batch,
                           batch_generator, c4_batch, load_shards, write_atomic)
-from selective_gpt import (GPT, CheckpointError, GPTConfig, autocast, autocast_dtype, load_checkpoint, pick_device,
-                           strip_compile_prefix)
+from selective_gpt import (GPT, CheckpointError, GPTConfig, attention_path, autocast, autocast_dtype, load_checkpoint,
+                           pick_device, strip_compile_prefix)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments
@@ -45,6 +45,8 @@ def get_parser():
     a.add_argument("--selective", action="store_true", help="selective attention (default: a standard transformer)")
     a.add_argument("--memory_loss_weight", type=float, default=0.0, help="epsilon of the memory loss (SPEC §5)")
     a.add_argument("--memory_tau", type=float, default=1.0, help="tau of the memory loss (SPEC §5)")
+    a.add_argument("--attention", choices=["auto", "reference", "mask", "tiled"], default="auto",
+                   help="how selective attention is computed (docs/SPEC.md §7): auto picks tiled where it applies")
     a.add_argument("--vocab_size", type=int, default=None,
                    help="None: 50304 for c4 (GPT-2's 50257 padded to a multiple of 64), the task's for assign")
     d = p.add_argument_group("data")
@@ -375,7 +377,8 @@ def train(args, ckpt, ddp, rank, world):
 
     model = GPT(GPTConfig(**model_args(args))).to(device)
     optimizer = model.configure_optimizers(args.weight_decay, args.learning_rate, (args.beta1, args.beta2),
-                                           device_type)
+                                           device_type, args.grad_clip)
+    path = attention_path(args.attention, torch.empty(0, device=device), args.dropout) if args.selective else None
     iter_num, best_val_loss = 0, float("inf")
     if ckpt is not None:
         model.load_state_dict(strip_compile_prefix(ckpt["model"]))
@@ -401,10 +404,11 @@ def train(args, ckpt, ddp, rank, world):
         start_log(args, ckpt, log_path, {
             "config": vars(args), "model": model_args(args), "git_commit": git_commit(), "device": device,
             "dtype": dtype_name, "world_size": world, "tokens_per_iter": tokens_per_iter,
-            "n_params": raw_model.get_num_params(), "torch": torch.__version__, "peak_flops": peak_flops})
+            "n_params": raw_model.get_num_params(), "torch": torch.__version__, "peak_flops": peak_flops,
+            "attention_path": path})
         print(f"{'selective' if args.selective else 'standard'} GPT, {raw_model.get_num_params() / 1e6:.2f}M "
               f"parameters, {args.dataset}, {device} {dtype_name}, {tokens_per_iter} tokens/iter, world {world},"
-              f" out_dir {args.out_dir}")
+              f" out_dir {args.out_dir}" + (f", attention path: {path}" if path else ""))
         if ckpt is not None:
             print(say_resume(args, ckpt))
     started = time.time()
@@ -464,8 +468,8 @@ def train(args, ckpt, ddp, rank, world):
             if master:
                 eta = train_seconds / (iter_num - first_iter) * (args.max_iters - iter_num)
                 print(f"iter {iter_num}/{args.max_iters} ({100 * iter_num // args.max_iters}%): loss {loss_value:.4f}, "
-                      f"lr {lr:.2e}, {dt * 1000:.1f} ms/iter, {tokens_per_iter / dt:,.0f} tokens/s, mfu {mfu * 100:.2f}%,"
-                      f" elapsed {clock(time.time() - started)}, eta {clock(eta)}")
+                      f"lr {lr:.2e}, {dt * 1000:.1f} ms/iter, {tokens_per_iter / dt:,.0f} tokens/s, "
+                      f"mfu {mfu * 100:.2f}%, elapsed {clock(time.time() - started)}, eta {clock(eta)}")
                 append_log(log_path, dict(iter=iter_num, loss=loss_value, lr=lr, ms_per_iter=dt * 1000,
                                           tokens_per_s=tokens_per_iter / dt, mfu=mfu, **terms), started)
     if ddp:  # leave together, and release DDP's pending gloo work while the interpreter is still whole
