@@ -12,6 +12,9 @@ The paper's claims (SPEC §6), checked at the scale two CPU cores allow. One com
            then the selective model's accuracy vs the pruning budget
   pruning  selective models trained with memory loss weight 0, 0.02, 0.1 at block 256 and 512; the greedy per-layer
            budgets (sample.find_budgets) that keep pruned val ppl <= the standard model's; L*T/sum(K)
+  recipe   selective vs standard in a plain training loop (not train.py), block 128: one candidate cause of a bad
+           result switched at a time (RECIPES, 600 steps), train.py's recipe over 3 seeds, and a guard that fails
+           (exit 1) if selective trains worse than standard under the plain recipe with gradient clipping
 
 Runs go to out/experiments[-quick]/<name> and are skipped once finished (rerun to resume). The evaluation logs of
 the runs are copied to assets/logs/, the numbers to assets/results.json and assets/results.md, plots to
@@ -46,8 +49,14 @@ FULL = {
     "pruning": dict(n_layer=4, n_embd=128, n_head=4, blocks=[256, 512], batch_size=8, max_iters=300,
                     eval_interval=100, eval_iters=20, learning_rate=2e-3, warmup_iters=30, weights=[0.0, 0.02, 0.1],
                     search_batches=6, shrink=0.7),
-    "recipe": dict(train=dict(n_layer=4, block_size=128, batch_size=16, max_iters=1500, eval_iters=40),
-                   n_head=4, recipes=["plain", "train_py"], seeds=[1, 2, 3], workers=2),
+    "recipe": dict(train=dict(n_layer=4, block_size=128, batch_size=16, max_iters=1500, eval_iters=40), n_head=4,
+                   workers=2,
+                   # one candidate cause at a time: 600 steps of the 1500-step schedule, seed 1
+                   diagnosis=dict(recipes=["plain", "clip", "beta2", "init", "untied", "lr1e-3"], seeds=[1], stop=600),
+                   # the whole schedule: train.py's recipe with 3 seeds, the plain one with 1
+                   confirmation=[dict(recipes=["train_py"], seeds=[1, 2, 3]), dict(recipes=["plain"], seeds=[1])],
+                   # the guard: the plain recipe with the clipping it needs, 2 seeds, 600 steps
+                   guard=dict(recipes=["clip"], seeds=[1, 2], stop=600)),
 }
 QUICK = {
     "heads": dict(FULL["heads"], n_layer=2, n_embd=32, block_size=32, max_iters=6, eval_interval=3, eval_iters=2,
@@ -56,8 +65,10 @@ QUICK = {
                    eval_iters=2, warmup_iters=5, budgets=[2, 4, 24]),
     "pruning": dict(FULL["pruning"], n_layer=2, n_embd=32, blocks=[32], max_iters=6, eval_interval=3, eval_iters=2,
                     warmup_iters=2, weights=[0.0, 0.1], search_batches=2, shrink=0.5),
-    "recipe": dict(FULL["recipe"], train=dict(n_layer=1, block_size=32, batch_size=2, max_iters=60, eval_iters=2),
-                   seeds=[1]),
+    "recipe": dict(FULL["recipe"], train=dict(n_layer=1, block_size=32, batch_size=2, max_iters=100, eval_iters=2),
+                   diagnosis=dict(recipes=["plain", "clip"], seeds=[1], stop=50),
+                   confirmation=[dict(recipes=["train_py"], seeds=[1, 2])], guard=dict(recipes=["clip"], seeds=[1, 2],
+                                                                                        stop=50)),
 }
 DATA_SEED = 1337  # every run sees the same batches in the same order
 # glibc gives every freed block of over 32 MiB back to the OS, so a CPU training step page-faults its large
@@ -235,7 +246,6 @@ RECIPES |= {
     "beta2": dict(RECIPES["plain"], beta2=0.95),
     "train_py": dict(RECIPES["plain"], lr=1e-3, beta2=0.95, clip=1.0, decay_all=False),
     "init": dict(RECIPES["plain"], init_std=0.05),
-    "width64": dict(RECIPES["plain"], n_embd=256),
     "untied": dict(RECIPES["plain"], tied=False),
     "lr1e-3": dict(RECIPES["plain"], lr=1e-3),
 }
@@ -369,30 +379,61 @@ def run_jobs(jobs, workers):
     return out
 
 
-def recipe_experiment(cfg, data_dir, out_root, assets):
-    os.makedirs(os.path.join(out_root, "recipe"), exist_ok=True)
+def recipe_jobs(cfg, stage, data_dir, out_root):
+    """The runs of one stage: {recipes, seeds, stop (optional)}; each recipe x seed x {standard, selective}."""
     jobs = []
-    for recipe in cfg["recipes"]:
-        for seed in cfg["seeds"]:
+    for recipe in stage["recipes"]:
+        for seed in stage["seeds"]:
             for selective in (False, True):
                 name = f"recipe-{recipe}-{'sel' if selective else 'std'}-s{seed}"
-                if cfg["train"].get("stop"):
-                    name += f"-stop{cfg['train']['stop']}"
-                jobs.append(dict(name=name, recipe_name=recipe, recipe=RECIPES[recipe], cfg=cfg["train"], seed=seed,
-                                 n_head=cfg["n_head"],
+                if stage.get("stop"):
+                    name += f"-stop{stage['stop']}"
+                jobs.append(dict(name=name, recipe_name=recipe, recipe=RECIPES[recipe],
+                                 cfg=dict(cfg["train"], stop=stage.get("stop")), seed=seed, n_head=cfg["n_head"],
                                  selective=selective, data_dir=data_dir,
                                  log=os.path.join(out_root, "recipe", name + ".jsonl")))
-    logs = run_jobs(jobs, cfg["workers"])
+    return jobs
+
+
+def recipe_rows(jobs, logs):
+    """Per recipe: each variant's final validation losses over the seeds, and what the diagnostics say about the
+    first 100 steps (the largest gradient norms) and the steps after (Adam's update size on head 0's q/k rows)."""
     rows = []
-    for recipe in cfg["recipes"]:
+    for recipe in dict.fromkeys(j["recipe_name"] for j in jobs):
         row = {"recipe": recipe, "settings": RECIPES[recipe]}
         for variant in ("std", "sel"):
-            row[variant] = [logs[j["name"]][-1]["val_loss"] for j in jobs
-                            if j["recipe_name"] == recipe and j["selective"] == (variant == "sel")]
+            mine = [logs[j["name"]] for j in jobs
+                    if j["recipe_name"] == recipe and j["selective"] == (variant == "sel")]
+            row[variant] = [log[-1]["val_loss"] for log in mine]
+            row[f"{variant}_step"] = mine[0][-1]["iter"]
+            early = [r for log in mine for r in log[1:] if "grad_norm_max" in r and r["iter"] <= 100]
+            row[f"{variant}_grad_norm_max_first_100"] = max(r["grad_norm_max"] for r in early)
+            row[f"{variant}_qk0_grad_norm_max_first_100"] = max(r["grad_norm_qk0_max"] for r in early)
+            later = [r for r in mine[0][1:] if "adam_step_qk0" in r and 100 < r["iter"] <= 600]
+            row[f"{variant}_adam_step_qk0"] = statistics.mean(r["adam_step_qk0"] for r in later) if later else None
+            row[f"{variant}_adam_step_rest"] = statistics.mean(r["adam_step_qk_rest"] for r in later) if later else None
         rows.append(row)
-    for name, records in logs.items():
-        keep_log(records, name, assets)
     return rows
+
+
+def recipe_experiment(cfg, data_dir, out_root, assets):
+    """The diagnosis and the confirmation (RECIPES; README, Results: the training recipe)."""
+    os.makedirs(os.path.join(out_root, "recipe"), exist_ok=True)
+    out = {}
+    for key, stages in (("diagnosis", [cfg["diagnosis"]]), ("confirmation", cfg["confirmation"]),
+                        ("guard", [cfg["guard"]])):
+        jobs = [j for stage in stages for j in recipe_jobs(cfg, stage, data_dir, out_root)]
+        logs = run_jobs(jobs, cfg["workers"])
+        out[key] = recipe_rows(jobs, logs)
+        for name, records in logs.items():
+            keep_log(records, name, assets)
+    return out
+
+
+def guard_holds(row):
+    """The guard (README): selective's mean validation loss is not above standard's by more than the seed spread."""
+    spread = max(max(row["std"]) - min(row["std"]), max(row["sel"]) - min(row["sel"]))
+    return statistics.mean(row["sel"]) <= statistics.mean(row["std"]) + spread, spread
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -436,7 +477,44 @@ def tables(results):
             lines.append(f"| {r['block_size']} | {r['memory_loss_weight']} | {r['standard_ppl']:.2f} | "
                          f"{r['unpruned_ppl']:.2f} | {r['no_context_ppl']:.2f} | " + " | ".join(cells) + " |")
         lines.append("")
+    if "recipe" in results:
+        lines += recipe_tables(results["recipe"])
     return "\n".join(lines)
+
+
+RECIPE_CHANGES = {"plain": "none: AdamW lr 2e-3, betas (0.9, 0.999), no clipping, init std 0.02",
+                  "clip": "gradient norm clipped at 1.0", "beta2": "beta2 0.95", "init": "init std 0.05 (not 0.02)",
+                  "untied": "lm_head not tied to the embedding", "lr1e-3": "learning rate 1e-3",
+                  "train_py": "train.py's: lr 1e-3, beta2 0.95, clipping 1.0, no decay on gains and biases"}
+
+
+def recipe_tables(recipe):
+    def cell(values):
+        if len(values) == 1:
+            return f"{values[0]:.3f}"
+        return f"{statistics.mean(values):.3f} +- {statistics.stdev(values):.3f}"
+
+    def adam(row, v):
+        return "-" if row[f"{v}_adam_step_qk0"] is None else \
+            f"{row[f'{v}_adam_step_qk0']:.2f} / {row[f'{v}_adam_step_rest']:.2f}"
+
+    lines = ["| recipe | change from plain | step | standard | selective | std - sel | largest gradient norm, steps "
+             "1-100 (std / sel) | head 0 q/k gradient norm, same (std / sel) | Adam step, head 0 q/k / other q/k, "
+             "steps 100-600 (std; sel) |", "|:---|:---|---:|---:|---:|---:|---:|---:|:---|"]
+    for stage in ("diagnosis", "confirmation", "guard"):
+        for r in recipe.get(stage, []):
+            gap = [a - b for a, b in zip(r["std"], r["sel"])]
+            lines.append(f"| {r['recipe']} ({stage}, {len(r['std'])} seed{'s' * (len(r['std']) > 1)}) | "
+                         f"{RECIPE_CHANGES[r['recipe']]} | {r['std_step']} | {cell(r['std'])} | {cell(r['sel'])} | "
+                         f"{cell(gap)} | {r['std_grad_norm_max_first_100']:.0f} / "
+                         f"{r['sel_grad_norm_max_first_100']:.0f} | {r['std_qk0_grad_norm_max_first_100']:.1f} / "
+                         f"{r['sel_qk0_grad_norm_max_first_100']:.1f} | {adam(r, 'std')}; {adam(r, 'sel')} |")
+    for r in recipe.get("guard", []):
+        holds, spread = guard_holds(r)
+        lines.append(f"\nGuard ({r['recipe']}, seeds {len(r['std'])}): selective {statistics.mean(r['sel']):.3f}, "
+                     f"standard {statistics.mean(r['std']):.3f}, seed spread {spread:.3f}: "
+                     f"{'holds' if holds else 'FAILS: selective is worse than standard by more than the spread'}")
+    return lines + [""]
 
 
 def plots(assets):
@@ -498,6 +576,22 @@ def plots(assets):
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(os.path.join(assets, "pruning.png"), dpi=120)
+    if "recipe" in results:
+        rows, stop = results["recipe"]["diagnosis"], results["settings"]["recipe"]["diagnosis"]["stop"]
+        fig, axes = plt.subplots(1, len(rows), figsize=(2.6 * len(rows), 3.0), sharey=True, squeeze=False)
+        for ax, r in zip(axes[0], rows):
+            for variant, color in (("std", "tab:blue"), ("sel", "tab:red")):
+                path = os.path.join(assets, "logs", f"recipe-{r['recipe']}-{variant}-s1-stop{stop}.jsonl")
+                with open(path) as f:
+                    points = [json.loads(line) for line in f][1:]
+                ax.plot([p["iter"] for p in points], [p["val_loss"] for p in points], color=color,
+                        label="selective" if variant == "sel" else "standard")
+            ax.set_title(r["recipe"], fontsize=9)
+            ax.set_xlabel("step")
+        axes[0][0].set_ylabel("validation loss")
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(assets, "recipe.png"), dpi=110)
     print(f"plots written to {assets}")
 
 
@@ -509,10 +603,6 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny settings: checks the pipeline in minutes")
     parser.add_argument("--only", choices=["heads", "assign", "pruning", "recipe"], action="append",
                         help="run only this section (repeat the flag for several)")
-    parser.add_argument("--recipes", default=None, help="recipe: comma-separated names from RECIPES "
-                        f"({', '.join(RECIPES)}; None: the section's)")
-    parser.add_argument("--seeds", default=None, help="recipe: comma-separated seeds (None: the section's)")
-    parser.add_argument("--stop", type=int, default=None, help="recipe: train only this many steps of the schedule")
     parser.add_argument("--data_dir", default="data/c4_sample", help="C4-format token shards (prepare_data.py)")
     parser.add_argument("--out_dir", default=None, help="runs (None: out/experiments, or out/experiments-quick)")
     parser.add_argument("--assets", default=None, help="logs, results and plots (None: assets, or the quick "
@@ -542,13 +632,7 @@ def main(argv=None):
         if what == "heads":
             results["heads"] = heads_experiment(cfg["heads"], args.data_dir, out_root, assets)
         elif what == "recipe":
-            rcfg = dict(cfg["recipe"], train=dict(cfg["recipe"]["train"], stop=args.stop))
-            if args.recipes:
-                rcfg["recipes"] = args.recipes.split(",")
-            if args.seeds:
-                rcfg["seeds"] = [int(s) for s in args.seeds.split(",")]
-            results.setdefault("recipe", {})[f"stop{args.stop}" if args.stop else "full"] = \
-                recipe_experiment(rcfg, args.data_dir, out_root, assets)
+            results["recipe"] = recipe_experiment(cfg["recipe"], args.data_dir, out_root, assets)
         elif what == "assign":
             results["assign"] = assign_experiment(cfg["assign"], out_root, assets)
         else:
@@ -560,10 +644,12 @@ def main(argv=None):
         results["command"] = "python experiments.py" + (" --quick" if args.quick else "")
         results["commit"] = (git_commit() or "")[:7] or None
         write_json(results_path, results)
-    with open(os.path.join(assets, "results.md"), "w") as f:
-        f.write(tables(results) + "\n")
+    write_atomic(os.path.join(assets, "results.md"), lambda tmp: pathlib.Path(tmp).write_text(tables(results) + "\n"))
     print(tables(results))
     plots(assets)
+    if "recipe" in todo and not all(guard_holds(r)[0] for r in results["recipe"]["guard"]):
+        raise SystemExit("experiments.py: the guard failed: selective attention trains worse than standard under "
+                         "the plain recipe with clipping (README, Results: the training recipe)")
 
 
 if __name__ == "__main__":
