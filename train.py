@@ -347,7 +347,35 @@ def main(argv=None):
         sys.exit(130)
 
 
-def train(args, ckpt, ddp, rank, world):
+@dataclasses.dataclass
+class Run:
+    """What one training process holds: the model (raw_model without compile/DDP wrappers), its optimiser and
+    precision, the data, where the run is, and the clocks."""
+    args: argparse.Namespace
+    device: str
+    rank: int
+    world: int
+    model: torch.nn.Module
+    raw_model: GPT
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    ctx: contextlib.AbstractContextManager
+    shards: dict
+    peak_flops: float
+    iter_num: int = 0
+    best_val_loss: float = float("inf")
+    started: float = dataclasses.field(default_factory=time.time)
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def path(self, name):
+        return os.path.join(self.args.out_dir, name)
+
+
+def setup_device(args, ddp, rank):
+    """The device of this process (torchrun: one GPU each, or gloo on CPUs), seeded."""
     device = pick_device(args.device)
     if ddp:
         from torch.distributed import init_process_group
@@ -356,125 +384,151 @@ def train(args, ckpt, ddp, rank, world):
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if use_cuda else "cpu"
         if use_cuda:
             torch.cuda.set_device(device)
-    master = rank == 0
-    device_type = device.split(":")[0]
-    dtype_name = autocast_dtype(device_type, args.dtype)
-    micro_steps = args.grad_accum // world  # per process
-    tokens_per_iter = args.grad_accum * args.batch_size * args.block_size
     torch.manual_seed(args.seed + rank)
-    if device_type == "cuda":
+    if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def build_run(args, ckpt, ddp, rank, world):
+    """Device, data, model, optimiser: new, or exactly as the checkpoint left them."""
+    device = setup_device(args, ddp, rank)
+    device_type = device.split(":")[0]
+    dtype_name = autocast_dtype(device_type, args.dtype)
     shards = load_c4(args) if args.dataset == "c4" else None
-
-    # the run directory: a new run was checked to be allowed (resolve_args); --overwrite clears the old one
-    os.makedirs(args.out_dir, exist_ok=True)
-    if args.overwrite and master:
-        for name in RUN_FILES:
-            if os.path.exists(os.path.join(args.out_dir, name)):
-                os.remove(os.path.join(args.out_dir, name))
-    ckpt_path, log_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "log.jsonl")
-
     model = GPT(GPTConfig(**model_args(args))).to(device)
     optimizer = model.configure_optimizers(args.weight_decay, args.learning_rate, (args.beta1, args.beta2),
                                            device_type, args.grad_clip)
-    path = attention_path(args.attention, torch.empty(0, device=device), args.dropout) if args.selective else None
-    iter_num, best_val_loss = 0, float("inf")
+    run = Run(args, device, rank, world, model, model, optimizer,
+              torch.amp.GradScaler(device_type, enabled=dtype_name == "float16"), autocast(device_type, dtype_name),
+              shards, args.peak_flops or measure_peak_flops(device, getattr(torch, dtype_name)))
     if ckpt is not None:
         model.load_state_dict(strip_compile_prefix(ckpt["model"]))
         optimizer.load_state_dict(ckpt["optimizer"])
-        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        run.iter_num, run.best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         torch.set_rng_state(ckpt["rng"]["cpu"][rank % len(ckpt["rng"]["cpu"])])
         if device_type == "cuda" and ckpt["rng"]["cuda"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"][rank % len(ckpt["rng"]["cuda"])])
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype_name == "float16")
-    ctx = autocast(device_type, dtype_name)
-    raw_model = model
     if args.compile:
-        if master:
+        if run.master:
             print("compiling the model (torch.compile): about 30-60 s on a CPU before the first iteration")
-        model = torch.compile(model)
+        run.model = torch.compile(run.model)
     if ddp:
         from torch.nn.parallel import DistributedDataParallel
-        model = DistributedDataParallel(model, device_ids=[int(os.environ["LOCAL_RANK"])]
-                                        if device_type == "cuda" else None)
-    peak_flops = args.peak_flops or measure_peak_flops(device, getattr(torch, dtype_name))
+        run.model = DistributedDataParallel(run.model, device_ids=[int(os.environ["LOCAL_RANK"])]
+                                            if device_type == "cuda" else None)
+    return run
 
-    if master:
-        start_log(args, ckpt, log_path, {
-            "config": vars(args), "model": model_args(args), "git_commit": git_commit(), "device": device,
-            "dtype": dtype_name, "world_size": world, "tokens_per_iter": tokens_per_iter,
-            "n_params": raw_model.get_num_params(), "torch": torch.__version__, "peak_flops": peak_flops,
-            "attention_path": path})
-        print(f"{'selective' if args.selective else 'standard'} GPT, {raw_model.get_num_params() / 1e6:.2f}M "
-              f"parameters, {args.dataset}, {device} {dtype_name}, {tokens_per_iter} tokens/iter, world {world},"
-              f" out_dir {args.out_dir}" + (f", attention path: {path}" if path else ""))
-        if ckpt is not None:
-            print(say_resume(args, ckpt))
-    started = time.time()
-    model.train()
-    train_seconds, first_iter = 0.0, iter_num  # training time alone (evaluations left out), for the eta
+
+def start_run(run, ckpt):
+    """The run directory (--overwrite clears an old run; resolve_args checked the rest), its log, the first line."""
+    args, raw = run.args, run.raw_model
+    os.makedirs(args.out_dir, exist_ok=True)
+    if args.overwrite:
+        for name in RUN_FILES:
+            if os.path.exists(run.path(name)):
+                os.remove(run.path(name))
+    path = attention_path(args.attention, torch.empty(0, device=run.device), args.dropout) if args.selective else None
+    tokens_per_iter = args.grad_accum * args.batch_size * args.block_size
+    start_log(args, ckpt, run.path("log.jsonl"), {
+        "config": vars(args), "model": model_args(args), "git_commit": git_commit(), "device": run.device,
+        "dtype": autocast_dtype(run.device.split(":")[0], args.dtype), "world_size": run.world,
+        "tokens_per_iter": tokens_per_iter, "n_params": raw.get_num_params(), "torch": torch.__version__,
+        "peak_flops": run.peak_flops, "attention_path": path})
+    print(f"{'selective' if args.selective else 'standard'} GPT, {raw.get_num_params() / 1e6:.2f}M parameters, "
+          f"{args.dataset}, {run.device} {autocast_dtype(run.device.split(':')[0], args.dtype)}, {tokens_per_iter} "
+          f"tokens/iter, world {run.world}, out_dir {args.out_dir}" + (f", attention path: {path}" if path else ""))
+    if ckpt is not None:
+        print(say_resume(args, ckpt))
+
+
+def evaluate_and_save(run):
+    """Evaluate, log, and write ckpt.pt (and ckpt_best.pt when the validation loss improved)."""
+    metrics = evaluate(run.raw_model, run.args, run.shards, run.ctx, run.device)
+    improved = metrics["val_loss"] < run.best_val_loss
+    run.best_val_loss = min(run.best_val_loss, metrics["val_loss"])
+    rng = rng_states(run.device.split(":")[0], run.world)  # under DDP every process takes part in the gather
+    if not run.master:
+        return
+    acc = f", val accuracy {metrics['val_accuracy']:.3f}" if run.args.dataset == "assign" else ""
+    print(f"eval {run.iter_num}: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}, "
+          f"val ppl {metrics['val_ppl']:.2f}{acc}")
+    append_log(run.path("log.jsonl"), dict(iter=run.iter_num, **metrics), run.started)
+    state = {"model": strip_compile_prefix(run.raw_model.state_dict()), "optimizer": run.optimizer.state_dict(),
+             "args": vars(run.args), "model_args": model_args(run.args), "iter_num": run.iter_num,
+             "best_val_loss": run.best_val_loss, "rng": rng}
+    write_atomic(run.path("ckpt.pt"), lambda tmp: torch.save(state, tmp))
+    if improved:
+        write_atomic(run.path("ckpt_best.pt"), lambda tmp: torch.save(state, tmp))
+
+
+def train_step(run, lr):
+    """One iteration: the micro-steps of this process (DDP syncs gradients on the last), clipping, the update.
+    Returns the last micro-step's loss."""
+    args, micro_steps = run.args, run.args.grad_accum // run.world
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    for micro in range(micro_steps):
+        x, y = get_batch(args, run.shards, "train", run.iter_num, run.rank * micro_steps + micro, run.device)
+        sync = run.world == 1 or micro == micro_steps - 1
+        with (contextlib.nullcontext() if sync else run.model.no_sync()), run.ctx:
+            _, loss = run.model(x, targets=y)
+            loss = loss / micro_steps
+        run.scaler.scale(loss).backward()
+    if args.grad_clip > 0:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.iter_num += 1
+    return loss.item() * micro_steps
+
+
+def log_progress(run, loss, lr, dt, eta):
+    """The progress line a person reads, and the same numbers in the log."""
+    args = run.args
+    tokens_per_iter = args.grad_accum * args.batch_size * args.block_size
+    mfu = run.raw_model.estimate_mfu(args.batch_size * args.grad_accum // run.world, dt, run.peak_flops,
+                                     args.block_size)
+    terms = {k: v.item() for k, v in run.raw_model.loss_terms.items()}
+    print(f"iter {run.iter_num}/{args.max_iters} ({100 * run.iter_num // args.max_iters}%): loss {loss:.4f}, "
+          f"lr {lr:.2e}, {dt * 1000:.1f} ms/iter, {tokens_per_iter / dt:,.0f} tokens/s, mfu {mfu * 100:.2f}%, "
+          f"elapsed {clock(time.time() - run.started)}, eta {clock(eta)}")
+    append_log(run.path("log.jsonl"), dict(iter=run.iter_num, loss=loss, lr=lr, ms_per_iter=dt * 1000,
+                                           tokens_per_s=tokens_per_iter / dt, mfu=mfu, **terms), run.started)
+
+
+def train(args, ckpt, ddp, rank, world):
+    run = build_run(args, ckpt, ddp, rank, world)
+    if run.master:
+        start_run(run, ckpt)
+    run.model.train()
+    train_seconds, first_iter = 0.0, run.iter_num  # training time alone (evaluations left out), for the eta
     t0, timed_iters = time.time(), 0
     while True:
-        lr = get_lr(iter_num, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        resumed_here = ckpt is not None and iter_num == ckpt["iter_num"]  # evaluated and logged before the stop
-        if (iter_num % args.eval_interval == 0 or iter_num == args.max_iters) and not resumed_here:
+        resumed_here = ckpt is not None and run.iter_num == ckpt["iter_num"]  # evaluated before the stop
+        if (run.iter_num % args.eval_interval == 0 or run.iter_num == args.max_iters) and not resumed_here:
             train_seconds += time.time() - t0
-            metrics = evaluate(raw_model, args, shards, ctx, device)
-            if master:
-                acc = f", val accuracy {metrics['val_accuracy']:.3f}" if args.dataset == "assign" else ""
-                print(f"eval {iter_num}: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}, "
-                      f"val ppl {metrics['val_ppl']:.2f}{acc}")
-            if master:
-                append_log(log_path, dict(iter=iter_num, **metrics), started)
-            improved = metrics["val_loss"] < best_val_loss
-            best_val_loss = min(best_val_loss, metrics["val_loss"])
-            rng = rng_states(device_type, world)  # under DDP every process takes part in the gather
-            if master:
-                state = {"model": strip_compile_prefix(raw_model.state_dict()), "optimizer": optimizer.state_dict(),
-                         "args": vars(args), "model_args": model_args(args), "iter_num": iter_num,
-                         "best_val_loss": best_val_loss, "rng": rng}
-                write_atomic(ckpt_path, lambda tmp: torch.save(state, tmp))
-                if improved:
-                    write_atomic(os.path.join(args.out_dir, "ckpt_best.pt"), lambda tmp: torch.save(state, tmp))
+            evaluate_and_save(run)
             t0, timed_iters = time.time(), 0
-        if iter_num >= args.max_iters:
+        if run.iter_num >= args.max_iters:
             break
-        for micro in range(micro_steps):
-            x, y = get_batch(args, shards, "train", iter_num, rank * micro_steps + micro, device)
-            sync = not ddp or micro == micro_steps - 1
-            with (contextlib.nullcontext() if sync else model.no_sync()), ctx:
-                _, loss = model(x, targets=y)
-                loss = loss / micro_steps
-            scaler.scale(loss).backward()
-        if args.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        iter_num += 1
+        lr = get_lr(run.iter_num, args)
+        loss = train_step(run, lr)
         timed_iters += 1
-        if iter_num % args.log_interval == 0 or iter_num == args.max_iters:
-            synchronize(device)
+        if run.iter_num % args.log_interval == 0 or run.iter_num == args.max_iters:
+            synchronize(run.device)
             dt = (time.time() - t0) / timed_iters
             train_seconds += time.time() - t0
             t0, timed_iters = time.time(), 0
-            loss_value = loss.item() * micro_steps  # the last micro-step's loss
-            mfu = raw_model.estimate_mfu(args.batch_size * micro_steps, dt, peak_flops, args.block_size)
-            terms = {k: v.item() for k, v in raw_model.loss_terms.items()}
-            if master:
-                eta = train_seconds / (iter_num - first_iter) * (args.max_iters - iter_num)
-                print(f"iter {iter_num}/{args.max_iters} ({100 * iter_num // args.max_iters}%): loss {loss_value:.4f}, "
-                      f"lr {lr:.2e}, {dt * 1000:.1f} ms/iter, {tokens_per_iter / dt:,.0f} tokens/s, "
-                      f"mfu {mfu * 100:.2f}%, elapsed {clock(time.time() - started)}, eta {clock(eta)}")
-                append_log(log_path, dict(iter=iter_num, loss=loss_value, lr=lr, ms_per_iter=dt * 1000,
-                                          tokens_per_s=tokens_per_iter / dt, mfu=mfu, **terms), started)
+            if run.master:
+                log_progress(run, loss, lr, dt, train_seconds / (run.iter_num - first_iter) *
+                             (args.max_iters - run.iter_num))
     if ddp:  # leave together, and release DDP's pending gloo work while the interpreter is still whole
         torch.distributed.barrier()
-        del model
+        del run.model
         torch.distributed.destroy_process_group()
 
 
