@@ -62,7 +62,7 @@ def tiled_selective_attention(q, k, v):
 # The stock SDPA backward cannot return the gradient of a float mask on the CPU: asked for one, PyTorch falls back
 # to its math kernel and keeps all H x T x T probabilities. Here the backward walks query chunks of C rows from last
 # to first; for each chunk it recomputes the (H, C, keys) probabilities with batched matmuls and softmax, takes
-# dq, dk, dv as FlashAttention does, and the gradient through F (docs/KERNEL.md §2):
+# dq, dk, dv as FlashAttention does, and the gradient through F (docs/KERNEL.md, Backward):
 #   dF = -sum_h dZ_h,  dS[k, j] = sum_{i > k} dF[i, j]  (a running column sum R over later chunks + a small
 #   triangular matmul inside the chunk),  dA_0 += dS where S > 0,  into head 0's q and k.
 
