@@ -508,3 +508,102 @@ def test_selective_model_warns_about_an_unguarded_optimiser():
         model.configure_optimizers(0.1, 1e-3, (0.9, 0.999), "cpu", grad_clip=1.0)
         model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
         tiny_model(selective=False, dtype=torch.float32).configure_optimizers(0.1, 1e-3, (0.9, 0.999), "cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Properties over random small models and inputs (hypothesis): shapes, weights large enough that selection is
+# active, prompts, and per-layer budgets from 2 (BOS and the current token) to past T.
+
+@st.composite
+def small_models(draw):
+    """A float64 selective model with head 0's logits scaled up (so that F is far from 0) and its vocabulary."""
+    n_head = draw(st.sampled_from([1, 2, 4]))
+    head_dim = draw(st.sampled_from([2, 4, 8]))
+    n_layer = draw(st.integers(1, 3))
+    return tiny_model(n_head=n_head, n_embd=n_head * head_dim, n_layer=n_layer, block_size=24, vocab_size=17,
+                      seed=draw(st.integers(0, 2 ** 16)), attention=draw(st.sampled_from(["tiled", "mask", "reference"])))
+
+
+@st.composite
+def prompts_and_budgets(draw, model):
+    T = draw(st.integers(2, 24))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16)))
+    idx = torch.cat([torch.zeros(2, 1, dtype=torch.long), torch.randint(1, 17, (2, T - 1), generator=g)], dim=1)
+    budgets = draw(st.lists(st.integers(2, T + 3), min_size=model.config.n_layer, max_size=model.config.n_layer))
+    return idx, budgets
+
+
+@settings(max_examples=15)
+@given(st.data())
+def test_property_pruned_decoding_equals_the_pruned_parallel_pass_and_buffers_obey_section_4(data):
+    model = data.draw(small_models())
+    idx, budgets = data.draw(prompts_and_budgets(model))
+    record = []
+    parallel, _ = model(idx, targets=idx, budgets=budgets)
+    torch.testing.assert_close(decode_logits(model, idx, budgets, record), parallel, rtol=1e-9, atol=1e-9)
+    for layer, budget in enumerate(budgets):
+        gone = [set() for _ in range(idx.size(0))]
+        before = [{0} for _ in range(idx.size(0))]
+        for positions in record:
+            for b, now in enumerate(set(p.tolist()) for p in positions[layer]):
+                assert 0 in now and len(now) <= budget and not now & gone[b]  # BOS stays, bounded, no return
+                gone[b] |= before[b] - now
+                before[b] = now
+
+
+@settings(max_examples=20)
+@given(B=st.integers(1, 2), H=st.integers(1, 3), T=st.integers(1, 40), D=st.sampled_from([1, 4, 8]),
+       scale=st.floats(0.5, 3.0), seed=st.integers(0, 2 ** 16), path=st.sampled_from(["mask", "tiled"]))
+def test_property_every_attention_path_equals_the_reference(B, H, T, D, scale, seed, path):
+    q, k, v = (t.detach().mul(scale).requires_grad_() for t in random_qkv(B, H, T, D, torch.float64, seed))
+    dy = torch.randn(B, H, T, D, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
+    want = grads_of(reference, q, k, v, dy)
+    got = grads_of(lambda a, b, c: selective_attention(a, b, c, attention=path), q, k, v, dy)
+    for name, w, g in zip(["y", "dq", "dk", "dv"], want, got):
+        torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-9, msg=f"{path} {name}")
+
+
+@settings(max_examples=15)
+@given(st.data())
+def test_property_causality_under_random_edits(data):
+    model = data.draw(small_models())
+    idx, _ = data.draw(prompts_and_budgets(model))
+    T = idx.size(1)
+    t = data.draw(st.integers(1, T - 1))
+    changed = idx.clone()
+    changed[:, t] = (changed[:, t] + data.draw(st.integers(1, 16))) % 17
+    base, _ = model(idx, targets=idx)
+    after, _ = model(changed, targets=changed)
+    torch.testing.assert_close(after[:, :t], base[:, :t], rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=30)
+@given(L=st.integers(1, 3), B=st.integers(1, 3), T=st.integers(1, 9), tau=st.floats(0.25, 3.0),
+       seed=st.integers(0, 2 ** 16))
+def test_property_memory_loss_is_its_definition_and_has_no_gradient_where_F_reaches_tau(L, B, T, tau, seed):
+    g = torch.Generator().manual_seed(seed)
+    Fs = [(torch.rand(B, T, T, generator=g, dtype=torch.float64) * 2 * tau).tril(-1).requires_grad_() for _ in
+          range(L)]
+    by_definition = 0.0
+    for b in range(B):
+        for F in Fs:  # §5, with loops: max over queries of (i + 1) - sum_{j <= i} min(F[i, j], tau) / tau
+            by_definition += max((i + 1) - sum(min(F[b, i, j].item(), tau) for j in range(i + 1)) / tau
+                                 for i in range(T)) / (L * T) / B
+    loss = memory_loss(Fs, tau)
+    assert loss.item() == pytest.approx(by_definition, rel=1e-12, abs=1e-12)
+    loss.backward()
+    for F in Fs:
+        assert (F.grad[F.detach() >= tau] == 0).all()
+
+
+@settings(max_examples=15)
+@given(st.data())
+def test_property_selection_off_equals_standard(data):
+    selective = data.draw(small_models())
+    config = dict(vars(selective.config), selective=False)
+    standard = GPT(GPTConfig(**config)).to(torch.float64).eval()
+    standard.load_state_dict(selective.state_dict())
+    zero_head0_queries(standard)
+    zero_head0_queries(selective)
+    idx, _ = data.draw(prompts_and_budgets(selective))
+    torch.testing.assert_close(selective(idx, targets=idx)[0], standard(idx, targets=idx)[0], rtol=1e-12, atol=1e-12)
