@@ -109,11 +109,20 @@ TRAIN_FLAGS = ("n_layer", "n_embd", "n_head", "block_size", "batch_size", "eval_
 
 
 def train_flags(cfg, **extra):
-    """train.py flags from an experiment's settings, overridden and extended by extra (True: a switch)."""
+    """train.py flags from an experiment's settings, overridden and extended by extra (True: a switch, False: left
+    out)."""
     flags = []
     for key, value in ({k: cfg[k] for k in TRAIN_FLAGS if k in cfg} | extra).items():
-        flags += [f"--{key}"] if value is True else [f"--{key}", str(value)]
+        if value is not False:
+            flags += [f"--{key}"] if value is True else [f"--{key}", str(value)]
     return flags
+
+
+def train_and_keep(name, cfg, out_root, assets, **extra):
+    """train() a run with the experiment's flags and extra, and keep its log in assets; returns its records."""
+    records = train(name, out_root, train_flags(cfg, **extra), cfg["max_iters"])
+    keep_log(records, name, assets)
+    return records
 
 
 def evals(records):
@@ -138,11 +147,8 @@ def heads_experiment(cfg, data_dir, out_root, assets):
             losses = []
             for seed in cfg["seeds"]:
                 name = f"heads-{'sel' if selective else 'std'}-h{H}-s{seed}"
-                extra = dict(n_head=H, seed=seed, dataset="c4", data_dir=data_dir)
-                if selective:
-                    extra["selective"] = True
-                records = train(name, out_root, train_flags(cfg, **extra), cfg["max_iters"])
-                keep_log(records, name, assets)
+                records = train_and_keep(name, cfg, out_root, assets, n_head=H, seed=seed, dataset="c4",
+                                         data_dir=data_dir, selective=selective)
                 losses.append(evals(records)[-1]["val_loss"])
             rows.append({"n_head": H, "selective": selective, "val_losses": losses, "mean": statistics.mean(losses),
                          "spread": max(losses) - min(losses)})
@@ -159,11 +165,7 @@ def assign_experiment(cfg, out_root, assets):
     curves = {}
     for selective in (False, True):
         name = f"assign-{'sel' if selective else 'std'}"
-        extra = dict(dataset="assign", seed=1)
-        if selective:
-            extra["selective"] = True
-        records = train(name, out_root, train_flags(cfg, **extra), cfg["max_iters"])
-        keep_log(records, name, assets)
+        records = train_and_keep(name, cfg, out_root, assets, dataset="assign", seed=1, selective=selective)
         curves[name] = [(r["iter"], r["val_accuracy"]) for r in evals(records)]
     model, run = sample.load_model(os.path.join(out_root, "assign-sel"), "ckpt.pt", "cpu")
     batches = list(sample.validation_batches(run, cfg["eval_iters"], cfg["batch_size"], "cpu"))
@@ -189,14 +191,13 @@ def pruning_experiment(cfg, data_dir, out_root, assets):
     for T in cfg["blocks"]:
         base = dict(dataset="c4", data_dir=data_dir, seed=1, block_size=T)
         std_name = f"pruning-std-T{T}"
-        keep_log(train(std_name, out_root, train_flags(cfg, **base), cfg["max_iters"]), std_name, assets)
+        train_and_keep(std_name, cfg, out_root, assets, **base)
         std_model, run = sample.load_model(os.path.join(out_root, std_name), "ckpt.pt", "cpu")
         batches = list(sample.validation_batches(run, cfg["search_batches"], cfg["batch_size"], "cpu"))
         standard_ppl = sample.perplexity(std_model, batches, ctx)
         for weight in cfg["weights"]:
             name = f"pruning-sel-T{T}-eps{weight}"
-            flags = train_flags(cfg, selective=True, memory_loss_weight=weight, **base)
-            keep_log(train(name, out_root, flags, cfg["max_iters"]), name, assets)
+            train_and_keep(name, cfg, out_root, assets, selective=True, memory_loss_weight=weight, **base)
             model, _ = sample.load_model(os.path.join(out_root, name), "ckpt.pt", "cpu")
             row = {"block_size": T, "memory_loss_weight": weight, "standard_ppl": standard_ppl}
             for key, target in (("vs_standard", standard_ppl), ("vs_itself", None)):

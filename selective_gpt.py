@@ -97,6 +97,9 @@ def selective_attention_reference(q, k, v):
     return att.to(v.dtype) @ v, F
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The memory loss (§5): a term that rewards masking, so that pruning can go further.
+
 def memory_loss(Fs, tau):
     """§5: M_i = (i + 1) - sum_{j <= i} min(F[i, j], tau) / tau, the soft count of keys query i still needs;
     L_mem = (1 / (L * T)) * sum_l max_i M_i, averaged over the batch. Fs: one (B, T, T) F per layer."""
@@ -105,6 +108,9 @@ def memory_loss(Fs, tau):
     per_layer = [(keys_seen - F.clamp(max=tau).sum(dim=-1) / tau).max(dim=-1).values for F in Fs]  # (B,) each
     return torch.stack(per_layer).sum(dim=0).mean() / (len(Fs) * T)
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Head 0's logits and F from q and k: what every path below shares.
 
 def head0_logits(q, k):
     """Head 0's scaled logits q_0 k_0^T / sqrt(head_dim), (B, T_q, T_k); the one expression every path uses, so

@@ -520,8 +520,9 @@ def small_models(draw):
     n_head = draw(st.sampled_from([1, 2, 4]))
     head_dim = draw(st.sampled_from([2, 4, 8]))
     n_layer = draw(st.integers(1, 3))
+    attention = draw(st.sampled_from(["tiled", "mask", "reference"]))
     return tiny_model(n_head=n_head, n_embd=n_head * head_dim, n_layer=n_layer, block_size=24, vocab_size=17,
-                      seed=draw(st.integers(0, 2 ** 16)), attention=draw(st.sampled_from(["tiled", "mask", "reference"])))
+                      seed=draw(st.integers(0, 2 ** 16)), attention=attention)
 
 
 @st.composite
