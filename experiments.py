@@ -512,7 +512,7 @@ def recipe_tables(recipe):
                          f"{r['sel_qk0_grad_norm_max_first_100']:.1f} | {adam(r, 'std')}; {adam(r, 'sel')} |")
     for r in recipe.get("guard", []):
         holds, spread = guard_holds(r)
-        lines.append(f"\nGuard ({r['recipe']}, seeds {len(r['std'])}): selective {statistics.mean(r['sel']):.3f}, "
+        lines.append(f"\nGuard ({r['recipe']}, {len(r['std'])} seeds): selective {statistics.mean(r['sel']):.3f}, "
                      f"standard {statistics.mean(r['std']):.3f}, seed spread {spread:.3f}: "
                      f"{'holds' if holds else 'FAILS: selective is worse than standard by more than the spread'}")
     return lines + [""]
@@ -584,7 +584,7 @@ def plots(assets):
             for variant, color in (("std", "tab:blue"), ("sel", "tab:red")):
                 path = os.path.join(assets, "logs", f"recipe-{r['recipe']}-{variant}-s1-stop{stop}.jsonl")
                 with open(path) as f:
-                    points = [json.loads(line) for line in f][1:]
+                    points = [json.loads(line) for line in f][2:]  # from the first logged step: not the init's 10.8
                 ax.plot([p["iter"] for p in points], [p["val_loss"] for p in points], color=color,
                         label="selective" if variant == "sel" else "standard")
             ax.set_title(r["recipe"], fontsize=9)
