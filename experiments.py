@@ -615,7 +615,7 @@ def main(argv=None):
     assets = args.assets or (os.path.join(out_root, "assets") if args.quick else os.path.join(HERE, "assets"))
     if args.plots:
         return plots(assets)
-    todo = args.only or ["assign", "pruning", "heads"]
+    todo = args.only or ["assign", "pruning", "heads", "recipe"]
     if {"heads", "pruning", "recipe"} & set(todo) and not glob.glob(os.path.join(args.data_dir, "*.bin")):
         raise SystemExit(f"experiments.py: no token shards in {args.data_dir}: run  python prepare_data.py --local "
                          f"PATH/TO/c4/en --data_dir {args.data_dir}  (C4-format files you have), or "
