@@ -153,6 +153,8 @@ def check_args(parser, args):
                      "--explain: add one of them (without, nothing would use the budgets)")
     if args.explain_png is not None and not args.explain:
         parser.error("--explain_png draws what --explain shows: add --explain")
+    if args.explain_png is not None and os.path.isdir(args.explain_png):
+        parser.error(f"--explain_png {args.explain_png} is a directory: give a file name in it, e.g. F.png")
     if args.explain_png is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.explain_png))):
         parser.error(f"--explain_png {args.explain_png}: its folder does not exist")
     if args.budgets is not None:

@@ -283,6 +283,18 @@ def test_resume_to_a_reached_target_stops_and_a_larger_one_extends_the_schedule(
     assert lrs[7] > 1e-4 * 1.5  # not stuck at min_lr after the old schedule's end
 
 
+def test_resume_a_checkpoint_from_before_the_attention_field_with_another_path(tmp_path):
+    out = str(tmp_path / "o")
+    assert run_script("train.py", "--dataset", "assign", "--selective", *TINY, "--max_iters", "2",
+                      "--eval_interval", "2", "--out_dir", out)[0] == 0
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    for key in ("args", "model_args"):
+        del ckpt[key]["attention"]  # as written before GPTConfig.attention existed
+    torch.save(ckpt, os.path.join(out, "ckpt.pt"))
+    code, text = run_script("train.py", "--resume", "--attention", "mask", "--max_iters", "3", "--out_dir", out)
+    assert code == 0 and "attention path: mask" in text, text
+
+
 def test_overwrite_starts_over(tmp_path):
     out = str(tmp_path / "o")
     flags = ["--dataset", "assign", *TINY, "--max_iters", "2", "--eval_interval", "2", "--out_dir", out]
@@ -583,6 +595,8 @@ BAD_INPUTS = [
     ([*S, "--device", "foo"], "--device foo: no such device here"),
     ([*S, "--explain_png", "x.png"], "--explain_png draws what --explain shows: add --explain"),
     ([*S, "--explain", "--explain_png", "nowhere/x.png"], "--explain_png nowhere/x.png: its folder does not exist"),
+    ([*S, "--explain", "--explain_png", "folder"], "--explain_png folder is a directory"),
+    ([*A, "--out_dir", ""], "--out_dir is empty"),
     ([*S, "--explain", "--start", "a=1 " * 30], "--explain: the prompt has 31 tokens with BOS, more than block_size"),
     (["sample.py", "--out_dir", "truncated"], "truncated/ckpt.pt is damaged"),
     (["sample.py", "--out_dir", "garbage"], "garbage/ckpt_best.pt loads (iteration 30): use it instead"),

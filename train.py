@@ -117,6 +117,8 @@ def resolve_args(argv=None):
     given = given_flags(parser, sys.argv[1:] if argv is None else argv)
     if args.out_dir is None:
         args.out_dir = f"out-{args.dataset}"
+    if not args.out_dir.strip():
+        parser.error("--out_dir is empty: give a directory for the run")
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         parser.error(f"--out_dir {args.out_dir} is a file, not a directory: give another --out_dir")
     ckpt = None
@@ -128,8 +130,12 @@ def resolve_args(argv=None):
         except CheckpointError as e:
             parser.error(f"--resume: {e}")
         saved = ckpt["args"]
-        changed = [f"--{k} {saved[k]} -> {getattr(args, k)}" for k in MODEL_FIELDS + ["dataset"]
-                   if k in given and getattr(args, k) != saved[k]]
+        # --attention only picks how the same model is computed: it may change; checkpoints from before the field
+        # existed hold none (GPTConfig's default)
+        defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+        changed = [f"--{k} {saved.get(k, defaults.get(k))} -> {getattr(args, k)}"
+                   for k in MODEL_FIELDS + ["dataset"]
+                   if k in given and k != "attention" and getattr(args, k) != saved.get(k, defaults.get(k))]
         if changed:
             parser.error(f"--resume: {args.out_dir}/ckpt.pt is a checkpoint of a different model: {', '.join(changed)}."
                          f" Drop those flags, or use another --out_dir")
