@@ -6,21 +6,27 @@ The paper's claims (SPEC §6), checked at the scale two CPU cores allow. One com
     python experiments.py --quick          # the same pipeline on tiny settings, minutes (a slow test runs it)
     python experiments.py --plots          # only redraw assets/*.png from the logs in assets/logs
 
-  heads    validation loss vs n_head in {1, 2, 4, 8}, selective and standard, 2 seeds (spread shown), same data:
-           does selective attention with H heads reach standard attention with 2H?
+  heads    validation loss vs n_head in {1, 2, 4, 8}, selective and standard, 3 seeds, 3.1M tokens per run, same
+           data order, one initialisation seed per pair; the learning rate is the standard model's best of three
+           (one seed). Does selective attention beat standard, and does it with H heads reach standard with 2H?
+  ablations  the selection rule without BOS protection, and with self-masking (SPEC §9), H = 4, 2 seeds, trained
+           like the heads runs, beside selective and standard
   assign   the variable-assignment task: answer accuracy vs steps, selective vs standard (same config and seed);
            then the selective model's accuracy vs the pruning budget
-  pruning  selective models trained with memory loss weight 0, 0.02, 0.1 at block 256 and 512; the greedy per-layer
-           budgets (sample.find_budgets) that keep pruned val ppl <= the standard model's; L*T/sum(K)
+  pruning  selective models trained like the heads runs with memory loss weight 0 and 0.1 at block 512, and 0.1 at
+           block 1024; the greedy per-layer budgets (sample.find_budgets) that keep pruned val ppl <= the standard
+           model's and <= its own + 1%; L*T/sum(K); the no-context control (2 keys per layer)
   recipe   selective vs standard in a plain training loop (not train.py), block 128: one candidate cause of a bad
            result switched at a time (RECIPES, 600 steps), train.py's recipe over 3 seeds, and a guard that fails
            (exit 1) if selective trains worse than standard under the plain recipe with gradient clipping
 
-Runs go to out/experiments[-quick]/<name> and are skipped once finished (rerun to resume). The evaluation logs of
+Runs go to out/experiments[-quick]/<name>, two at a time with one thread each, and are skipped once finished; a run
+cut short continues from its last checkpoint (rerun to resume). The evaluation logs of
 the runs are copied to assets/logs/, the numbers to assets/results.json and assets/results.md, plots to
 assets/*.png (matplotlib, optional).
 """
 
+import concurrent.futures
 import glob
 import json
 import os
@@ -39,16 +45,22 @@ from prepare_data import ArgumentParser, answers_right, write_atomic, write_json
 from train import git_commit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The C4 runs share one model and schedule: 4 layers, 128 wide, 1,500 steps of 2,048 tokens (3.1M tokens per run),
+# bf16, validation on a fixed 40 batches every 250 steps (the checkpoints a resumed run continues from).
+C4_RUN = dict(n_layer=4, n_embd=128, max_iters=1500, eval_interval=250, eval_iters=40, warmup_iters=100,
+              dtype="bfloat16")
 FULL = {
-    "heads": dict(n_layer=4, n_embd=128, block_size=256, batch_size=8, max_iters=200, eval_interval=200,
-                  eval_iters=20, learning_rate=2e-3, warmup_iters=20, dtype="bfloat16", heads=[1, 2, 4, 8],
-                  seeds=[1, 2]),
+    # the learning rate: the best of `learning_rates` for the standard model (`lr_sweep`), then used for every run
+    "heads": dict(C4_RUN, block_size=128, batch_size=16, heads=[1, 2, 4, 8], seeds=[1, 2, 3],
+                  learning_rates=[5e-4, 1e-3, 2e-3], lr_sweep=dict(n_head=4, seed=1), workers=2),
+    "ablations": dict(rules=["mask_bos", "mask_self"], n_head=4, seeds=[1, 2]),  # trained like heads
     "assign": dict(n_layer=4, n_embd=128, n_head=4, block_size=96, batch_size=16, max_iters=1500, eval_interval=100,
                    eval_iters=20, learning_rate=1e-3, warmup_iters=100,
                    budgets=[2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64, 96]),
-    "pruning": dict(n_layer=4, n_embd=128, n_head=4, blocks=[256, 512], batch_size=8, max_iters=300,
-                    eval_interval=100, eval_iters=20, learning_rate=2e-3, warmup_iters=30, weights=[0.0, 0.02, 0.1],
-                    search_batches=6, shrink=0.7),
+    # per block size: the batch that keeps 2,048 tokens per step, and the memory loss weights of its selective models
+    "pruning": dict(C4_RUN, n_head=4, runs=[dict(block_size=512, batch_size=4, weights=[0.0, 0.1]),
+                                            dict(block_size=1024, batch_size=2, weights=[0.1])],
+                    search_batches=10, shrink=0.7),
     "recipe": dict(train=dict(n_layer=4, block_size=128, batch_size=16, max_iters=1500, eval_iters=40), n_head=4,
                    workers=2,
                    # one candidate cause at a time: 600 steps of the 1500-step schedule, seed 1
@@ -58,18 +70,21 @@ FULL = {
                    # the guard: the plain recipe with the clipping it needs, 2 seeds, 600 steps
                    guard=dict(recipes=["clip"], seeds=[1, 2], stop=600)),
 }
+QUICK_RUN = dict(n_layer=2, n_embd=32, max_iters=6, eval_interval=3, eval_iters=2, warmup_iters=2)
 QUICK = {
-    "heads": dict(FULL["heads"], n_layer=2, n_embd=32, block_size=32, max_iters=6, eval_interval=3, eval_iters=2,
-                  warmup_iters=2, heads=[1, 2], seeds=[1, 2]),
+    "heads": dict(FULL["heads"], **QUICK_RUN, block_size=32, batch_size=8, heads=[1, 2], seeds=[1, 2],
+                  learning_rates=[1e-3, 2e-3], lr_sweep=dict(n_head=2, seed=1)),
+    "ablations": dict(FULL["ablations"], n_head=2),
     "assign": dict(FULL["assign"], n_layer=2, n_embd=32, block_size=24, batch_size=8, max_iters=20, eval_interval=10,
                    eval_iters=2, warmup_iters=5, budgets=[2, 4, 24]),
-    "pruning": dict(FULL["pruning"], n_layer=2, n_embd=32, blocks=[32], max_iters=6, eval_interval=3, eval_iters=2,
-                    warmup_iters=2, weights=[0.0, 0.1], search_batches=2, shrink=0.5),
+    "pruning": dict(FULL["pruning"], **QUICK_RUN, runs=[dict(block_size=32, batch_size=8, weights=[0.0, 0.1])],
+                    search_batches=2, shrink=0.5),
     "recipe": dict(FULL["recipe"], train=dict(n_layer=1, block_size=32, batch_size=2, max_iters=100, eval_iters=2),
                    diagnosis=dict(recipes=["plain", "clip"], seeds=[1], stop=50),
                    confirmation=[dict(recipes=["train_py"], seeds=[1, 2])], guard=dict(recipes=["clip"], seeds=[1, 2],
                                                                                         stop=50)),
 }
+SECTIONS = ("heads", "ablations", "assign", "pruning", "recipe")
 DATA_SEED = 1337  # every run sees the same batches in the same order
 # glibc gives every freed block of over 32 MiB back to the OS, so a CPU training step page-faults its large
 # activations (the logits alone are batch x T x 50304 floats) in again at every iteration. Keeping freed memory
@@ -77,22 +92,29 @@ DATA_SEED = 1337  # every run sees the same batches in the same order
 KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
 
 
-def train(name, out_root, flags, max_iters):
-    """Run train.py unless out_root/name already finished; return its evaluation records."""
+def train(name, out_root, flags, max_iters, threads=None):
+    """Run train.py into out_root/name unless it finished already (a run cut short continues from its last
+    checkpoint); return its records. threads: torch's CPU threads for the run (None: torch's default)."""
     out = os.path.join(out_root, name)
     log = os.path.join(out, "log.jsonl")
-    if not finished(log, max_iters):
-        shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, os.path.join(HERE, "train.py"), *flags, "--max_iters", str(max_iters),
-               "--data_seed", str(DATA_SEED), "--log_interval", str(max_iters), "--out_dir", out]
-        print(f"  {name}: {' '.join(cmd[2:])}", flush=True)
-        started = time.time()
-        result = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise SystemExit(f"experiments.py: {name} failed:\n{result.stdout[-2000:]}{result.stderr[-4000:]}")
-        print(f"  {name}: done in {time.time() - started:.0f} s", flush=True)
-    else:
+    flags = [*flags, "--max_iters", str(max_iters), "--data_seed", str(DATA_SEED), "--log_interval", str(max_iters)]
+    if finished(log, max_iters):
         print(f"  {name}: finished already", flush=True)
+    else:
+        resume = os.path.exists(os.path.join(out, "ckpt.pt")) and os.path.exists(log)
+        if resume:
+            check_settings(log, flags)
+        else:
+            shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, os.path.join(HERE, "train.py"), *flags, "--out_dir", out] + ["--resume"] * resume
+        print(f"  {name}: {' '.join(cmd[2:])}", flush=True)
+        env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+        started = time.time()
+        result = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, env=env)
+        if result.returncode != 0:
+            raise RuntimeError(f"experiments.py: {name} failed:\n{result.stdout[-2000:]}{result.stderr[-4000:]}")
+        print(f"  {name}: done in {time.time() - started:.0f} s", flush=True)
+    check_settings(log, flags)
     with open(log) as f:
         return [json.loads(line) for line in f]
 
@@ -102,6 +124,39 @@ def finished(log, max_iters):
         return False
     with open(log) as f:
         return any(r.get("iter") == max_iters and "val_loss" in r for r in map(json.loads, f))
+
+
+def check_settings(log, flags):
+    """A run found in out_dir must be the run asked for: every flag as its log's header says (a changed setting in
+    this file must not reuse old runs)."""
+    with open(log) as f:
+        config = json.loads(f.readline())["config"]
+    i, differ = 0, []
+    while i < len(flags):
+        key = flags[i][2:]
+        value = True if i + 1 == len(flags) or flags[i + 1].startswith("--") else flags[i + 1]
+        i += 1 if value is True else 2
+        if key in config and str(config[key]) != str(value) and not (
+                isinstance(config[key], float) and float(value) == config[key]):
+            differ.append(f"--{key} {config[key]} (asked: {value})")
+    if differ:
+        raise SystemExit(f"experiments.py: {os.path.dirname(log)} is a run with other settings: {', '.join(differ)}."
+                         f" Delete it, or give another --out_dir")
+
+
+def train_all(jobs, out_root, workers=1):
+    """Train jobs [(name, flags, max_iters)], `workers` at a time with an equal share of the CPU threads each
+    (on 2 cores two 1-thread runs beat one 2-thread run); returns {name: records}."""
+    threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        futures = {name: pool.submit(train, name, out_root, flags, max_iters, threads)
+                   for name, flags, max_iters in jobs}
+        try:
+            return {name: future.result() for name, future in futures.items()}
+        except RuntimeError as e:
+            for future in futures.values():
+                future.cancel()
+            raise SystemExit(str(e))
 
 
 TRAIN_FLAGS = ("n_layer", "n_embd", "n_head", "block_size", "batch_size", "eval_interval", "eval_iters",
@@ -138,27 +193,90 @@ def keep_log(records, name, assets):
                 f.write(json.dumps(r) + "\n")
 
 
+def run_seconds(records):
+    """A run's training time from its log's elapsed_s, summed over the pieces of a resumed run."""
+    total = last = 0.0
+    for r in records:
+        if "elapsed_s" in r:
+            if r["elapsed_s"] < last:  # a resume starts its clock again
+                total += last
+            last = r["elapsed_s"]
+    return total + last
+
+
+def mean_sd(values):
+    return {"values": values, "mean": statistics.mean(values),
+            "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
 # ----------------------------------------------------------------------------------------------------------------
+# heads: does selective attention with H heads reach standard attention with 2H (SPEC §6)? Every run sees the same
+# batches in the same order; the two variants of a pair share their initialisation seed.
+
+def c4_run(cfg, data_dir, n_head, seed, selective, learning_rate, **extra):
+    """(name, flags, max_iters) of one C4 run with the heads settings."""
+    rules = "".join(f"-{rule}" for rule, on in extra.items() if on)
+    name = f"heads-{'sel' if selective else 'std'}{rules}-h{n_head}-s{seed}-lr{learning_rate:g}"
+    flags = train_flags(cfg, n_head=n_head, seed=seed, dataset="c4", data_dir=data_dir, selective=selective,
+                        learning_rate=learning_rate, **extra)
+    return name, flags, cfg["max_iters"]
+
+
+def lr_sweep(cfg, data_dir, out_root, assets):
+    """The standard model's learning rate: the best final validation loss of cfg['learning_rates'] (one seed), so
+    the baseline is not handicapped; every heads, ablation and pruning run uses it."""
+    sweep = cfg["lr_sweep"]
+    jobs = [c4_run(cfg, data_dir, sweep["n_head"], sweep["seed"], False, lr) for lr in cfg["learning_rates"]]
+    logs = train_all(jobs, out_root, cfg["workers"])
+    for name, records in logs.items():
+        keep_log(records, name, assets)
+    losses = {lr: evals(logs[name])[-1]["val_loss"] for lr, (name, _, _) in zip(cfg["learning_rates"], jobs)}
+    return {"n_head": sweep["n_head"], "seed": sweep["seed"], "val_loss": {f"{lr:g}": v for lr, v in losses.items()},
+            "chosen": min(losses, key=losses.get), "run_seconds": sum(map(run_seconds, logs.values()))}
+
 
 def heads_experiment(cfg, data_dir, out_root, assets):
+    sweep = lr_sweep(cfg, data_dir, out_root, assets)
+    lr = sweep["chosen"]
+    # seed-major, so that a sweep cut short has whole seeds
+    jobs = {(H, sel, seed): c4_run(cfg, data_dir, H, seed, sel, lr)
+            for seed in cfg["seeds"] for H in cfg["heads"] for sel in (False, True)}
+    logs = train_all(list(jobs.values()), out_root, cfg["workers"])
+    for name, records in logs.items():
+        keep_log(records, name, assets)
+    loss = {key: evals(logs[job[0]])[-1]["val_loss"] for key, job in jobs.items()}
     rows = []
     for H in cfg["heads"]:
-        for selective in (False, True):
-            losses = []
-            for seed in cfg["seeds"]:
-                name = f"heads-{'sel' if selective else 'std'}-h{H}-s{seed}"
-                records = train_and_keep(name, cfg, out_root, assets, n_head=H, seed=seed, dataset="c4",
-                                         data_dir=data_dir, selective=selective)
-                losses.append(evals(records)[-1]["val_loss"])
-            rows.append({"n_head": H, "selective": selective, "val_losses": losses, "mean": statistics.mean(losses),
-                         "spread": max(losses) - min(losses)})
-    mean = {(r["n_head"], r["selective"]): r["mean"] for r in rows}
-    answers = []
-    for H in cfg["heads"]:
-        if (2 * H, False) in mean:
-            answers.append({"H": H, "selective_H": mean[(H, True)], "standard_2H": mean[(2 * H, False)],
-                            "reaches": mean[(H, True)] <= mean[(2 * H, False)]})
-    return {"rows": rows, "selective_H_vs_standard_2H": answers}
+        std = [loss[(H, False, s)] for s in cfg["seeds"]]
+        sel = [loss[(H, True, s)] for s in cfg["seeds"]]
+        row = {"n_head": H, "standard": mean_sd(std), "selective": mean_sd(sel),
+               "gap": mean_sd([a - b for a, b in zip(std, sel)])}  # standard - selective, same seed
+        if 2 * H in cfg["heads"]:
+            std2 = [loss[(2 * H, False, s)] for s in cfg["seeds"]]
+            row["standard_2H"] = mean_sd(std2)
+            row["gap_2H"] = mean_sd([a - b for a, b in zip(std2, sel)])  # standard 2H - selective H, same seed
+        rows.append(row)
+    tokens = cfg["max_iters"] * cfg["batch_size"] * cfg["block_size"]
+    return {"lr_sweep": sweep, "learning_rate": lr, "rows": rows, "tokens_per_run": tokens,
+            "run_seconds": sum(map(run_seconds, logs.values()))}
+
+
+def ablations_experiment(cfg, heads_cfg, data_dir, out_root, assets):
+    """§9: each ablation of the selection rule at n_head = cfg['n_head'], trained like the heads runs; beside it
+    the heads runs of the same seeds (selective and standard)."""
+    lr = lr_sweep(heads_cfg, data_dir, out_root, assets)["chosen"]
+    H, seeds = cfg["n_head"], cfg["seeds"]
+    variants = {"standard": dict(selective=False), "selective": dict(selective=True)}
+    variants |= {rule: dict(selective=True, **{rule: True}) for rule in cfg["rules"]}
+    jobs = {(v, s): c4_run(heads_cfg, data_dir, H, s, learning_rate=lr, **kw)
+            for s in seeds for v, kw in variants.items()}
+    logs = train_all(list(jobs.values()), out_root, heads_cfg["workers"])
+    for name, records in logs.items():
+        keep_log(records, name, assets)
+    loss = {key: evals(logs[job[0]])[-1]["val_loss"] for key, job in jobs.items()}
+    ablated = [job[0] for (v, _), job in jobs.items() if v in cfg["rules"]]
+    return {"n_head": H, "learning_rate": lr, "run_seconds": sum(run_seconds(logs[name]) for name in ablated),
+            "rows": [{"variant": v, **mean_sd([loss[(v, s)] for s in seeds])} for v in variants]}
 
 
 def assign_experiment(cfg, out_root, assets):
@@ -182,24 +300,35 @@ def accuracy(model, batches, budget):
     return sum(r for r, _ in right) / sum(n for _, n in right)
 
 
-def pruning_experiment(cfg, data_dir, out_root, assets):
-    """Per block size: a standard model, and selective ones per memory loss weight. Each selective model gets two
-    greedy budget searches: down to the standard model's val ppl (the paper's criterion, SPEC §4), and down to its
-    own unpruned val ppl + 1% (how far it can be pruned at all)."""
+def pruning_experiment(cfg, heads_cfg, data_dir, out_root, assets):
+    """Per block size: a standard model, and selective ones per memory loss weight, trained like the heads runs (the
+    heads sweep's learning rate, the same tokens per step and steps). Each selective model gets two greedy budget
+    searches: down to the standard model's val ppl (the paper's criterion, SPEC §4), and down to its own unpruned
+    val ppl + 1% (how far it can be pruned at all); and the no-context control."""
+    lr = lr_sweep(heads_cfg, data_dir, out_root, assets)["chosen"]
     ctx = torch.autocast("cpu", dtype=torch.bfloat16)
+    jobs = []
+    for run in cfg["runs"]:
+        T = run["block_size"]
+        base = dict(dataset="c4", data_dir=data_dir, seed=1, block_size=T, batch_size=run["batch_size"],
+                    learning_rate=lr)
+        jobs.append((f"pruning-std-T{T}-lr{lr:g}", train_flags(cfg, **base), cfg["max_iters"]))
+        jobs += [(f"pruning-sel-T{T}-eps{w}-lr{lr:g}", train_flags(cfg, selective=True, memory_loss_weight=w, **base),
+                  cfg["max_iters"]) for w in run["weights"]]
+    logs = train_all(jobs, out_root, heads_cfg["workers"])
+    for name, records in logs.items():
+        keep_log(records, name, assets)
     results = []
-    for T in cfg["blocks"]:
-        base = dict(dataset="c4", data_dir=data_dir, seed=1, block_size=T)
-        std_name = f"pruning-std-T{T}"
-        train_and_keep(std_name, cfg, out_root, assets, **base)
-        std_model, run = sample.load_model(os.path.join(out_root, std_name), "ckpt.pt", "cpu")
-        batches = list(sample.validation_batches(run, cfg["search_batches"], cfg["batch_size"], "cpu"))
+    for run in cfg["runs"]:
+        T = run["block_size"]
+        std_model, std_run = sample.load_model(os.path.join(out_root, f"pruning-std-T{T}-lr{lr:g}"), "ckpt.pt", "cpu")
+        batches = list(sample.validation_batches(std_run, cfg["search_batches"], run["batch_size"], "cpu"))
         standard_ppl = sample.perplexity(std_model, batches, ctx)
-        for weight in cfg["weights"]:
-            name = f"pruning-sel-T{T}-eps{weight}"
-            train_and_keep(name, cfg, out_root, assets, selective=True, memory_loss_weight=weight, **base)
+        for weight in run["weights"]:
+            name = f"pruning-sel-T{T}-eps{weight}-lr{lr:g}"
             model, _ = sample.load_model(os.path.join(out_root, name), "ckpt.pt", "cpu")
-            row = {"block_size": T, "memory_loss_weight": weight, "standard_ppl": standard_ppl}
+            row = {"block_size": T, "memory_loss_weight": weight, "standard_ppl": standard_ppl, "learning_rate": lr,
+                   "run_seconds": run_seconds(logs[name]) + run_seconds(logs[f"pruning-std-T{T}-lr{lr:g}"])}
             for key, target in (("vs_standard", standard_ppl), ("vs_itself", None)):
                 if target is None:
                     target = row["unpruned_ppl"] * 1.01
@@ -444,17 +573,27 @@ def tables(results):
     lines = []
     if "heads" in results:
         h = results["heads"]
-        lines += ["| n_head | standard val loss | selective val loss | gap (std - sel) |", "|---:|---:|---:|---:|"]
-        by = {(r["n_head"], r["selective"]): r for r in h["rows"]}
-        for H in sorted({r["n_head"] for r in h["rows"]}):
-            s, t = by[(H, False)], by[(H, True)]
-            lines.append(f"| {H} | {s['mean']:.4f} (spread {s['spread']:.4f}) | {t['mean']:.4f} "
-                         f"(spread {t['spread']:.4f}) | {s['mean'] - t['mean']:+.4f} |")
-        lines += ["", "| H | selective, H heads | standard, 2H heads | selective H reaches standard 2H? |",
-                  "|---:|---:|---:|:---|"]
-        for a in h["selective_H_vs_standard_2H"]:
-            lines.append(f"| {a['H']} | {a['selective_H']:.4f} | {a['standard_2H']:.4f} | "
-                         f"{'yes' if a['reaches'] else 'no'} |")
+        sweep = h["lr_sweep"]
+        lines += [f"Learning rate (standard, {sweep['n_head']} heads, seed {sweep['seed']}): " + ", ".join(
+            f"{lr}: {v:.3f}" for lr, v in sweep["val_loss"].items()) + f"; chosen {h['learning_rate']:g}", "",
+            "| n_head | standard | selective | standard - selective (same seed) | per seed |",
+            "|---:|---:|---:|---:|:---|"]
+        for r in h["rows"]:
+            lines.append(f"| {r['n_head']} | {pm(r['standard'])} | {pm(r['selective'])} | {pm(r['gap'])} | "
+                         + ", ".join(f"{g:+.3f}" for g in r["gap"]["values"]) + " |")
+        lines += ["", "| H | selective, H heads | standard, 2H heads | standard 2H - selective H (same seed) | "
+                  "selective H reaches standard 2H? |", "|---:|---:|---:|---:|:---|"]
+        for r in h["rows"]:
+            if "gap_2H" in r:
+                lines.append(f"| {r['n_head']} | {pm(r['selective'])} | {pm(r['standard_2H'])} | {pm(r['gap_2H'])} | "
+                             f"{reaches(r['gap_2H'])} |")
+        lines.append("")
+    if "ablations" in results:
+        a = results["ablations"]
+        lines += [f"| {a['n_head']} heads | validation loss ({len(a['rows'][0]['values'])} seeds) | per seed |",
+                  "|:---|---:|:---|"]
+        lines += [f"| {ABLATION_NAMES[r['variant']]} | {pm(r)} | " + ", ".join(f"{v:.3f}" for v in r["values"]) + " |"
+                  for r in a["rows"]]
         lines.append("")
     if "assign" in results:
         a = results["assign"]
@@ -483,6 +622,21 @@ def tables(results):
     return "\n".join(lines)
 
 
+def pm(stats):
+    """mean +- sd over seeds"""
+    return f"{stats['mean']:.3f} +- {stats['sd']:.3f}"
+
+
+def reaches(gap):
+    """standard 2H - selective H over the seeds: yes when the mean is >= 0 (by how many sds it is clear)."""
+    if gap["mean"] >= 0:
+        return "yes" + (", by more than 2 sd" if gap["mean"] > 2 * gap["sd"] else ", within 2 sd")
+    return "no" + (", by more than 2 sd" if -gap["mean"] > 2 * gap["sd"] else ", within 2 sd")
+
+
+ABLATION_NAMES = {"standard": "standard", "selective": "selective (SPEC §1)",
+                  "mask_bos": "selective, BOS may be masked (`--mask_bos`)",
+                  "mask_self": "selective, self-masking allowed (`--mask_self`)"}
 RECIPE_CHANGES = {"plain": "none: AdamW lr 2e-3, betas (0.9, 0.999), no clipping, init std 0.02",
                   "clip": "gradient norm clipped at 1.0", "beta2": "beta2 0.95", "init": "init std 0.05 (not 0.02)",
                   "untied": "lm_head not tied to the embedding", "lr1e-3": "learning rate 1e-3",
@@ -530,17 +684,21 @@ def plots(assets):
     with open(os.path.join(assets, "results.json")) as f:
         results = json.load(f)
     if "heads" in results:
-        fig, ax = plt.subplots(figsize=(5, 3.6))
-        for selective, color in ((False, "tab:blue"), (True, "tab:red")):
-            rows = [r for r in results["heads"]["rows"] if r["selective"] == selective]
-            heads = [r["n_head"] for r in rows]
-            ax.plot(heads, [r["mean"] for r in rows], "o-", color=color, label="selective" if selective else "standard")
-            for r in rows:
-                ax.plot([r["n_head"]] * len(r["val_losses"]), r["val_losses"], ".", color=color, alpha=0.4)
+        h, cfg = results["heads"], results["settings"]["heads"]
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for variant, color, shift in (("standard", "tab:blue", 0.97), ("selective", "tab:red", 1.03)):
+            heads = [r["n_head"] for r in h["rows"]]
+            ax.errorbar([H * shift for H in heads], [r[variant]["mean"] for r in h["rows"]],
+                        yerr=[r[variant]["sd"] for r in h["rows"]], fmt="o-", color=color, capsize=3, label=variant)
+            for r in h["rows"]:  # every seed
+                ax.plot([r["n_head"] * shift] * len(r[variant]["values"]), r[variant]["values"], "x", color=color,
+                        alpha=0.5, ms=5)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(heads, [str(H) for H in heads])
         ax.set_xlabel("heads")
         ax.set_ylabel("validation loss")
-        ax.set_title("C4 sample, 4 layers, block 256")
+        ax.set_title(f"C4 sample, {cfg['n_layer']} layers x {cfg['n_embd']}, block {cfg['block_size']}, "
+                     f"{h['tokens_per_run'] / 1e6:.1f}M tokens; x: seeds", fontsize=9)
         ax.legend()
         fig.tight_layout()
         fig.savefig(os.path.join(assets, "heads.png"), dpi=120)
@@ -602,8 +760,8 @@ def main(argv=None):
         os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, **KEEP_FREED_MEMORY))
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny settings: checks the pipeline in minutes")
-    parser.add_argument("--only", choices=["heads", "assign", "pruning", "recipe"], action="append",
-                        help="run only this section (repeat the flag for several)")
+    parser.add_argument("--only", choices=SECTIONS, action="append",
+                        help="run only this section (repeat the flag for several; they run in the order given)")
     parser.add_argument("--data_dir", default="data/c4_sample", help="C4-format token shards (prepare_data.py)")
     parser.add_argument("--out_dir", default=None, help="runs (None: out/experiments, or out/experiments-quick)")
     parser.add_argument("--assets", default=None, help="logs, results and plots (None: assets, or the quick "
@@ -615,8 +773,8 @@ def main(argv=None):
     assets = args.assets or (os.path.join(out_root, "assets") if args.quick else os.path.join(HERE, "assets"))
     if args.plots:
         return plots(assets)
-    todo = args.only or ["assign", "pruning", "heads", "recipe"]
-    if {"heads", "pruning", "recipe"} & set(todo) and not glob.glob(os.path.join(args.data_dir, "*.bin")):
+    todo = args.only or ["assign", "heads", "ablations", "pruning", "recipe"]
+    if {"heads", "ablations", "pruning", "recipe"} & set(todo) and not glob.glob(os.path.join(args.data_dir, "*.bin")):
         raise SystemExit(f"experiments.py: no token shards in {args.data_dir}: run  python prepare_data.py --local "
                          f"PATH/TO/c4/en --data_dir {args.data_dir}  (C4-format files you have), or "
                          f"python prepare_data.py --data_dir {args.data_dir}  to download C4")
@@ -632,14 +790,16 @@ def main(argv=None):
         started = time.time()
         if what == "heads":
             results["heads"] = heads_experiment(cfg["heads"], args.data_dir, out_root, assets)
+        elif what == "ablations":
+            results["ablations"] = ablations_experiment(cfg["ablations"], cfg["heads"], args.data_dir, out_root, assets)
         elif what == "recipe":
             results["recipe"] = recipe_experiment(cfg["recipe"], args.data_dir, out_root, assets)
         elif what == "assign":
             results["assign"] = assign_experiment(cfg["assign"], out_root, assets)
         else:
-            results["pruning"] = pruning_experiment(cfg["pruning"], args.data_dir, out_root, assets)
+            results["pruning"] = pruning_experiment(cfg["pruning"], cfg["heads"], args.data_dir, out_root, assets)
         wall[what] = time.time() - started
-        results["settings"] = {k: cfg[k] for k in ("heads", "assign", "pruning", "recipe")}
+        results["settings"] = {k: cfg[k] for k in SECTIONS}
         results["machine"] = f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, " \
                              f"torch {torch.__version__}"
         results["command"] = "python experiments.py" + (" --quick" if args.quick else "")

@@ -39,6 +39,9 @@ class GPTConfig:
     memory_loss_weight: float = 0.0  # epsilon of the memory loss (§5); 0 = off
     memory_tau: float = 1.0  # tau of the memory loss (§5)
     attention: str = "auto"  # selective attention's implementation (§7): reference, mask, tiled; auto: the fastest
+    # Ablations of the selection rule (§9), off by default; on, they run on the mask or reference path only
+    mask_bos: bool = False  # True: BOS (key column 0) may be masked, against §1.2
+    mask_self: bool = False  # True: a token's vote on its own key counts (the diagonal of S is kept), against §1.2
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -57,17 +60,23 @@ class GPTConfig:
             raise ValueError("the memory loss (memory_loss_weight > 0) needs a selective model (selective=True)")
         if self.attention not in ("auto",) + ATTENTION_PATHS:
             raise ValueError(f"attention must be auto, {', '.join(ATTENTION_PATHS)}; got {self.attention!r}")
+        if (self.mask_bos or self.mask_self) and not self.selective:
+            raise ValueError("the ablations mask_bos and mask_self change selective attention: set selective=True")
+        if (self.mask_bos or self.mask_self) and self.attention == "tiled":
+            raise ValueError("the ablations mask_bos and mask_self run on the mask or reference path only (the tiled "
+                             "kernels implement §1 exactly): use attention 'auto', 'mask' or 'reference'")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Selective attention (§1). This is the block to read.
 
-def selective_mask(logits):
+def selective_mask(logits, mask_bos=False, mask_self=False):
     """F from head 0's attention logits, exactly §1.
 
     logits: (..., T, T), already scaled by 1/sqrt(head_dim) and causally masked (-inf above the diagonal).
     Returns F, same shape, in float32 (float64 stays float64, for gradient checks). F[i, j] is how much every
     later query i has learned to ignore key j; the model subtracts it from every head's logits.
+    mask_bos, mask_self: the ablations of §9 (each drops one half of §1.2); off, this is §1 exactly.
     """
     T = logits.size(-1)
     # §1.1 S = relu(A_0): token k selects earlier token j by S[k, j] > 0. relu(-inf) = 0: the future selects nothing.
@@ -75,23 +84,25 @@ def selective_mask(logits):
     S = torch.relu(logits.to(torch.promote_types(logits.dtype, torch.float32)))
     # §1.2 never mask BOS (key column 0), a token never masks itself (the diagonal): keep S strictly below the
     # diagonal and right of column 0.
-    may_select = torch.ones(T, T, dtype=torch.bool, device=logits.device).tril(-1)
-    may_select[:, 0] = False
+    may_select = torch.ones(T, T, dtype=torch.bool, device=logits.device).tril(0 if mask_self else -1)
+    if not mask_bos:
+        may_select[:, 0] = False
     S = S.masked_fill(~may_select, 0.0)
     # §1.3 F[i, j] = sum_{k < i} S[k, j], the exclusive sum down the queries: shift S down one row, then cumsum.
     # (Not cumsum(S) - S: that can round F[i+1, j] below F[i, j]. Sums of non-negatives never decrease.)
     return torch.cumsum(nnf.pad(S[..., :-1, :], (0, 0, 1, 0)), dim=-2)
 
 
-def selective_attention_reference(q, k, v):
+def selective_attention_reference(q, k, v, mask_bos=False, mask_self=False):
     """The paper's sketch, materialised: all H x T x T logits. Slow and plain; tests check every path against it.
 
     q, k, v: (B, H, T, head_dim). Returns (y, F) with y: (B, H, T, head_dim) and F: (B, T, T).
+    mask_bos, mask_self: the ablations of §9, passed on to selective_mask.
     """
     T = q.size(-2)
     logits = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # A_h for every head h
     logits = logits.masked_fill(future_mask(T, q.device), float("-inf"))  # causal
-    F = selective_mask(logits[:, 0])  # §1.1-1.3: head 0 selects, for every head
+    F = selective_mask(logits[:, 0], mask_bos, mask_self)  # §1.1-1.3: head 0 selects, for every head
     logits = logits - F[:, None]  # §1.4 the same F subtracted from every head's logits (head 0's too)
     att = torch.softmax(logits, dim=-1)
     return att.to(v.dtype) @ v, F
@@ -118,9 +129,10 @@ def head0_logits(q, k):
     return (q[:, 0] @ k[:, 0].transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
 
 
-def causal_selective_mask(q, k):
+def causal_selective_mask(q, k, mask_bos=False, mask_self=False):
     """F (B, T, T) of q, k: (B, H, T, head_dim): selective_mask of head 0's causally masked logits."""
-    return selective_mask(head0_logits(q, k).masked_fill(future_mask(q.size(-2), q.device), float("-inf")))
+    logits0 = head0_logits(q, k).masked_fill(future_mask(q.size(-2), q.device), float("-inf"))
+    return selective_mask(logits0, mask_bos, mask_self)
 
 
 def future_mask(T, device):
@@ -131,11 +143,13 @@ def future_mask(T, device):
 # ----------------------------------------------------------------------------------------------------------------
 # How selective attention is computed (§7): three paths, equal up to rounding (tested against the reference).
 
-def attention_path(attention, q, dropout_p=0.0):
-    """The path GPTConfig.attention names; 'auto' is 'tiled' where it applies (no dropout; CPU, or CUDA with
-    triton), else 'mask'."""
+def attention_path(attention, q, dropout_p=0.0, ablated=False):
+    """The path GPTConfig.attention names; 'auto' is 'tiled' where it applies (no dropout, no ablation (§9); CPU, or
+    CUDA with triton), else 'mask'."""
     if attention == "auto":
-        return "tiled" if kernels.tiled_applies(q, dropout_p) else "mask"
+        return "tiled" if kernels.tiled_applies(q, dropout_p) and not ablated else "mask"
+    if attention == "tiled" and ablated:
+        raise ValueError("attention='tiled' implements §1 exactly, not the ablations of §9: use 'mask'")
     if attention == "tiled" and not kernels.tiled_applies(q, dropout_p):
         raise ValueError(f"attention='tiled' cannot run here ({kernels.why_not_tiled(q, dropout_p)}): use 'mask'")
     if attention == "reference" and dropout_p > 0:
@@ -143,25 +157,27 @@ def attention_path(attention, q, dropout_p=0.0):
     return attention
 
 
-def selective_attention(q, k, v, dropout_p=0.0, attention="auto"):
+def selective_attention(q, k, v, dropout_p=0.0, attention="auto", mask_bos=False, mask_self=False):
     """Selective attention of q, k, v: (B, H, T, head_dim) by the path `attention` names; returns y like q.
       'tiled'     - kernels.tiled_selective_attention: no H x T x T or T x T tensor in the backward (docs/KERNEL.md).
       'mask'      - masked_selective_attention: F from head 0 (B x T x T), then one SDPA call with a float mask.
       'reference' - selective_attention_reference: all H x T x T logits.
+    mask_bos, mask_self: the ablations of §9 ('mask' and 'reference' only).
     """
-    path = attention_path(attention, q, dropout_p)
+    path = attention_path(attention, q, dropout_p, ablated=mask_bos or mask_self)
     if path == "tiled":
         return kernels.tiled_selective_attention(q, k, v)
     if path == "mask":
-        return masked_selective_attention(q, k, v, dropout_p)[0]
-    return selective_attention_reference(q, k, v)[0]
+        return masked_selective_attention(q, k, v, dropout_p, mask_bos=mask_bos, mask_self=mask_self)[0]
+    return selective_attention_reference(q, k, v, mask_bos, mask_self)[0]
 
 
-def masked_selective_attention(q, k, v, dropout_p=0.0, budget=None):
+def masked_selective_attention(q, k, v, dropout_p=0.0, budget=None, mask_bos=False, mask_self=False):
     """F from head 0 only (B x T x T), then one scaled_dot_product_attention call with the float mask
     (causal - F) broadcast over the heads: no H x T x T logits. budget: also prune the context (§4.1).
-    Returns (y, F, visible); visible: (T, T) or (B, T, T) bool, the keys each query saw."""
-    F = causal_selective_mask(q, k)
+    mask_bos, mask_self: the ablations of §9. Returns (y, F, visible); visible: (T, T) or (B, T, T) bool, the keys
+    each query saw."""
+    F = causal_selective_mask(q, k, mask_bos, mask_self)
     visible = ~future_mask(q.size(-2), q.device) if budget is None else pruned_visibility(F, budget)
     bias = (-F).masked_fill(~visible, float("-inf"))  # causal (and pruned) minus F, float32
     y = nnf.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None], dropout_p=dropout_p)  # over the heads
@@ -196,9 +212,10 @@ def pruned_visibility(F, budget):
 class KVBuffer:
     """One layer's decoding state (§3, §4): keys and values in `capacity` fixed slots, the position of each, and, for
     a selective layer, its running mask f (f_j = F[t, j] for the next query t). A new key takes the next free slot,
-    or, once the buffer is full, the slot of the key it evicts: a step costs O(capacity), never O(context)."""
+    or, once the buffer is full, the slot of the key it evicts: a step costs O(capacity), never O(context).
+    rule: the ablations of §9 that f follows, {'mask_bos': bool, 'mask_self': bool}; empty: §1 exactly."""
 
-    def __init__(self, k, v, positions, f, capacity):
+    def __init__(self, k, v, positions, f, capacity, rule):
         B, H, n, head_dim = k.shape
         self.k, self.v = k.new_zeros(B, H, capacity, head_dim), v.new_zeros(B, H, capacity, head_dim)
         self.pos = positions.new_zeros(B, capacity)
@@ -208,9 +225,10 @@ class KVBuffer:
             self.f = f.new_zeros(B, capacity)
             self.f[:, :n] = f
         self.n = n  # slots in use
+        self.rule = rule
 
     @classmethod
-    def after_prompt(cls, q, k, v, F, visible, capacity):
+    def after_prompt(cls, q, k, v, F, visible, capacity, rule):
         """The buffer after the parallel pass over a prompt (B, H, T, head_dim): the keys the last query saw, with
         f_j = F[T-1, j] updated by the last query (§3.3). F, visible: None for a standard layer."""
         B, H, T, head_dim = k.shape
@@ -221,13 +239,20 @@ class KVBuffer:
         kept_k, kept_v = k.gather(2, take), v.gather(2, take)
         f = None
         if F is not None:
-            f = cls.masks_after(F[:, -1].gather(1, pos), head0_logits(q[:, :, -1:], kept_k).squeeze(1), pos, T - 1)
-        return cls(kept_k, kept_v, pos, f, capacity)
+            logits0 = head0_logits(q[:, :, -1:], kept_k).squeeze(1)
+            f = cls.masks_after(F[:, -1].gather(1, pos), logits0, pos, T - 1, **rule)
+        return cls(kept_k, kept_v, pos, f, capacity, rule)
 
     @staticmethod
-    def masks_after(f, logits0, pos, t):
-        """§3.3: after query t, f_j += relu(A_0[t, j]) for every cached key j except BOS (position 0) and t."""
-        return f + torch.relu(logits0.to(f.dtype)).masked_fill((pos == 0) | (pos == t), 0.0)
+    def masks_after(f, logits0, pos, t, mask_bos=False, mask_self=False):
+        """§3.3: after query t, f_j += relu(A_0[t, j]) for every cached key j except BOS (position 0) and t (each
+        included under its ablation, §9)."""
+        votes = torch.relu(logits0.to(f.dtype))
+        if not mask_bos:
+            votes = votes.masked_fill(pos == 0, 0.0)
+        if not mask_self:
+            votes = votes.masked_fill(pos == t, 0.0)
+        return f + votes
 
     def add(self, k, v, t):
         """§3.1 and §4: token t's key and value (B, H, 1, head_dim) join, with f = 0; in a full buffer they replace
@@ -253,7 +278,8 @@ class KVBuffer:
             return nnf.scaled_dot_product_attention(q, keys, values)
         f = self.f[:, :self.n]
         y = nnf.scaled_dot_product_attention(q, keys, values, attn_mask=-f[:, None, None, :])
-        self.f[:, :self.n] = self.masks_after(f, head0_logits(q, keys).squeeze(1), self.pos[:, :self.n], t)
+        logits0 = head0_logits(q, keys).squeeze(1)
+        self.f[:, :self.n] = self.masks_after(f, logits0, self.pos[:, :self.n], t, **self.rule)
         return y
 
     def positions(self):
@@ -289,6 +315,7 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = config.n_embd // config.n_head
         self.selective = config.selective
         self.attention = config.attention
+        self.rule = {"mask_bos": config.mask_bos, "mask_self": config.mask_self}  # the ablations of §9, off: §1
 
     def qkv(self, x):
         B, T, C = x.size()
@@ -306,15 +333,15 @@ class CausalSelfAttention(nn.Module):
         if not self.selective:
             y = nnf.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         elif budget is not None:
-            y = masked_selective_attention(q, k, v, dropout_p, budget)[0]
+            y = masked_selective_attention(q, k, v, dropout_p, budget, **self.rule)[0]
         else:
-            y = selective_attention(q, k, v, dropout_p, self.attention)
+            y = selective_attention(q, k, v, dropout_p, self.attention, **self.rule)
         return self.out(y)
 
     def selection_mask(self, x):
         """This layer's F (B, T, T) for input x (§1.1-1.3), for the memory loss and for looking at."""
         q, k, _ = self.qkv(x)
-        return causal_selective_mask(q, k)
+        return causal_selective_mask(q, k, **self.rule)
 
     def prefill(self, x, budget, capacity):
         """The parallel pass over a prompt x, and the buffer decoding goes on from (§3, §4). Returns (y, buffer)."""
@@ -322,8 +349,8 @@ class CausalSelfAttention(nn.Module):
         if not self.selective:
             y, F, visible = nnf.scaled_dot_product_attention(q, k, v, is_causal=True), None, None
         else:
-            y, F, visible = masked_selective_attention(q, k, v, budget=budget)
-        return self.out(y), KVBuffer.after_prompt(q, k, v, F, visible, capacity)
+            y, F, visible = masked_selective_attention(q, k, v, budget=budget, **self.rule)
+        return self.out(y), KVBuffer.after_prompt(q, k, v, F, visible, capacity, self.rule)
 
     def decode_step(self, x, buffer, t):
         """One new token x: (B, 1, C) at position t. Work is O(buffer), never the whole context again."""

@@ -21,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
+import experiments
 import prepare_data
 import sample
 import train
@@ -321,6 +322,28 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
     assert proc.returncode == 130, stdout + stderr
     assert "Traceback" not in stderr and f"python train.py --out_dir {out} --resume" in stderr
     assert len(stderr.strip().splitlines()) == 1 and "the last checkpoint is" in stderr
+
+
+def test_experiments_runs_resume_exactly_after_a_kill_and_are_checked_against_their_settings(tmp_path):
+    """experiments.train: a run killed mid-way continues from its checkpoint to the same result as one never
+    stopped; a finished run is reused only with the settings asked for."""
+    at = TINY.index("--log_interval")
+    flags = ["--dataset", "assign", "--selective", *TINY[:at], *TINY[at + 2:], "--eval_interval", "4"]
+    whole = experiments.train("whole", str(tmp_path), flags, 24)
+    proc = subprocess.Popen([sys.executable, "-c", f"import experiments; experiments.train('cut', {str(tmp_path)!r}, "
+                             f"{flags!r}, 24)"], cwd=HERE, start_new_session=True, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "cut" / "ckpt.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and the train.py it started
+    proc.wait()
+    assert not experiments.finished(str(tmp_path / "cut" / "log.jsonl"), 24), "killed before the end"
+    resumed = experiments.train("cut", str(tmp_path), flags, 24)
+    val = lambda records: [(r["iter"], r["val_loss"]) for r in records if "val_loss" in r]
+    assert val(resumed) == val(whole)
+    assert [r["resumed_at"] for r in resumed if "resumed_at" in r] in ([i] for i in range(0, 24, 4)), "not resumed"
+    with pytest.raises(SystemExit, match="other settings: --learning_rate 0.001 \\(asked: 0.002\\)"):
+        experiments.train("whole", str(tmp_path), flags + ["--learning_rate", "0.002"], 24)
 
 
 def test_ddp_two_processes_match_one_with_twice_the_accumulation(tmp_path):
@@ -661,6 +684,11 @@ def test_experiments_quick(tmp_path):
                             timeout=3000)
     assert code == 0, text
     results = json.load(open(tmp_path / "runs" / "assets" / "results.json"))
-    assert {"heads", "assign", "pruning", "recipe", "wall_seconds", "commit", "machine"} <= results.keys()
-    assert len(results["heads"]["rows"]) == 4 and len(results["pruning"]) == 2
+    assert {"heads", "ablations", "assign", "pruning", "recipe", "wall_seconds", "commit", "machine"} <= results.keys()
+    assert len(results["heads"]["rows"]) == 2 and len(results["pruning"]) == 2
+    assert [r["variant"] for r in results["ablations"]["rows"]] == ["standard", "selective", "mask_bos", "mask_self"]
     assert "| n_head |" in (tmp_path / "runs" / "assets" / "results.md").read_text()
+    # a rerun finds every run finished (none trains again) and refuses a run made with other settings
+    code, text = run_script("experiments.py", "--quick", "--only", "heads", "--data_dir", data, "--out_dir",
+                            str(tmp_path / "runs"), timeout=600)
+    assert code == 0 and "done in" not in text and "finished already" in text, text

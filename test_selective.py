@@ -42,8 +42,9 @@ def random_qkv(B=2, H=3, T=20, D=16, dtype=torch.float32, seed=0, grad=True):
     return [torch.randn(B, H, T, D, generator=g, dtype=dtype).mul_(1.5).requires_grad_(grad) for _ in range(3)]
 
 
-def brute_force_F(logits):
-    """§1 with three loops, in float64: F[i, j] = sum_{k < i} S[k, j], S[k, j] = relu(A[k, j]) for 0 < j < k."""
+def brute_force_F(logits, mask_bos=False, mask_self=False):
+    """§1 with three loops, in float64: F[i, j] = sum_{k < i} S[k, j], S[k, j] = relu(A[k, j]) for 0 < j < k; the
+    ablations of §9 allow j = 0 (mask_bos) and j = k (mask_self)."""
     T = logits.size(-1)
     A = logits.double().reshape(-1, T, T)
     F = torch.zeros_like(A)
@@ -52,7 +53,7 @@ def brute_force_F(logits):
             for j in range(T):
                 total = 0.0
                 for k in range(i):
-                    if 0 < j < k:
+                    if (j > 0 or mask_bos) and (j < k or mask_self and j == k):
                         total += max(A[n, k, j].item(), 0.0)
                 F[n, i, j] = total
     return F.reshape(logits.shape)
@@ -224,6 +225,53 @@ def test_compiled_selective_model_has_no_graph_breaks_and_matches_eager():
 def test_tiled_custom_ops_pass_opcheck():
     q, k, v = random_qkv(B=2, H=2, T=9, D=8)
     torch.library.opcheck(torch.ops.selective_gpt.chunked_forward.default, (q, k, v, 4))
+
+
+@given(causal_logits(), st.booleans(), st.booleans())
+def test_ablation_switches_change_F_exactly_as_defined(logits, mask_bos, mask_self):
+    """§9: each switch drops one half of §1.2, against the brute force; off is §1 (the default) bit for bit."""
+    F = selective_mask(logits, mask_bos, mask_self)
+    torch.testing.assert_close(F, brute_force_F(logits, mask_bos, mask_self), rtol=1e-12, atol=1e-12)
+    if not (mask_bos or mask_self):
+        assert torch.equal(F, selective_mask(logits))
+
+
+def test_ablation_switches_make_a_difference_where_the_rule_bites():
+    """With positive logits on column 0 and the diagonal, each switch changes F where, and only where, it says."""
+    T = 6
+    A = torch.ones(T, T, dtype=torch.float64).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    base = selective_mask(A)
+    bos, own = selective_mask(A, mask_bos=True) - base, selective_mask(A, mask_self=True) - base
+    rows = torch.arange(T, dtype=torch.float64)
+    torch.testing.assert_close(bos[:, 0], (rows - 1).clamp(min=0))  # queries 1..i-1 voted on BOS (0 did not: §1.2)
+    assert torch.equal(bos[:, 1:], torch.zeros(T, T - 1, dtype=torch.float64))
+    own_votes = torch.ones(T, T, dtype=torch.float64).tril(-1)  # query i > j counts key j's vote on itself...
+    own_votes[:, 0] = 0  # ...except BOS's, still protected
+    torch.testing.assert_close(own, own_votes)
+    both = selective_mask(A, mask_bos=True, mask_self=True) - base
+    assert both[T - 1, 0] == T - 1  # every earlier query, BOS's own vote included
+
+
+@pytest.mark.parametrize("rule", [dict(mask_bos=True), dict(mask_self=True), dict(mask_bos=True, mask_self=True)])
+def test_ablated_model_runs_on_mask_and_reference_only_and_decodes_like_its_parallel_pass(rule):
+    reference = tiny_model(attention="reference", **rule)
+    masked = tiny_model(attention="mask", **rule)
+    auto = tiny_model(**rule)
+    idx = torch.randint(0, 61, (2, 30), generator=torch.Generator().manual_seed(4))
+    ref_logits, _ = reference(idx, targets=idx)
+    torch.testing.assert_close(masked(idx, targets=idx)[0], ref_logits, rtol=1e-9, atol=1e-9)
+    assert torch.equal(auto(idx, targets=idx)[0], masked(idx, targets=idx)[0]), "auto picks mask for an ablation"
+    assert not torch.allclose(ref_logits, tiny_model(attention="reference")(idx, targets=idx)[0]), "it changes F"
+    torch.testing.assert_close(decode_logits(masked, idx), ref_logits, rtol=1e-9, atol=1e-9)
+    pruned, _ = masked(idx, targets=idx, budgets=[3, 5, 4])
+    torch.testing.assert_close(decode_logits(masked, idx, [3, 5, 4]), pruned, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="mask or reference path only"):
+        GPTConfig(selective=True, attention="tiled", **rule)
+    with pytest.raises(ValueError, match="set selective=True"):
+        GPTConfig(**rule)
+    q = torch.zeros(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="not the ablations"):
+        attention_path("tiled", q, ablated=True)
 
 
 def test_attention_paths_are_chosen_and_checked():

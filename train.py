@@ -48,6 +48,9 @@ def get_parser():
     a.add_argument("--memory_tau", type=float, default=1.0, help="tau of the memory loss (SPEC §5)")
     a.add_argument("--attention", choices=["auto", "reference", "mask", "tiled"], default="auto",
                    help="how selective attention is computed (docs/SPEC.md §7): auto picks tiled where it applies")
+    a.add_argument("--mask_bos", action="store_true", help="ablation (docs/SPEC.md §9): BOS may be masked")
+    a.add_argument("--mask_self", action="store_true", help="ablation (docs/SPEC.md §9): a token's vote on its own "
+                                                             "key counts")
     a.add_argument("--vocab_size", type=int, default=None,
                    help="None: 50304 for c4 (GPT-2's 50257 padded to a multiple of 64), the task's for assign")
     d = p.add_argument_group("data")
@@ -436,7 +439,8 @@ def start_run(run, ckpt):
         for name in RUN_FILES:
             if os.path.exists(run.path(name)):
                 os.remove(run.path(name))
-    path = attention_path(args.attention, torch.empty(0, device=run.device), args.dropout) if args.selective else None
+    path = attention_path(args.attention, torch.empty(0, device=run.device), args.dropout,
+                          ablated=args.mask_bos or args.mask_self) if args.selective else None
     tokens_per_iter = args.grad_accum * args.batch_size * args.block_size
     start_log(args, ckpt, run.path("log.jsonl"), {
         "config": vars(args), "model": model_args(args), "git_commit": git_commit(), "device": run.device,
