@@ -3,9 +3,10 @@ Speed and memory benchmarks. Every ratio is measured side by side in one run, al
 machine noise hits both alike: quote the ratios, not the times.
 
     python bench.py                  # training step, selective / standard, block 256, 512, 1024, fp32 and bf16;
-                                     # decoding with and without context pruning
-    python bench.py kernels          # attention alone, forward + backward, T = 512 .. 8192: standard flash SDPA,
-                                     # selective through an SDPA float mask ('mask'), the tiled kernels.py path
+                                     # decoding at contexts 1024 and 4096, batch 1 and 8, budgets none, 256, 64
+    python bench.py kernels          # attention alone, forward + backward, T = 512 .. 8192 (memory to 16384):
+                                     # standard flash SDPA, selective through an SDPA float mask ('mask'), the
+                                     # tiled kernels.py path
     python bench.py --json out.json  # also save the numbers
 
 Peak memory: on CUDA torch.cuda.max_memory_allocated; on the CPU (Linux) how far the process's peak resident set
@@ -51,14 +52,23 @@ def timed(fn, device):
 
 
 def side_by_side(fns, device, repeats):
-    """Median seconds of each fn, run in alternation after one warm-up each."""
+    """Seconds of each fn in every alternation, after one warm-up each: {name: [seconds, ...]}."""
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             times[name].append(timed(fn, device))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def ratios(times, name, base):
+    """name's time over base's in each alternation: the median and the spread (min, max) of these is the figure."""
+    return [a / b for a, b in zip(times[name], times[base])]
+
+
+def spread(values):
+    return f"{statistics.median(values):5.3f} [{min(values):.3f}-{max(values):.3f}]"
 
 
 def peak_memory(case, device):
@@ -72,17 +82,21 @@ def peak_memory(case, device):
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
+    # a fixed mmap threshold: glibc then returns every freed block of 64 KiB or more at once, so the resident set
+    # follows the live tensors (its default threshold adapts and keeps freed blocks, hiding reuse)
     out = subprocess.run([sys.executable, __file__, "_memory", json.dumps(case)], capture_output=True, text=True,
-                         env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
+                         env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()),
+                                  MALLOC_MMAP_THRESHOLD_="65536"))
     if out.returncode != 0:
         return None  # out of memory, or the case cannot run: reported as such
     return int(out.stdout.split()[-1])
 
 
 def measure_memory_here(case):
-    """Subprocess side of peak_memory on the CPU: set up, reset the peak resident set (Linux's clear_refs), run the
-    work once, report how far the peak rose above where it started."""
+    """Subprocess side of peak_memory on the CPU: set up and run the work once (lazy imports and threads start), reset
+    the peak resident set (Linux's clear_refs), run it again, report how far the peak rose above where it started."""
     fn = make_case(case, "cpu")
+    fn()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = memory_status("VmRSS")
@@ -130,9 +144,9 @@ def ratio(a, b):
 
 
 def bench_steps(device, repeats, results):
-    print(f"\nTraining step (forward + backward), model {MODEL}, batch 8. Ratios to standard: selective (default "
-          f"path), and selective through the SDPA float mask ('mask'):")
-    print(f"{'block':>6} {'dtype':>5} | {'standard s':>10} {'selective x':>11} {'mask x':>6} | "
+    print(f"\nTraining step (forward + backward), model {MODEL}, batch 8. Ratios to standard, median of {repeats} "
+          f"alternations [min-max]: selective (default path), and selective through the SDPA float mask ('mask'):")
+    print(f"{'block':>6} {'dtype':>5} | {'standard s':>10} {'selective x [spread]':>21} {'mask x [spread]':>21} | "
           f"{'std MiB':>8} {'sel mem x':>9} {'mask mem x':>10}")
     for T in (256, 512, 1024):
         for dtype in ("fp32", "bf16"):
@@ -141,58 +155,84 @@ def bench_steps(device, repeats, results):
                      "mask": dict(step, selective=True, path="mask")}
             times = side_by_side({k: make_case(c, device) for k, c in cases.items()}, device, repeats)
             mem = {k: peak_memory(c, device) for k, c in cases.items()}
-            print(f"{T:>6} {dtype:>5} | {times['standard']:10.3f} {ratio(times['selective'], times['standard']):>11} "
-                  f"{ratio(times['mask'], times['standard']):>6} | {fmt_mem(mem['standard']):>8} "
-                  f"{ratio(mem['selective'], mem['standard']):>9} {ratio(mem['mask'], mem['standard']):>10}")
+            sel, mask = ratios(times, "selective", "standard"), ratios(times, "mask", "standard")
+            print(f"{T:>6} {dtype:>5} | {statistics.median(times['standard']):10.3f} {spread(sel):>21} "
+                  f"{spread(mask):>21} | {fmt_mem(mem['standard']):>8} {ratio(mem['selective'], mem['standard']):>9} "
+                  f"{ratio(mem['mask'], mem['standard']):>10}")
             results.append({"bench": "step", "block_size": T, "dtype": dtype, "seconds": times, "peak_bytes": mem,
-                            "time_ratio": times["selective"] / times["standard"]})
+                            "time_ratio": statistics.median(sel), "time_ratio_spread": [min(sel), max(sel)]})
 
 
-def bench_decoding(device, results):
-    print(f"\nDecoding (KV cache), selective model {MODEL}, block_size 1024, batch 1, fp32; budget 64 per layer:")
-    print(f"{'tokens':>6} {'pruning':>8} | {'tokens/s':>9} {'peak keys/layer':>16} {'final keys':>10} | "
-          f"{'speed x':>7} {'keys x':>6}")
+def bench_decoding(device, repeats, results):
+    """Tokens/s of decoding one token at a time after a prompt of `context` tokens, with each layer's buffer unpruned
+    (every key) or pruned to a budget (§4); budgets alternate, segment by segment, each continuing its own state."""
+    segment = 16
+    print(f"\nDecoding (KV cache), selective model {MODEL}, fp32: after a prompt of `context` tokens, {repeats} "
+          f"alternating segments of {segment} tokens per budget; tokens/s is their median:")
+    print(f"{'context':>7} {'batch':>5} {'budget':>6} | {'tokens/s':>9} {'keys/layer':>10} {'KV MiB':>7} | "
+          f"{'speed x [spread]':>21} {'KV x':>6}")
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=1024, selective=True, **MODEL)).to(device).eval()
-    prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
-    for n in (1024, 2048):
-        row = {}
-        runs = {"none": None, "64": 64}
-        for name, budget in runs.items():  # warm up both
-            model.generate(prompt, 16, budgets=budget)
-        for name, budget in runs.items():
-            torch.manual_seed(1)
-            seconds = timed(lambda: model.generate(prompt, n, budgets=budget), device)
-            row[name] = {"tokens_per_s": n / seconds, "peak_keys": model.decode_stats["peak"],
-                         "final_keys": model.decode_stats["final"]}
-        for name in runs:
-            r = row[name]
-            print(f"{n:>6} {name:>8} | {r['tokens_per_s']:9.1f} {max(r['peak_keys']):>16} {max(r['final_keys']):>10} | "
-                  f"{r['tokens_per_s'] / row['none']['tokens_per_s']:7.2f} "
-                  f"{sum(row['none']['peak_keys']) / sum(r['peak_keys']):6.1f}")
-        results.append({"bench": "decode", "new_tokens": n, "budget": 64, **row})
+    model = GPT(GPTConfig(block_size=4096 + 2 * repeats * segment, selective=True, **MODEL)).to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    for context in (1024, 4096):
+        for batch in (1, 8):
+            prompt = torch.randint(0, 50257, (batch, context), generator=g).to(device)
+            budgets = {"none": None, "256": 256, "64": 64}
+            states = {name: model.prefill(prompt, b)[1] for name, b in budgets.items()}
+            nxt = prompt[:, -1:]
+
+            def decode(name):
+                return lambda: [model.decode(nxt, states[name]) for _ in range(segment)]
+            times = side_by_side({name: decode(name) for name in budgets}, device, repeats)
+            base = {name: kv_stats(states[name]) for name in budgets}
+            for name in budgets:
+                speed = [segment / t for t in times[name]]
+                gain = ratios({k: [1 / t for t in v] for k, v in times.items()}, name, "none")
+                keys, kv_bytes = base[name]
+                print(f"{context:>7} {batch:>5} {name:>6} | {statistics.median(speed):9.1f} {keys:>10} "
+                      f"{kv_bytes / 2**20:7.1f} | {spread(gain):>21} {base['none'][1] / kv_bytes:6.1f}")
+                results.append({"bench": "decode", "context": context, "batch": batch, "budget": budgets[name],
+                                "tokens_per_s": statistics.median(speed), "speedup": statistics.median(gain),
+                                "speedup_spread": [min(gain), max(gain)], "keys_per_layer": keys,
+                                "kv_cache_bytes": kv_bytes})
 
 
-def bench_kernels(device, dtype, results):
+def kv_stats(state):
+    """The most keys a layer holds now, and the bytes of every layer's key, value (and mask) storage."""
+    keys = max(buffer.n for buffer in state["layers"])
+    size = sum(t.numel() * t.element_size() for buffer in state["layers"]
+               for t in (buffer.k, buffer.v, buffer.f, buffer.pos) if t is not None)
+    return keys, size
+
+
+def bench_kernels(device, dtype, repeats, results):
     B, H, D = 4, 8, 64
     paths = ["standard", "mask", "tiled"]
-    print(f"\nAttention forward + backward, B={B} H={H} d={D} {dtype} on {device}; ratios to standard causal SDPA:")
-    print(f"{'T':>5} | {'standard ms':>11} {'mask x':>8} {'tiled x':>8} | {'std MiB':>8} {'mask mem x':>10} "
+    print(f"\nAttention forward + backward, B={B} H={H} d={D} {dtype} on {device}; ratios to standard causal SDPA, "
+          f"median of {repeats} alternations (T > 2048: 3) [min-max]; T = 16384: memory only:")
+    print(f"{'T':>5} | {'standard ms':>11} {'mask x':>8} {'tiled x [spread]':>21} | {'std MiB':>8} {'mask mem x':>10} "
           f"{'tiled mem x':>11}")
-    for T in (512, 1024, 2048, 4096, 8192):
+    for T in (512, 1024, 2048, 4096, 8192, 16384):
         cases = {p: {"kind": "attention", "path": p, "B": B, "H": H, "T": T, "D": D, "dtype": dtype} for p in paths}
         # the float-mask path keeps H x T x T float32 tensors in its backward: skip it where they would not fit
         if device == "cpu" and 4 * B * H * T * T * 4 > 0.25 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"):
             del cases["mask"]
-        repeats = 3 if T <= 2048 else 1
-        times = side_by_side({p: make_case(c, device) for p, c in cases.items()}, device, repeats)
         mem = {p: peak_memory(c, device) for p, c in cases.items()}
-        std = times["standard"]
-        print(f"{T:>5} | {std * 1000:11.1f} {ratio(times.get('mask'), std):>8} {ratio(times['tiled'], std):>8} | "
-              f"{fmt_mem(mem['standard']):>8} {ratio(mem.get('mask'), mem['standard']):>10} "
+        row = {"bench": "attention", "T": T, "B": B, "H": H, "D": D, "dtype": dtype, "device": device,
+               "peak_bytes": mem}
+        if T <= 8192:
+            times = side_by_side({p: make_case(c, device) for p, c in cases.items()}, device,
+                                 repeats if T <= 2048 else 3)
+            tiled = ratios(times, "tiled", "standard")
+            mask = f"{statistics.median(ratios(times, 'mask', 'standard')):8.3f}" if "mask" in times else "     n/a"
+            timing = f"{statistics.median(times['standard']) * 1000:11.1f} {mask} {spread(tiled):>21}"
+            row |= {"seconds": times, "time_ratio": statistics.median(tiled), "time_ratio_spread": [min(tiled),
+                                                                                                   max(tiled)]}
+        else:
+            timing = f"{'-':>11} {'-':>8} {'-':>21}"
+        print(f"{T:>5} | {timing} | {fmt_mem(mem['standard']):>8} {ratio(mem.get('mask'), mem['standard']):>10} "
               f"{ratio(mem['tiled'], mem['standard']):>11}")
-        results.append({"bench": "attention", "T": T, "B": B, "H": H, "D": D, "dtype": dtype, "device": device,
-                        "seconds": times, "peak_bytes": mem})
+        results.append(row)
 
 
 def main():
@@ -202,7 +242,7 @@ def main():
         "Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))
     parser.add_argument("what", nargs="?", choices=["speed", "kernels"], default="speed")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per case (the median counts)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed alternations per case (the median counts)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
     started = time.time()
@@ -212,10 +252,10 @@ def main():
     results = []
     if args.what == "speed":
         bench_steps(args.device, args.repeats, results)
-        bench_decoding(args.device, results)
+        bench_decoding(args.device, args.repeats, results)
     else:
         for dtype in (["bf16"] if args.device == "cuda" else ["fp32", "bf16"]):
-            bench_kernels(args.device, dtype, results)
+            bench_kernels(args.device, dtype, args.repeats, results)
     print(f"\n{time.time() - started:.0f} s")
     if args.json:
         with open(args.json, "w") as f:

@@ -4,8 +4,9 @@ is checked against selective_gpt.selective_attention_reference by test_selective
 
   tiled_selective_attention(q, k, v)   selective attention that never keeps H x T x T logits:
       CUDA (triton installed): a Triton kernel, forward and backward (docs/KERNEL.md). No T x T tensor at all.
-      CPU: one scaled_dot_product_attention call with the float mask -F (forward), and a backward that walks
-           query chunks last to first, recomputing each chunk's probabilities and adding the gradient through F.
+      CPU: query chunks: per chunk one scaled_dot_product_attention call with the float mask -F (forward), and a
+           backward that walks the chunks last to first, recomputing each chunk's probabilities and adding the
+           gradient through F. No T x T tensor either way.
 
 Both tile the queries the same way (docs/SPEC.md §7, docs/KERNEL.md): for query tile I,
 F[i, j] = C_I[j] + sum_{k in I, k < i} S[k, j], where the carry C_I[j] = sum_{k < i0} S[k, j] holds the column
@@ -57,120 +58,172 @@ def tiled_selective_attention(q, k, v):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CPU: SDPA forward, query-chunked backward.
+# CPU: query chunks, forward and backward.
 #
-# The stock SDPA backward cannot return the gradient of a float mask on the CPU: asked for one, PyTorch falls back
-# to its math kernel and keeps all H x T x T probabilities. Here the backward walks query chunks of C rows from last
-# to first; for each chunk it recomputes the (H, C, keys) probabilities with batched matmuls and softmax, takes
-# dq, dk, dv as FlashAttention does, and the gradient through F (docs/KERNEL.md, Backward):
+# Forward: for each chunk of C query rows, -F on the chunk (C x keys, from the carry) is the float mask of one
+# scaled_dot_product_attention call over the chunk's queries and the keys up to its last row: no T x T tensor, and
+# PyTorch's fused CPU kernel does the softmax. The stock SDPA backward cannot return the gradient of a float mask on
+# the CPU (asked for one, PyTorch falls back to its math kernel and keeps all H x T x T probabilities), so the
+# backward walks the chunks from last to first; for each it recomputes the (H, C, keys) probabilities with batched
+# matmuls and softmax, takes dq, dk, dv as FlashAttention does, and the gradient through F (docs/KERNEL.md):
 #   dF = -sum_h dZ_h,  dS[k, j] = sum_{i > k} dF[i, j]  (a running column sum R over later chunks + a small
 #   triangular matmul inside the chunk),  dA_0 += dS where S > 0,  into head 0's q and k.
+# Precision: S, F, the carries, the logits and the softmax are float32 (float64 stays float64); under bf16/fp16 the
+# other four matmuls of the backward (dv, dP, dq, dk) take bf16/fp16 operands, as FlashAttention's do, and their
+# sums over the chunks are float32.
 
 def chunk_rows(T, H):
-    """Rows per query chunk: keep a chunk's (H, C, T) float32 block near 2 MiB, so it stays in cache."""
+    """Rows per query chunk: keep the backward's (H, C, T) float32 block near 2 MiB, so it stays in cache."""
     return min(256, max(64, 1 << ((2 ** 19) // (H * T)).bit_length() - 1))
 
 
-def chunk_selection(q0, k0, carry, r0, r1, scale):
-    """S and -F on the chunk of query rows r0:r1 against keys 0:r1 of one sequence (float32, (c, r1) each).
-    carry[j] = sum of S[k, j] over rows k < r0 (SPEC §1.3 split at the chunk)."""
-    c = r1 - r0
+def selection(q0, k0, r0, r1, scale):
+    """S on the chunk of query rows r0:r1 against keys 0:r1 of one sequence, float32 (c, r1)."""
     S = torch.mm(q0[r0:r1], k0[:r1].t()).mul_(scale).clamp_(min=0)  # §1.1 relu of head 0's logits
     S[:, r0:].tril_(-1)  # §1.2 strictly below the diagonal: never the future, never itself
     S[:, 0] = 0  # §1.2 never BOS
+    return S
+
+
+def minus_F(S, carry, r0, r1):
+    """-F on the chunk, from its S and the carry: carry[j] = sum of S[k, j] over the rows k < r0 (§1.3 split at the
+    chunk). Above the diagonal -inf: the causal mask."""
+    c = r1 - r0
     before = torch.ones(c, c, dtype=S.dtype).tril_(-1)  # before[i, k] = 1 if row k is above row i
     neg_F = torch.addmm(carry[:r1].expand(c, r1), before, S, beta=-1, alpha=-1)  # -(carry + sum_{k < i} S[k])
-    return S, neg_F
+    return neg_F
+
+
+def carries_of(q0, k0, C, scale):
+    """The carry of every chunk of C rows, (chunks, T): the same sums in the same order as the forward's walk, so
+    the backward sees F bit for bit as the forward did."""
+    T = q0.size(0)
+    carries = torch.zeros(-(-T // C), T, dtype=q0.dtype)
+    for n, r0 in enumerate(range(0, T - C, C)):
+        torch.add(carries[n], nnf.pad(selection(q0, k0, r0, r0 + C, scale).sum(0), (0, T - r0 - C)),
+                  out=carries[n + 1])
+    return carries
 
 
 def chunked_selective_attention(q, k, v, rows=None):
     """The CPU path as a differentiable function; rows: query rows per chunk (default: chunk_rows)."""
-    return chunked_forward(q, k, v, rows or chunk_rows(q.size(2), q.size(1)))[0]
+    return chunked_forward(q, k, v, rows or chunk_rows(q.size(2), q.size(1)))
 
 
 # torch.library custom ops: torch.compile sees each as one opaque op (no graph break), autograd pairs them.
 @torch.library.custom_op("selective_gpt::chunked_forward", mutates_args=())
-def chunked_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns y and the carries for the backward: carries[b, n, j] = column sums of S over the rows above chunk n."""
+def chunked_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: int) -> torch.Tensor:
+    return forward_chunks(q, k, v, rows)
+
+
+@torch.autocast("cpu", enabled=False)  # the dtypes here are chosen, not autocast
+def forward_chunks(q, k, v, C):
+    """chunked_forward's work as a plain function (a test watches every tensor it makes): per chunk of C query
+    rows, -F (C x keys) and one SDPA call for every head."""
     B, H, T, d = q.shape
     scale = 1.0 / math.sqrt(d)
-    C = rows
-    dtype = torch.promote_types(q.dtype, torch.float32)  # S, F and the whole backward: float32 at least
-    starts = range(0, T, C)
-    carries = torch.zeros(B, len(starts), T, dtype=dtype)  # carries[b, n]: column sums of S above chunk n
-    bias = torch.full((B, 1, T, T), float("-inf"), dtype=dtype)  # -F on and below the diagonal, -inf above
+    f32 = torch.promote_types(q.dtype, torch.float32)  # S, F and the carry: float32 at least
+    y = torch.empty(B, H, T, d, dtype=q.dtype)
     for b in range(B):
-        q0, k0 = q[b, 0].to(dtype), k[b, 0].to(dtype)
-        for n, r0 in enumerate(starts):
+        q0, k0 = q[b, 0].to(f32), k[b, 0].to(f32)
+        carry = torch.zeros(T, dtype=f32)  # column sums of S over the rows above the chunk
+        for r0 in range(0, T, C):
             r1 = min(T, r0 + C)
-            S, neg_F = chunk_selection(q0, k0, carries[b, n], r0, r1, scale)
-            if n + 1 < len(starts):
-                torch.add(carries[b, n], nnf.pad(S.sum(0), (0, T - r1)), out=carries[b, n + 1])
-            future = torch.ones(r1 - r0, r1, dtype=torch.bool).triu_(r0 + 1)
-            bias[b, 0, r0:r1, :r1] = neg_F.masked_fill_(future, float("-inf"))
-    return nnf.scaled_dot_product_attention(q, k, v, attn_mask=bias).contiguous(), carries
+            S = selection(q0, k0, r0, r1, scale)
+            neg_F = minus_F(S, carry, r0, r1)
+            neg_F[:, r0:].masked_fill_(torch.ones(r1 - r0, r1 - r0, dtype=torch.bool).triu_(1), float("-inf"))
+            if r1 < T:
+                carry[:r1] += S.sum(0)
+            # every head in one call; 4-d inputs: with 3-d ones PyTorch takes its math kernel, not the fused one
+            y[b:b + 1, :, r0:r1] = nnf.scaled_dot_product_attention(q[b:b + 1, :, r0:r1], k[b:b + 1, :, :r1],
+                                                                    v[b:b + 1, :, :r1], attn_mask=neg_F)
+    return y
 
 
 @chunked_forward.register_fake
 def _(q, k, v, rows):
-    B, H, T, d = q.shape
-    return q.new_empty(q.shape), q.new_empty(B, -(-T // rows), T, dtype=torch.promote_types(q.dtype, torch.float32))
+    return q.new_empty(q.shape)
 
 
 @torch.library.custom_op("selective_gpt::chunked_backward", mutates_args=())
-def chunked_backward(dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, carries: torch.Tensor,
-                     rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def chunked_backward(dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backward_chunks(dy, q, k, v, rows)
+
+
+@torch.autocast("cpu", enabled=False)  # the dtypes here are chosen, not autocast
+def backward_chunks(dy, q, k, v, C):
+    """chunked_backward's work as a plain function: the chunks of C query rows, last to first."""
     B, H, T, d = q.shape
     scale = 1.0 / math.sqrt(d)
-    C, dtype = rows, carries.dtype
-    dq = torch.empty(B, H, T, d, dtype=dtype)
-    dk = torch.zeros(B, H, T, d, dtype=dtype)
-    dv = torch.zeros(B, H, T, d, dtype=dtype)
-    logits = torch.empty(H * C * T, dtype=dtype)  # chunk buffers, reused: no large allocation per chunk
-    probs = torch.empty(H * C * T, dtype=dtype)
-    partial = torch.empty(H * T * d, dtype=dtype)
-    later = torch.ones(C, C, dtype=dtype).triu_(1)  # later[k, i] = 1 if row i is below row k
+    f32 = torch.promote_types(q.dtype, torch.float32)  # S, F, the logits, the softmax, every sum
+    low = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else f32  # the operands of dv, dP, dq, dk
+    dq, dk, dv = (torch.empty(B, H, T, d, dtype=t.dtype) for t in (q, k, v))
+    dk_b, dv_b = torch.zeros(H, T, d, dtype=f32), torch.zeros(H, T, d, dtype=f32)  # one sequence's sums, float32
+    logits = torch.empty(H * C * T, dtype=f32)  # chunk buffers, reused: no large allocation per chunk
+    probs = torch.empty(H * C * T, dtype=f32)
+    low_buf = torch.empty(H * C * T, dtype=low) if low != f32 else None  # P, then dP, then dZ in bf16/fp16
+    partial = torch.empty(H * T * d, dtype=low)
+    later = torch.ones(C, C, dtype=f32).triu_(1)  # later[k, i] = 1 if row i is below row k
     future = later.bool()
-    R = torch.empty(T, dtype=dtype)  # R[j] = sum of dF[i, j] over the rows of the chunks already walked
     for b in range(B):
-        qb, kb, vb, dyb = (t[b].to(dtype) for t in (q, k, v, dy))
-        R.zero_()
-        for n in reversed(range(carries.size(1))):
+        k32 = k[b].to(f32)  # the logits and S: float32
+        q0 = q[b, 0].to(f32)
+        kl, vl, dyl = (t[b].to(low) for t in (k, v, dy))
+        carries = carries_of(q0, k32[0], C, scale)
+        R = torch.zeros(T, dtype=f32)  # R[j] = sum of dF[i, j] over the rows of the chunks already walked
+        dk_b.zero_()
+        dv_b.zero_()
+        for n in reversed(range(carries.size(0))):
             r0 = n * C
-            r1, c = min(T, r0 + C), min(T, r0 + C) - r0
-            S, neg_F = chunk_selection(qb[0], kb[0], carries[b, n], r0, r1, scale)
+            r1 = min(T, r0 + C)
+            c = r1 - r0
+            S = selection(q0, k32[0], r0, r1, scale)
             A = logits[:H * c * r1].view(H, c, r1)
             P = probs[:H * c * r1].view(H, c, r1)
-            torch.baddbmm(neg_F, qb[:, r0:r1], kb[:, :r1].transpose(1, 2), alpha=scale, out=A)  # A_h - F
+            q_rows = q[b, :, r0:r1]
+            torch.baddbmm(minus_F(S, carries[n], r0, r1), q_rows.to(f32), k32[:, :r1].transpose(1, 2), alpha=scale,
+                          out=A)  # A_h - F
             A[:, :, r0:].masked_fill_(future[:c, :c], float("-inf"))  # causal
             torch.ops.aten._softmax.out(A, -1, False, out=P)
             part = partial[:H * r1 * d].view(H, r1, d)
-            dv[b, :, :r1] += torch.bmm(P.transpose(1, 2), dyb[:, r0:r1], out=part)
-            torch.bmm(dyb[:, r0:r1], vb[:, :r1].transpose(1, 2), out=A)  # dP
-            torch.ops.aten._softmax_backward_data.out(A, P, -1, dtype, grad_input=A)  # dZ = P (dP - D)
-            torch.bmm(A, kb[:, :r1], out=dq[b, :, r0:r1]).mul_(scale)
-            dk[b, :, :r1].add_(torch.bmm(A.transpose(1, 2), qb[:, r0:r1], out=part), alpha=scale)
+            dv_b[:, :r1] += torch.bmm(as_low(P, low_buf).transpose(1, 2), dyl[:, r0:r1], out=part)
+            if low_buf is None:
+                torch.bmm(dyl[:, r0:r1], vl[:, :r1].transpose(1, 2), out=A)  # dP
+            else:
+                A.copy_(torch.bmm(dyl[:, r0:r1], vl[:, :r1].transpose(1, 2), out=low_buf[:H * c * r1].view(H, c, r1)))
+            torch.ops.aten._softmax_backward_data.out(A, P, -1, f32, grad_input=A)  # dZ = P (dP - D)
+            dZ = as_low(A, low_buf)
+            dk_b[:, :r1].add_(torch.bmm(dZ.transpose(1, 2), q_rows.to(low), out=part), alpha=scale)
+            dq_rows = torch.bmm(dZ, kl[:, :r1], out=partial[:H * c * d].view(H, c, d)).to(f32).mul_(scale)
             minus_dF = A.sum(0)  # dF = -sum_h dZ_h, rows r0:r1
             minus_dS = torch.addmm(R[:r1].expand(c, r1), later[:c, :c], minus_dF)  # -(sum over rows i > k)
             R[:r1] += minus_dF.sum(0)
             minus_dS.mul_(S > 0)  # relu' and the constraints: S > 0 only where S may select
-            dq[b, 0, r0:r1].addmm_(minus_dS, kb[0, :r1], alpha=-scale)
-            dk[b, 0, :r1].addmm_(minus_dS.t(), qb[0, r0:r1], alpha=-scale)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+            dq_rows[0].addmm_(minus_dS, k32[0, :r1], alpha=-scale)
+            dk_b[0, :r1].addmm_(minus_dS.t(), q0[r0:r1], alpha=-scale)
+            dq[b, :, r0:r1] = dq_rows  # these rows are complete: every key they see was in this chunk's walk
+        dk[b], dv[b] = dk_b, dv_b
+    return dq, dk, dv
+
+
+def as_low(x, low_buf):
+    """x (float32) in the backward's matmul dtype: itself, or rounded into low_buf."""
+    return x if low_buf is None else low_buf[:x.numel()].view(x.shape).copy_(x)
 
 
 @chunked_backward.register_fake
-def _(dy, q, k, v, carries, rows):
+def _(dy, q, k, v, rows):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _chunked_setup(ctx, inputs, output):
     q, k, v, rows = inputs
-    ctx.save_for_backward(q, k, v, output[1])
+    ctx.save_for_backward(q, k, v)
     ctx.rows = rows
 
 
-def _chunked_backward_rule(ctx, dy, _):
+def _chunked_backward_rule(ctx, dy):
     return *chunked_backward(dy.contiguous(), *ctx.saved_tensors, ctx.rows), None
 
 

@@ -171,6 +171,58 @@ def test_cpu_chunks_match_reference_float64(rows):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=name)
 
 
+class TensorsMade(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every operator's outputs: the largest tensor made, and the dtypes each operator ran in."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest, self.ops = 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        self.ops.append((func.__name__.split(".")[0], [a.dtype for a in args if isinstance(a, torch.Tensor)]))
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_path_never_makes_a_T_by_T_tensor(dtype):
+    """Issue: the forward built one B x T x T float mask. Now no tensor of either pass is as large as T x T, so the
+    memory grows like flash attention's (bench.py kernels measures it)."""
+    B, H, T, D = 2, 2, 1024, 16
+    q, k, v = (t.to(dtype) for t in random_qkv(B=B, H=H, T=T, D=D, grad=False))
+    C = kernels.chunk_rows(T, H)
+    with TensorsMade() as forward:
+        kernels.forward_chunks(q, k, v, C)
+    with TensorsMade() as backward:
+        kernels.backward_chunks(torch.randn_like(q), q, k, v, C)
+    assert max(forward.largest, backward.largest) < T * T, (forward.largest, backward.largest)
+    assert B * H * T * D <= max(forward.largest, backward.largest) <= max(B * H * T * D, H * C * T)
+
+
+def test_cpu_backward_under_bf16_runs_its_matmuls_in_bf16_and_stays_accurate():
+    """Issue: the bf16 backward was a float32 one in disguise. Four of its five per-head matmuls take bf16 operands
+    (the logits stay float32, SPEC §1.5); its gradients are as close to float64 as the 'mask' path's."""
+    q, k, v = random_qkv(B=2, H=4, T=150, D=32, seed=11)
+    q, k, v = (t.detach().bfloat16() for t in (q, k, v))
+    dy = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).bfloat16()
+    with TensorsMade() as made:
+        kernels.backward_chunks(dy, q, k, v, 64)
+    bmm = [dtypes for op, dtypes in made.ops if op in ("bmm", "baddbmm")]
+    assert sum(all(t == torch.bfloat16 for t in d) for d in bmm) == 4 * 6 and len(bmm) == 5 * 6  # 2 x 3 chunks
+    want = grads_of(reference, q.double(), k.double(), v.double(), dy.double())
+    for path in ("tiled", "mask"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = grads_of(lambda a, b, c: selective_attention(a, b, c, attention=path), q, k, v, dy)
+        error = [((g.double() - w).norm() / w.norm()).item() for g, w in zip(got, want)]
+        if path == "tiled":
+            tiled = error
+    assert all(e < 0.02 for e in tiled), tiled
+    assert all(t <= 1.5 * m + 1e-3 for t, m in zip(tiled, error)), (tiled, error)
+
+
 def test_cpu_chunks_gradcheck_float64():
     q, k, v = random_qkv(B=1, H=2, T=11, D=4, dtype=torch.float64, seed=1)
     assert torch.autograd.gradcheck(lambda a, b, c: kernels.chunked_selective_attention(a, b, c, 4), (q, k, v))
