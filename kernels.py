@@ -42,8 +42,20 @@ def why_not_tiled(q, dropout_p=0.0):
     if q.device.type == "cuda":
         if triton is None:
             return "triton is not installed (pip install triton)"
-        return "it has no float64 kernel" if q.dtype == torch.float64 else None
+        return triton_refuses(q.size(-1), q.dtype)
     return None if q.device.type == "cpu" else f"it has no kernel for {q.device.type}"
+
+
+TRITON_MAX_HEAD_DIM = 128  # beyond it the tiles of q, k, v and dO outgrow an H100's 227 KB of shared memory
+
+
+def triton_refuses(head_dim, dtype):
+    """Why the Triton kernel cannot take this head dim and dtype, or None."""
+    if dtype == torch.float64:
+        return "it has no float64 kernel"
+    if head_dim > TRITON_MAX_HEAD_DIM:
+        return f"the Triton kernel takes head_dim <= {TRITON_MAX_HEAD_DIM}, got {head_dim}"
+    return None
 
 
 def tiled_applies(q, dropout_p=0.0):
@@ -357,6 +369,14 @@ def triton_blocks(D):
     return 64, 64, max(16, 1 << (D - 1).bit_length())
 
 
+def check_blocks(BM, BN):
+    """Tile sizes every GPU compile accepts: powers of two (tl.arange) and >= 16 (the K of a bf16/fp16 tl.dot);
+    Triton's CPU interpreter would run others, a GPU would not."""
+    for name, size in (("BM", BM), ("BN", BN)):
+        if size < 16 or size & (size - 1):
+            raise ValueError(f"Triton tile size {name} = {size}: it must be a power of two and at least 16")
+
+
 def triton_selective_attention(q, k, v, blocks=None):
     """The Triton kernel as a differentiable function. blocks: (BM, BN) tile sizes, default triton_blocks.
     Tensors may live on the CPU under TRITON_INTERPRET=1 (the tests)."""
@@ -367,6 +387,7 @@ def triton_selective_attention(q, k, v, blocks=None):
 def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, BM: int, BN: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns o, the log-sum-exp of each row (for the backward), and the per-tile carries of S's column sums."""
+    check_blocks(BM, BN)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, H, T, D = q.shape
     BD = triton_blocks(D)[2]

@@ -585,6 +585,18 @@ def test_triton_kernel_half_precision(dtype):
         torch.testing.assert_close(g.double(), w, rtol=0.05, atol=0.05, msg=name)
 
 
+def test_triton_refuses_what_no_gpu_compiles():
+    """Tile sizes below 16 or not powers of two run only in the interpreter; head dims over 128 outgrow shared
+    memory: both are refused with a message (on CUDA, 'auto' then picks the mask path)."""
+    for BM, BN in ((8, 16), (16, 24), (48, 64)):
+        with pytest.raises(ValueError, match="power of two and at least 16"):
+            kernels.check_blocks(BM, BN)
+    kernels.check_blocks(16, 128)
+    assert kernels.triton_refuses(128, torch.bfloat16) is None
+    assert "head_dim <= 128, got 256" in kernels.triton_refuses(256, torch.bfloat16)
+    assert "float64" in kernels.triton_refuses(64, torch.float64)
+
+
 def test_spec_sections_cited_in_the_code_exist():
     """Every §N / §N.M the code and README cite is a section of docs/SPEC.md."""
     here = os.path.dirname(os.path.abspath(__file__))
