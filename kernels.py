@@ -98,8 +98,8 @@ def selection(q0, k0, r0, r1, scale):
 
 
 def minus_F(S, carry, r0, r1):
-    """-F on the chunk, from its S and the carry: carry[j] = sum of S[k, j] over the rows k < r0 (§1.3 split at the
-    chunk). Above the diagonal -inf: the causal mask."""
+    """-F on the chunk (c, r1), from its S and the carry: carry[j] = sum of S[k, j] over the rows k < r0 (§1.3 split
+    at the chunk). The causal mask is the caller's to add."""
     c = r1 - r0
     before = torch.ones(c, c, dtype=S.dtype).tril_(-1)  # before[i, k] = 1 if row k is above row i
     neg_F = torch.addmm(carry[:r1].expand(c, r1), before, S, beta=-1, alpha=-1)  # -(carry + sum_{k < i} S[k])
