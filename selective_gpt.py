@@ -61,7 +61,8 @@ class GPTConfig:
         if self.attention not in ("auto",) + ATTENTION_PATHS:
             raise ValueError(f"attention must be auto, {', '.join(ATTENTION_PATHS)}; got {self.attention!r}")
         if (self.mask_bos or self.mask_self) and not self.selective:
-            raise ValueError("the ablations mask_bos and mask_self change selective attention: set selective=True")
+            raise ValueError("the ablations mask_bos and mask_self change selective attention: set selective=True "
+                             "(--selective)")
         if (self.mask_bos or self.mask_self) and self.attention == "tiled":
             raise ValueError("the ablations mask_bos and mask_self run on the mask or reference path only (the tiled "
                              "kernels implement §1 exactly): use attention 'auto', 'mask' or 'reference'")
