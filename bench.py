@@ -7,6 +7,11 @@ machine noise hits both alike: quote the ratios, not the times.
     python bench.py kernels          # attention alone, forward + backward, T = 512 .. 8192 (memory to 16384):
                                      # standard flash SDPA, selective through an SDPA float mask ('mask'), the
                                      # tiled kernels.py path
+    python bench.py compile          # the Triton kernels compiled for sm_90 (H100/H200) here, without a GPU: shared
+                                     # memory, registers, spills and SASS instructions per loop trip, per config
+    python bench.py gpu              # the GPU check (CUDA): the Triton kernel against the reference in fp32, bf16,
+                                     # fp16; time and memory against flash causal SDPA at T = 1k, 4k, 16k; a
+                                     # 12-layer, 768-wide training step at block 1024, selective / standard
     python bench.py --json out.json  # also save the numbers
 
 Peak memory: on CUDA torch.cuda.max_memory_allocated; on the CPU (Linux) how far the process's peak resident set
@@ -19,8 +24,10 @@ import json
 import os
 import platform
 import statistics
+import re
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -29,6 +36,7 @@ from torch.nn import functional as nnf
 
 from selective_gpt import GPT, GPTConfig, selective_attention
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODEL = dict(n_layer=4, n_head=8, n_embd=256, vocab_size=50304, bias=False)  # the small model of the experiments
 
 
@@ -109,7 +117,7 @@ def make_case(case, device):
     if case["kind"] == "step":
         torch.manual_seed(0)
         model = GPT(GPTConfig(block_size=case["T"], selective=case["selective"], attention=case.get("path", "auto"),
-                              **MODEL)).to(device)
+                              **case.get("model", MODEL))).to(device)
         g = torch.Generator().manual_seed(0)
         x, y = (torch.randint(0, 50257, (case["B"], case["T"]), generator=g).to(device) for _ in range(2))
         ctx = torch.autocast(device, dtype=torch.bfloat16) if case["dtype"] == "bf16" else contextlib.nullcontext()
@@ -121,7 +129,7 @@ def make_case(case, device):
             model.zero_grad(set_to_none=True)
         return step
     g = torch.Generator().manual_seed(0)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[case["dtype"]]
+    dtype = DTYPES[case["dtype"]]
     shape = (case["B"], case["H"], case["T"], case["D"])
     q, k, v, dy = (torch.randn(shape, generator=g).to(device, dtype).requires_grad_() for _ in range(4))
 
@@ -205,24 +213,26 @@ def kv_stats(state):
     return keys, size
 
 
-def bench_kernels(device, dtype, repeats, results):
+def bench_kernels(device, dtype, repeats, results, Ts=(512, 1024, 2048, 4096, 8192, 16384), timed_up_to=8192):
     B, H, D = 4, 8, 64
     paths = ["standard", "mask", "tiled"]
     print(f"\nAttention forward + backward, B={B} H={H} d={D} {dtype} on {device}; ratios to standard causal SDPA, "
           f"median of {repeats} alternations (T > 2048: 3) [min-max]; T = 16384: memory only:")
     print(f"{'T':>5} | {'standard ms':>11} {'mask x':>8} {'tiled x [spread]':>21} | {'std MiB':>8} {'mask mem x':>10} "
           f"{'tiled mem x':>11}")
-    for T in (512, 1024, 2048, 4096, 8192, 16384):
+    memory = (torch.cuda.get_device_properties(0).total_memory if device == "cuda"
+              else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    for T in Ts:
         cases = {p: {"kind": "attention", "path": p, "B": B, "H": H, "T": T, "D": D, "dtype": dtype} for p in paths}
         # the float-mask path keeps H x T x T float32 tensors in its backward: skip it where they would not fit
-        if device == "cpu" and 4 * B * H * T * T * 4 > 0.25 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"):
+        if 4 * B * H * T * T * 4 > 0.25 * memory:
             del cases["mask"]
         mem = {p: peak_memory(c, device) for p, c in cases.items()}
         row = {"bench": "attention", "T": T, "B": B, "H": H, "D": D, "dtype": dtype, "device": device,
                "peak_bytes": mem}
-        if T <= 8192:
+        if T <= timed_up_to:
             times = side_by_side({p: make_case(c, device) for p, c in cases.items()}, device,
-                                 repeats if T <= 2048 else 3)
+                                 repeats if T <= 2048 or device == "cuda" else 3)
             tiled = ratios(times, "tiled", "standard")
             mask = f"{statistics.median(ratios(times, 'mask', 'standard')):8.3f}" if "mask" in times else "     n/a"
             timing = f"{statistics.median(times['standard']) * 1000:11.1f} {mask} {spread(tiled):>21}"
@@ -235,12 +245,162 @@ def bench_kernels(device, dtype, repeats, results):
         results.append(row)
 
 
+def bench_gpu(repeats, results):
+    """The GPU check, one script (a few minutes on an H100): the Triton kernel against the reference on CUDA, then
+    its time and memory against flash attention, then a GPT-2-small-sized training step."""
+    import kernels
+    if not torch.cuda.is_available() or kernels.triton is None:
+        raise SystemExit("bench.py gpu: needs CUDA and triton (pip install triton)")
+    failures = check_triton("cuda", results)
+    bench_kernels("cuda", "bf16", repeats, results, Ts=(1024, 4096, 16384), timed_up_to=16384)
+    model = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304, bias=False)
+    print(f"\nTraining step, bf16 autocast, {model}, block 1024, batch 8, median of {repeats} alternations [min-max]:")
+    step = {"kind": "step", "T": 1024, "B": 8, "dtype": "bf16", "model": model}
+    cases = {"standard": dict(step, selective=False), "selective": dict(step, selective=True),
+             "mask": dict(step, selective=True, path="mask")}
+    times = side_by_side({k: make_case(c, "cuda") for k, c in cases.items()}, "cuda", repeats)
+    mem = {k: peak_memory(c, "cuda") for k, c in cases.items()}
+    sel, mask = ratios(times, "selective", "standard"), ratios(times, "mask", "standard")
+    print(f"  standard {statistics.median(times['standard']) * 1000:.1f} ms; selective (Triton) x {spread(sel)}, "
+          f"memory x {ratio(mem['selective'], mem['standard'])}; mask path x {spread(mask)}, memory x "
+          f"{ratio(mem['mask'], mem['standard'])}")
+    results.append({"bench": "gpu_step", "seconds": times, "peak_bytes": mem, "time_ratio": statistics.median(sel)})
+    if failures:
+        raise SystemExit(f"bench.py gpu: {failures} correctness checks over their tolerance (above)")
+
+
+def check_triton(device, results, dtypes=(("fp32", 1e-3), ("bf16", 5e-2), ("fp16", 2e-2))):
+    """The Triton kernel against the float64 reference (T not a multiple of the tile, T = 1, H = 1, D 32 to 128);
+    returns how many cases miss their tolerance."""
+    import kernels
+    from selective_gpt import selective_attention_reference
+    print(f"\nTriton kernel vs the float64 reference on {device}: the largest error of y, dq, dk, dv relative to "
+          "the largest value of each")
+    failures = 0
+    for dtype, tol in dtypes:
+        for B, H, T, D in ((1, 1, 1, 32), (2, 1, 100, 64), (2, 4, 257, 128), (1, 8, 1000, 64), (2, 6, 333, 32)):
+            g = torch.Generator().manual_seed(T)
+            q, k, v, dy = (torch.randn(B, H, T, D, generator=g).to(device) for _ in range(4))
+            want = gradients(lambda *a: selective_attention_reference(*a)[0], q.double(), k.double(), v.double(),
+                             dy.double())
+            got = gradients(kernels.triton_selective_attention, *(t.to(DTYPES[dtype]) for t in (q, k, v, dy)))
+            errors = [((a.double() - w).abs().max() / w.abs().max().clamp(min=1e-3)).item() for a, w in zip(got, want)]
+            ok = max(errors) <= tol
+            failures += not ok
+            print(f"  {dtype} B={B} H={H} T={T:>4} D={D:>3}: " + " ".join(f"{e:.1e}" for e in errors)
+                  + f"  {'ok' if ok else f'OVER {tol:g}'}")
+            results.append({"bench": "triton_check", "dtype": dtype, "shape": [B, H, T, D], "errors": errors,
+                            "ok": ok})
+    return failures
+
+
+def gradients(fn, q, k, v, dy):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    y = fn(q, k, v)
+    y.backward(dy)
+    return [y.detach(), q.grad, k.grad, v.grad]
+
+
+SM90_SHARED_LIMIT = 227 * 1024  # bytes of shared memory one H100/H200 block may use
+
+
+def compile_kernels(results):
+    """Compile every launch configuration of kernels.TRITON_CONFIGS for sm_90 without a GPU (Triton targets a GPU
+    it does not see), read its resources from ptxas -v and count the SASS instructions of its main loop (one trip:
+    one key tile forward, one query tile backward, for G heads)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("bench.py compile: TRITON_INTERPRET=1 is set, which replaces the kernels by the CPU "
+                         "interpreter; unset it (TRITON_INTERPRET= python bench.py compile)")
+    import kernels
+    if kernels.triton is None:
+        raise SystemExit("bench.py compile: triton is not installed (pip install triton)")
+    print(f"\nTriton kernels compiled for sm_90 (triton {kernels.triton.__version__}); shared memory limit "
+          f"{SM90_SHARED_LIMIT // 1024} KB; G = heads per program; 'loop' = SASS instructions one warp runs per trip "
+          "of the main loop (a 64-row tile); '/head' = loop x warps / G, the instructions a tile costs per head "
+          "(the speed proxy); 'mma' = tensor-core instructions per warp and trip")
+    print(f"{'dtype':>8} {'BD':>4} {'kernel':>7} {'BM':>4} {'BN':>4} {'G':>2} {'warps':>5} {'stages':>6} | "
+          f"{'shared KB':>9} {'regs':>4} {'spill B':>7} {'loop':>5} {'/head':>6} {'mma':>4}")
+    for (dtype, BD), cfg in kernels.TRITON_CONFIGS.items():
+        BM, BN = cfg.BM, cfg.BN
+        for name, G, warps, stages in (("colsum", 1, cfg.fwd_warps, 1),
+                                       ("fwd", cfg.fwd_heads, cfg.fwd_warps, cfg.fwd_stages),
+                                       ("bwd", cfg.bwd_heads, cfg.bwd_warps, cfg.bwd_stages)):
+            row = dict(dtype=str(dtype).removeprefix("torch."), BD=BD, kernel=name, BM=BM, BN=BN, G=G,
+                       warps=warps, stages=stages)
+            try:
+                row |= compiled_resources(kernels, name, dtype, BM, BN, BD, G, warps, stages)
+            except Exception as e:  # a failed compile is a result: report it, and the check fails
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            results.append(row)
+            if "error" in row:
+                print(f"{row['dtype']:>8} {BD:>4} {name:>7} {BM:>4} {BN:>4} {row['G']:>2} {warps:>5} {stages:>6} | "
+                      f"FAILED: {row['error']}")
+                continue
+            print(f"{row['dtype']:>8} {BD:>4} {name:>7} {BM:>4} {BN:>4} {row['G']:>2} {warps:>5} {stages:>6} | "
+                  f"{row['shared'] / 1024:>9.1f} {row['registers']:>4} {row['spill_bytes']:>7} "
+                  f"{row['loop_instructions']:>5} {row['loop_instructions'] * warps / G:>6.0f} {row['loop_mma']:>4}"
+                  f"{'' if row['shared'] <= SM90_SHARED_LIMIT else '  OVER THE SHARED MEMORY LIMIT'}")
+
+
+def compiled_resources(kernels, name, dtype, BM, BN, BD, G, warps, stages):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    elem = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
+    fn = {"colsum": kernels._colsum_kernel, "fwd": kernels._fwd_kernel, "bwd": kernels._bwd_kernel}[name]
+    float32_args = {"LSE", "CARRY", "COLSUM", "DELTA", "DQ", "DK0"}
+    signature, constexprs = {}, dict(BM=BM, BN=BN, BD=BD, G=G, DOT=kernels.dot_precision(dtype))
+    for arg in fn.arg_names:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg.startswith("scale"):
+            signature[arg] = "fp32"
+        else:
+            pointer = arg.isupper() and arg not in ("T", "H", "D")  # tensors are named in capitals, sizes T H D
+            signature[arg] = ("*fp32" if arg in float32_args else elem) if pointer else "i32"
+    constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
+    # what a launch at T = 4096, d = 64 specializes on: pointers and every int but H divisible by 16
+    attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names)
+             if signature[arg] not in ("constexpr", "fp32") and arg != "H"}
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=warps, num_stages=stages))
+    tools = triton.knobs.nvidia
+    ptxas = getattr(tools, "ptxas_blackwell", tools.ptxas).path  # the PTX is newer than the plain ptxas reads
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        verbose = subprocess.run([ptxas, "-v", "-arch=sm_90a", ptx, "-o", cubin], capture_output=True, text=True,
+                                 check=True).stderr
+        sass = subprocess.run([tools.cuobjdump.path, "-sass", cubin], capture_output=True, text=True,
+                              check=True).stdout
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", verbose)
+    loop = largest_loop(sass)
+    return dict(shared=compiled.metadata.shared, registers=int(re.search(r"Used (\d+) registers", verbose)[1]),
+                spill_bytes=int(spills[1]) + int(spills[2]), loop_instructions=len(loop),
+                loop_mma=sum(("MMA" in op) for op in loop))
+
+
+def largest_loop(sass):
+    """The instructions (opcodes) of the longest backward branch's body in a cuobjdump -sass listing."""
+    code = [(int(m[1], 16), m[2]) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)",
+                                                       sass)]
+    best = []
+    for address, op in code:
+        target = re.search(rf"/\*{address:04x}\*/[^;]*BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", sass) \
+            if op.startswith("BRA") else None
+        if target and int(target[1], 16) < address:
+            body = [o for a, o in code if int(target[1], 16) <= a <= address]
+            best = max(best, body, key=len)
+    return best
+
+
 def main():
     if len(sys.argv) == 3 and sys.argv[1] == "_memory":
         return measure_memory_here(json.loads(sys.argv[2]))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=type(
         "Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))
-    parser.add_argument("what", nargs="?", choices=["speed", "kernels"], default="speed")
+    parser.add_argument("what", nargs="?", choices=["speed", "kernels", "compile", "gpu"], default="speed")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5, help="timed alternations per case (the median counts)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
@@ -250,7 +410,11 @@ def main():
     print(f"bench.py {args.what} on {args.device} ({device_name}, {torch.get_num_threads()} threads), "
           f"torch {torch.__version__}, tiled path: {'Triton' if args.device == 'cuda' else 'CPU query chunks'}")
     results = []
-    if args.what == "speed":
+    if args.what == "compile":
+        compile_kernels(results)
+    elif args.what == "gpu":
+        bench_gpu(args.repeats, results)
+    elif args.what == "speed":
         bench_steps(args.device, args.repeats, results)
         bench_decoding(args.device, args.repeats, results)
     else:

@@ -23,6 +23,7 @@ sums of S over all earlier tiles, so F never needs to exist beyond one tile:
         +--------------------+
 """
 
+import collections
 import math
 
 import torch
@@ -243,88 +244,111 @@ chunked_forward.register_autograd(_chunked_backward_rule, setup_context=_chunked
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CUDA: the Triton kernel (docs/KERNEL.md). One program per (query tile, batch x head) forward, and per
-# (key tile, batch x head) backward. F exists only tile by tile, in registers.
+# CUDA: the Triton kernel (docs/KERNEL.md). Three launches forward and one backward:
+#   _colsum_kernel   per (query tile, sequence): head 0's S, summed down each tile's rows (the carries' parts)
+#   _fwd_kernel      per (query tile, sequence, group of G heads): S and F once per tile for the whole group, then
+#                    FlashAttention's online softmax of Z = A_h - F for each head of the group
+#   _bwd_kernel      per (key tile, sequence, group of G heads): FlashAttention-2's backward, query tiles walked
+#                    last to first, plus the gradient through F from the group's dZ summed over its heads
+# Units: logits, S, F and the carries are kept in base 2 (times log2 e) so that the softmax runs on exp2; the
+# ReLU and its gradient do not care (log2 e > 0). Offsets from the batch and head indices are int64: a tensor of
+# 2^31 elements or more (B T H d, or the carries' B T^2 / BM) would wrap them in int32.
+
+LOG2E = 1.4426950408889634
 
 if triton is not None:
 
     @triton.jit
-    def _selection_tile(q0, k0, offs_m, offs_n, scale):
-        """S on one tile (SPEC §1.1-1.2): relu of head 0's logits, strictly below the diagonal, never column 0.
-        Rows and keys past T were loaded as zeros, so they select nothing."""
-        a0 = tl.dot(q0, tl.trans(k0)) * scale
+    def _selection_tile(q0, k0, offs_m, offs_n, scale2):
+        """S (base 2) on one tile, SPEC §1.1-1.2: relu of head 0's logits, strictly below the diagonal, never
+        column 0. For float32 inputs the dot is 'tf32x3' (three TF32 products, about float32's accuracy, on the
+        tensor cores), never plain TF32: the sign of head 0's logits decides S and the ReLU's gradient, and TF32's
+        10-bit mantissa flips it near 0. Rows and keys past T were loaded as zeros: they select nothing."""
+        a0 = tl.dot(q0, tl.trans(k0), input_precision="tf32x3") * scale2
         may_select = (offs_m[:, None] > offs_n[None, :]) & (offs_n[None, :] > 0)
         return tl.where(may_select, tl.maximum(a0, 0.0), 0.0)
 
     @triton.jit
-    def _colsum_kernel(Q, K, COLSUM, s_b, s_t, c_b, c_m, T, D, scale,
+    def _colsum_kernel(Q, K, COLSUM, sq_b, sq_t, sk_b, sk_t, c_b, c_m, T, D, scale2,
                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-        """Pre-pass over head 0: COLSUM[b, I, j] = sum of S[k, j] over the rows k of query tile I."""
-        pid_m, b = tl.program_id(0), tl.program_id(1)
+        """COLSUM[b, I, j] = sum of S[k, j] over the rows k of query tile I (head 0 only)."""
+        pid_m, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
         offs_m = pid_m * BM + tl.arange(0, BM)
         offs_d = tl.arange(0, BD)
-        q0 = tl.load(Q + b * s_b + offs_m[:, None] * s_t + offs_d[None, :],
+        q0 = tl.load(Q + b * sq_b + offs_m[:, None] * sq_t + offs_d[None, :],
                      mask=(offs_m[:, None] < T) & (offs_d[None, :] < D), other=0.0)
         for start_n in range(0, tl.minimum((pid_m + 1) * BM, T), BN):
             offs_n = start_n + tl.arange(0, BN)
-            k0 = tl.load(K + b * s_b + offs_n[:, None] * s_t + offs_d[None, :],
+            k0 = tl.load(K + b * sk_b + offs_n[:, None] * sk_t + offs_d[None, :],
                          mask=(offs_n[:, None] < T) & (offs_d[None, :] < D), other=0.0)
-            S = _selection_tile(q0, k0, offs_m, offs_n, scale)
+            S = _selection_tile(q0, k0, offs_m, offs_n, scale2)
             tl.store(COLSUM + b * c_b + pid_m * c_m + offs_n, tl.sum(S, axis=0), mask=offs_n < T)
 
     @triton.jit
-    def _fwd_kernel(Q, K, V, O, LSE, CARRY, s_b, s_h, s_t, c_b, c_m, T, H, D, scale,
-                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-        """FlashAttention's forward with Z = A_h - F; F on each tile = carry + running sum of S inside the tile."""
-        pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
-        b, h = pid_bh // H, pid_bh % H
+    def _fwd_kernel(Q, K, V, O, LSE, CARRY, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
+                    so_b, so_h, so_t, c_b, c_m, T, H, D, scale2,
+                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, G: tl.constexpr, DOT: tl.constexpr):
+        """FlashAttention's forward with Z = A_h - F for the G heads h0 .. h0+G-1 of one sequence; F on each tile =
+        carry + running sum of S down the tile's rows, computed once for the group (docs/KERNEL.md §1)."""
+        pid_m, b, h0 = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64) * G
         offs_m = pid_m * BM + tl.arange(0, BM)
         offs_d = tl.arange(0, BD)
+        offs_g = h0 + tl.arange(0, G)
         row_mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
-        q = tl.load(Q + b * s_b + h * s_h + offs_m[:, None] * s_t + offs_d[None, :], mask=row_mask, other=0.0)
-        q0 = tl.load(Q + b * s_b + offs_m[:, None] * s_t + offs_d[None, :], mask=row_mask, other=0.0)
-        m_i = tl.full([BM], float("-inf"), tl.float32)
-        l_i = tl.zeros([BM], tl.float32)
-        acc = tl.zeros([BM, BD], tl.float32)
+        q0 = tl.load(Q + b * sq_b + offs_m[:, None] * sq_t + offs_d[None, :], mask=row_mask, other=0.0)
+        q = tl.load(Q + b * sq_b + offs_g[:, None, None] * sq_h + offs_m[None, :, None] * sq_t
+                    + offs_d[None, None, :], mask=row_mask[None], other=0.0)  # (G, BM, BD)
+        m_i = tl.full([G, BM], float("-inf"), tl.float32)
+        l_i = tl.zeros([G, BM], tl.float32)
+        acc = tl.zeros([G, BM, BD], tl.float32)
         for start_n in range(0, tl.minimum((pid_m + 1) * BM, T), BN):  # causal: key tiles up to the diagonal
             offs_n = start_n + tl.arange(0, BN)
             col_mask = (offs_n[:, None] < T) & (offs_d[None, :] < D)
-            k = tl.load(K + b * s_b + h * s_h + offs_n[:, None] * s_t + offs_d[None, :], mask=col_mask, other=0.0)
-            v = tl.load(V + b * s_b + h * s_h + offs_n[:, None] * s_t + offs_d[None, :], mask=col_mask, other=0.0)
-            k0 = tl.load(K + b * s_b + offs_n[:, None] * s_t + offs_d[None, :], mask=col_mask, other=0.0)
-            S = _selection_tile(q0, k0, offs_m, offs_n, scale)
+            k0 = tl.load(K + b * sk_b + offs_n[:, None] * sk_t + offs_d[None, :], mask=col_mask, other=0.0)
+            S = _selection_tile(q0, k0, offs_m, offs_n, scale2)
             carry = tl.load(CARRY + b * c_b + pid_m * c_m + offs_n, mask=offs_n < T, other=0.0)
             F = carry[None, :] + tl.cumsum(S, axis=0) - S  # §1.3 exclusive sum down the queries
-            z = tl.dot(q, tl.trans(k)) * scale - F  # §1.4
-            z = tl.where((offs_m[:, None] >= offs_n[None, :]) & (offs_n[None, :] < T), z, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(z, axis=1))
-            p = tl.exp(z - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            k = tl.load(K + b * sk_b + offs_g[:, None, None] * sk_h + offs_n[None, :, None] * sk_t
+                        + offs_d[None, None, :], mask=col_mask[None], other=0.0)
+            v = tl.load(V + b * sv_b + offs_g[:, None, None] * sv_h + offs_n[None, :, None] * sv_t
+                        + offs_d[None, None, :], mask=col_mask[None], other=0.0)
+            z = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=DOT) * scale2 - F[None]  # §1.4
+            visible = (offs_m[:, None] >= offs_n[None, :]) & (offs_n[None, :] < T)
+            z = tl.where(visible[None], z, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(z, axis=2))
+            p = tl.exp2(z - m_new[:, :, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=2)
+            acc = acc * alpha[:, :, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT)
             m_i = m_new
-        acc = acc / l_i[:, None]
-        tl.store(O + b * s_b + h * s_h + offs_m[:, None] * s_t + offs_d[None, :], acc.to(O.dtype.element_ty),
-                 mask=row_mask)
-        tl.store(LSE + pid_bh * T + offs_m, m_i + tl.log(l_i), mask=offs_m < T)
+        acc = acc / l_i[:, :, None]
+        tl.store(O + b * so_b + offs_g[:, None, None] * so_h + offs_m[None, :, None] * so_t + offs_d[None, None, :],
+                 acc.to(O.dtype.element_ty), mask=row_mask[None])
+        tl.store(LSE + (b * H + offs_g[:, None]) * T + offs_m[None, :], m_i + tl.log2(l_i),
+                 mask=(offs_m < T)[None, :])
 
     @triton.jit
-    def _bwd_kernel(Q, K, V, DO, LSE, DELTA, CARRY, DQ, DK, DV, DK0, s_b, s_h, s_t, c_b, c_m, z_b, T, H, D, scale,
-                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-        """FlashAttention-2's backward for key tile J of head h, walking the query tiles from last to first, plus
-        this head's share of the gradient through F: dF = -dZ_h, dS = R + reverse exclusive sum of dF inside the
-        tile (R: column sums of dF over the later tiles), dA_0 = dS where S > 0, into head 0's dq and dk (both
-        added atomically: every head contributes)."""
-        pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
-        b, h = pid_bh // H, pid_bh % H
+    def _bwd_kernel(Q, K, V, DO, LSE, DELTA, CARRY, DQ, DK, DV, DK0, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t,
+                    sv_b, sv_h, sv_t, sdo_b, sdo_h, sdo_t, sdk_b, sdk_h, sdk_t, sdv_b, sdv_h, sdv_t,
+                    c_b, c_m, T, H, D, scale2, scale,
+                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, G: tl.constexpr, DOT: tl.constexpr):
+        """FlashAttention-2's backward for key tile J of G heads, walking the query tiles from last to first, plus
+        the group's share of the gradient through F (docs/KERNEL.md §2): dF = -sum over the group of dZ_h,
+        dS = R + reverse exclusive sum of dF down the tile (R: column sums of dF over the later tiles),
+        dA_0 = dS where S > 0, into head 0's dq (DQ, float32) and dk (DK0, float32). DQ rows get a share from every
+        key tile and DK0 from every group: both are added with relaxed atomics (only the sum matters)."""
+        pid_n, b, h0 = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64) * G
         offs_n = pid_n * BN + tl.arange(0, BN)
         offs_d = tl.arange(0, BD)
+        offs_g = h0 + tl.arange(0, G)
         col_mask = (offs_n[:, None] < T) & (offs_d[None, :] < D)
-        k = tl.load(K + b * s_b + h * s_h + offs_n[:, None] * s_t + offs_d[None, :], mask=col_mask, other=0.0)
-        v = tl.load(V + b * s_b + h * s_h + offs_n[:, None] * s_t + offs_d[None, :], mask=col_mask, other=0.0)
-        k0 = tl.load(K + b * s_b + offs_n[:, None] * s_t + offs_d[None, :], mask=col_mask, other=0.0)
-        dk = tl.zeros([BN, BD], tl.float32)
-        dv = tl.zeros([BN, BD], tl.float32)
+        k = tl.load(K + b * sk_b + offs_g[:, None, None] * sk_h + offs_n[None, :, None] * sk_t + offs_d[None, None, :],
+                    mask=col_mask[None], other=0.0)
+        v = tl.load(V + b * sv_b + offs_g[:, None, None] * sv_h + offs_n[None, :, None] * sv_t + offs_d[None, None, :],
+                    mask=col_mask[None], other=0.0)
+        k0 = tl.load(K + b * sk_b + offs_n[:, None] * sk_t + offs_d[None, :], mask=col_mask, other=0.0)
+        dk = tl.zeros([G, BN, BD], tl.float32)
+        dv = tl.zeros([G, BN, BD], tl.float32)
         dk0 = tl.zeros([BN, BD], tl.float32)
         R = tl.zeros([BN], tl.float32)
         n_m = tl.cdiv(T, BM)
@@ -333,40 +357,76 @@ if triton is not None:
             pid_m = n_m - 1 - i
             offs_m = pid_m * BM + tl.arange(0, BM)
             row_mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
-            q = tl.load(Q + b * s_b + h * s_h + offs_m[:, None] * s_t + offs_d[None, :], mask=row_mask, other=0.0)
-            do = tl.load(DO + b * s_b + h * s_h + offs_m[:, None] * s_t + offs_d[None, :], mask=row_mask, other=0.0)
-            q0 = tl.load(Q + b * s_b + offs_m[:, None] * s_t + offs_d[None, :], mask=row_mask, other=0.0)
-            lse = tl.load(LSE + pid_bh * T + offs_m, mask=offs_m < T, other=0.0)
-            delta = tl.load(DELTA + pid_bh * T + offs_m, mask=offs_m < T, other=0.0)
-            S = _selection_tile(q0, k0, offs_m, offs_n, scale)
+            rows = offs_m[None, :, None]  # (1, BM, 1): the tile's rows, for every head of the group
+            q = tl.load(Q + b * sq_b + offs_g[:, None, None] * sq_h + rows * sq_t + offs_d[None, None, :],
+                        mask=row_mask[None], other=0.0)
+            do = tl.load(DO + b * sdo_b + offs_g[:, None, None] * sdo_h + rows * sdo_t + offs_d[None, None, :],
+                         mask=row_mask[None], other=0.0)
+            q0 = tl.load(Q + b * sq_b + offs_m[:, None] * sq_t + offs_d[None, :], mask=row_mask, other=0.0)
+            lse = tl.load(LSE + (b * H + offs_g[:, None]) * T + offs_m[None, :], mask=(offs_m < T)[None, :],
+                          other=0.0)
+            delta = tl.load(DELTA + (b * H + offs_g[:, None]) * T + offs_m[None, :], mask=(offs_m < T)[None, :],
+                            other=0.0)
+            S = _selection_tile(q0, k0, offs_m, offs_n, scale2)
             carry = tl.load(CARRY + b * c_b + pid_m * c_m + offs_n, mask=offs_n < T, other=0.0)
             F = carry[None, :] + tl.cumsum(S, axis=0) - S
-            z = tl.dot(q, tl.trans(k)) * scale - F
+            z = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=DOT) * scale2 - F[None]
             visible = (offs_m[:, None] >= offs_n[None, :]) & (offs_m[:, None] < T) & (offs_n[None, :] < T)
-            p = tl.where(visible, tl.exp(z - lse[:, None]), 0.0)
-            dv += tl.dot(tl.trans(p).to(do.dtype), do)
-            dz = p * (tl.dot(do, tl.trans(v)) - delta[:, None])  # dZ_h = P_h (dP_h - D_h)
-            dk += tl.dot(tl.trans(dz).to(q.dtype), q)
-            dq = tl.dot(dz.to(k.dtype), k) * scale
-            dq_ptrs = DQ + b * s_b + h * s_h + offs_m[:, None] * s_t + offs_d[None, :]
-            tl.atomic_add(dq_ptrs, dq, mask=row_mask)
-            dF = -dz
+            p = tl.where(visible[None], tl.exp2(z - lse[:, :, None]), 0.0)  # (G, BM, BN)
+            dv += tl.dot(tl.permute(p, (0, 2, 1)).to(do.dtype), do, input_precision=DOT)
+            dp = tl.dot(do, tl.permute(v, (0, 2, 1)), input_precision=DOT)
+            dz = p * (dp - delta[:, :, None])  # dZ_h = P_h (dP_h - D_h)
+            dk += tl.dot(tl.permute(dz, (0, 2, 1)).to(q.dtype), q, input_precision=DOT)
+            dq = tl.dot(dz.to(k.dtype), k, input_precision=DOT) * scale
+            dF = -tl.sum(dz, axis=0)  # this group's share of dF
             dS = R[None, :] + tl.cumsum(dF, axis=0, reverse=True) - dF  # dS[k, j] = sum_{i > k} dF[i, j]
             R += tl.sum(dF, axis=0)
             dA0 = tl.where(S > 0, dS, 0.0) * scale  # relu' and the constraints
-            tl.atomic_add(DQ + b * s_b + offs_m[:, None] * s_t + offs_d[None, :],
-                          tl.dot(dA0.to(k0.dtype), k0), mask=row_mask)
-            dk0 += tl.dot(tl.trans(dA0).to(q0.dtype), q0)
-        tl.store(DK + b * s_b + h * s_h + offs_n[:, None] * s_t + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
-                 mask=col_mask)
-        tl.store(DV + b * s_b + h * s_h + offs_n[:, None] * s_t + offs_d[None, :], dv.to(DV.dtype.element_ty),
-                 mask=col_mask)
-        tl.atomic_add(DK0 + b * z_b + offs_n[:, None] * s_t + offs_d[None, :], dk0, mask=col_mask)  # all heads
+            dq0 = tl.dot(dA0.to(k0.dtype), k0, input_precision=DOT)
+            is_head0 = (offs_g == 0)[:, None, None]
+            tl.atomic_add(DQ + (b * H + offs_g[:, None, None]) * T * D + rows * D + offs_d[None, None, :],
+                          dq + tl.where(is_head0, dq0[None], 0.0), mask=row_mask[None], sem="relaxed")
+            if h0 > 0:  # head 0 belongs to group 0; every other group adds its share of dq0 separately
+                tl.atomic_add(DQ + b * H * T * D + offs_m[:, None] * D + offs_d[None, :], dq0, mask=row_mask,
+                              sem="relaxed")
+            dk0 += tl.dot(tl.trans(dA0).to(q0.dtype), q0, input_precision=DOT)
+        tl.store(DK + b * sdk_b + offs_g[:, None, None] * sdk_h + offs_n[None, :, None] * sdk_t + offs_d[None, None, :],
+                 (dk * scale).to(DK.dtype.element_ty), mask=col_mask[None])
+        tl.store(DV + b * sdv_b + offs_g[:, None, None] * sdv_h + offs_n[None, :, None] * sdv_t + offs_d[None, None, :],
+                 dv.to(DV.dtype.element_ty), mask=col_mask[None])
+        tl.atomic_add(DK0 + b * T * D + offs_n[:, None] * D + offs_d[None, :], dk0, mask=col_mask, sem="relaxed")
 
 
-def triton_blocks(D):
-    """Tile sizes (BM, BN, BD) for head dim D: 64 x 64 tiles, the head dim padded to a power of two >= 16."""
-    return 64, 64, max(16, 1 << (D - 1).bit_length())
+# Launch configurations per (dtype, padded head dim BD): tile rows BM, tile keys BN, then per pass the heads per
+# program G, warps and pipeline stages. `python bench.py compile` compiles every one for sm_90 (H100/H200) without
+# a GPU and reports shared memory, registers, spills and instructions; test_selective.py asserts that each compiles
+# and fits the 227 KB of shared memory an H100 block may use. The choices are the fewest instructions per head and
+# tile among configs that spill little (docs/KERNEL.md §4 has the table).
+TritonConfig = collections.namedtuple("TritonConfig", "BM BN fwd_heads fwd_warps fwd_stages bwd_heads bwd_warps "
+                                                      "bwd_stages")
+TRITON_CONFIGS = {
+    (dtype, BD): TritonConfig(*cfg) for dtype, BD, cfg in (
+        # dtype          BD   BM  BN  fwd: G warps stages  bwd: G warps stages
+        (torch.bfloat16, 32, (64, 64, 4, 8, 3, 2, 8, 2)),
+        (torch.bfloat16, 64, (64, 64, 4, 8, 2, 2, 8, 2)),  # bwd G = 4 would spill 3.5 KB
+        (torch.bfloat16, 128, (64, 64, 2, 8, 2, 1, 8, 1)),
+        (torch.float16, 32, (64, 64, 4, 8, 3, 2, 8, 2)),
+        (torch.float16, 64, (64, 64, 4, 8, 2, 2, 8, 2)),
+        (torch.float16, 128, (64, 64, 2, 8, 2, 1, 8, 1)),
+        (torch.float32, 32, (64, 64, 1, 8, 1, 1, 8, 1)),  # float32 is for checking, not for speed: safe choices
+        (torch.float32, 64, (64, 64, 1, 8, 1, 1, 8, 1)),
+        (torch.float32, 128, (64, 32, 1, 8, 1, 1, 8, 1)),
+    )
+}
+
+
+def padded_head_dim(D):
+    return max(16, 1 << (D - 1).bit_length())
+
+
+def triton_config(D, dtype):
+    """The TritonConfig for head dim D and dtype."""
+    return TRITON_CONFIGS[dtype, max(32, padded_head_dim(D))]
 
 
 def check_blocks(BM, BN):
@@ -377,35 +437,64 @@ def check_blocks(BM, BN):
             raise ValueError(f"Triton tile size {name} = {size}: it must be a power of two and at least 16")
 
 
-def triton_selective_attention(q, k, v, blocks=None):
-    """The Triton kernel as a differentiable function. blocks: (BM, BN) tile sizes, default triton_blocks.
-    Tensors may live on the CPU under TRITON_INTERPRET=1 (the tests)."""
-    return triton_forward(q, k, v, *(blocks or triton_blocks(q.size(-1))[:2]))[0]
+def heads_per_program(H, G):
+    """The largest power of two <= G that divides H (a program takes G heads of one sequence)."""
+    while H % G:
+        G //= 2
+    return G
+
+
+def dot_precision(dtype):
+    """Input precision of the attention's own float32 dots: TF32 when PyTorch's float32 matmuls may use it
+    (torch.set_float32_matmul_precision('high' or 'medium')), else 'tf32x3' (about float32's accuracy; 'ieee'
+    would leave the tensor cores, and compiles to code that spills kilobytes). The selection dot is always tf32x3
+    (_selection_tile). bf16/fp16 dots are exact products either way."""
+    return "tf32" if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest" else "tf32x3"
+
+
+def unit_stride(x):
+    """x with its last dim contiguous (the kernels take the other strides as they are: no copy for q, k, v that
+    are transposed views of one projection)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def triton_selective_attention(q, k, v, blocks=None, heads=None):
+    """The Triton kernel as a differentiable function. blocks: (BM, BN) tile sizes, heads: (forward, backward)
+    heads per program; both default to triton_config. Tensors may live on the CPU under TRITON_INTERPRET=1 (the
+    tests)."""
+    cfg = triton_config(q.size(-1), q.dtype)
+    BM, BN = blocks or (cfg.BM, cfg.BN)
+    G_fwd, G_bwd = (heads_per_program(q.size(1), G) for G in heads or (cfg.fwd_heads, cfg.bwd_heads))
+    return triton_forward(q, k, v, BM, BN, G_fwd, G_bwd)[0]
 
 
 @torch.library.custom_op("selective_gpt::triton_forward", mutates_args=())
-def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, BM: int, BN: int
+def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, BM: int, BN: int, G: int, G_bwd: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns o, the log-sum-exp of each row (for the backward), and the per-tile carries of S's column sums."""
+    """Returns o, the base-2 log-sum-exp of each row (for the backward), and the per-tile carries of S's column
+    sums (base 2)."""
     check_blocks(BM, BN)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
     B, H, T, D = q.shape
-    BD = triton_blocks(D)[2]
-    scale = 1.0 / math.sqrt(D)
+    cfg = triton_config(D, q.dtype)
+    BD = padded_head_dim(D)
+    scale2 = LOG2E / math.sqrt(D)
     n_m = triton.cdiv(T, BM)
     colsum = torch.zeros(B, n_m, T, device=q.device, dtype=torch.float32)
-    _colsum_kernel[(n_m, B)](q, k, colsum, q.stride(0), q.stride(2), colsum.stride(0), colsum.stride(1),
-                             T, D, scale, BM=BM, BN=BN, BD=BD)
+    _colsum_kernel[(n_m, B)](q, k, colsum, q.stride(0), q.stride(2), k.stride(0), k.stride(2), colsum.stride(0),
+                             colsum.stride(1), T, D, scale2, BM=BM, BN=BN, BD=BD, num_warps=cfg.fwd_warps)
     carry = nnf.pad(torch.cumsum(colsum[:, :-1], dim=1), (0, 0, 1, 0))  # exclusive prefix over query tiles
-    o = torch.empty_like(q)
+    o = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-    _fwd_kernel[(n_m, B * H)](q, k, v, o, lse, carry, q.stride(0), q.stride(1), q.stride(2),
-                              carry.stride(0), carry.stride(1), T, H, D, scale, BM=BM, BN=BN, BD=BD)
+    _fwd_kernel[(n_m, B, H // G)](q, k, v, o, lse, carry, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                                  *o.stride()[:3], carry.stride(0), carry.stride(1), T, H, D, scale2,
+                                  BM=BM, BN=BN, BD=BD, G=G, DOT=dot_precision(q.dtype),
+                                  num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
     return o, lse, carry
 
 
 @triton_forward.register_fake
-def _(q, k, v, BM, BN):
+def _(q, k, v, BM, BN, G, G_bwd):
     B, H, T, D = q.shape
     f32 = torch.float32
     return q.new_empty(q.shape), q.new_empty(B, H, T, dtype=f32), q.new_empty(B, -(-T // BM), T, dtype=f32)
@@ -413,36 +502,39 @@ def _(q, k, v, BM, BN):
 
 @torch.library.custom_op("selective_gpt::triton_backward", mutates_args=())
 def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                    lse: torch.Tensor, carry: torch.Tensor, BM: int, BN: int
+                    lse: torch.Tensor, carry: torch.Tensor, BM: int, BN: int, G: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    q, k, v, o, do = q.contiguous(), k.contiguous(), v.contiguous(), o.contiguous(), do.contiguous()
+    q, k, v, do = unit_stride(q), unit_stride(k), unit_stride(v), unit_stride(do)
     B, H, T, D = q.shape
+    cfg = triton_config(D, q.dtype)
     delta = (do.float() * o.float()).sum(-1)  # D_h = rowsum(dO_h * O_h)
     dq = torch.zeros(B, H, T, D, device=q.device, dtype=torch.float32)  # float32: added to atomically
-    dk, dv = torch.empty_like(k), torch.empty_like(v)  # each program owns its key tile: written once
-    dk0 = torch.zeros(B, T, D, device=q.device, dtype=torch.float32)  # every head's share of the F gradient
-    _bwd_kernel[(triton.cdiv(T, BN), B * H)](q, k, v, do, lse, delta, carry, dq, dk, dv, dk0,
-                                              q.stride(0), q.stride(1), q.stride(2), carry.stride(0),
-                                              carry.stride(1), dk0.stride(0), T, H, D, 1.0 / math.sqrt(D),
-                                              BM=BM, BN=BN, BD=triton_blocks(D)[2])
+    dk, dv = torch.empty(B, H, T, D, device=q.device, dtype=k.dtype), torch.empty(B, H, T, D, device=q.device,
+                                                                                   dtype=v.dtype)
+    dk0 = torch.zeros(B, T, D, device=q.device, dtype=torch.float32)  # every group's share of the F gradient
+    _bwd_kernel[(triton.cdiv(T, BN), B, H // G)](
+        q, k, v, do, lse, delta, carry, dq, dk, dv, dk0, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], carry.stride(0), carry.stride(1), T, H, D,
+        LOG2E / math.sqrt(D), 1.0 / math.sqrt(D), BM=BM, BN=BN, BD=padded_head_dim(D), G=G,
+        DOT=dot_precision(q.dtype), num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages)
     dk[:, 0] = (dk[:, 0].float() + dk0).to(dk.dtype)  # the selection gradient, into head 0's keys
     return dq.to(q.dtype), dk, dv
 
 
 @triton_backward.register_fake
-def _(do, q, k, v, o, lse, carry, BM, BN):
+def _(do, q, k, v, o, lse, carry, BM, BN, G):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _triton_setup(ctx, inputs, output):
-    q, k, v, BM, BN = inputs
+    q, k, v, BM, BN, G, G_bwd = inputs
     o, lse, carry = output
     ctx.save_for_backward(q, k, v, o, lse, carry)
-    ctx.blocks = (BM, BN)
+    ctx.config = (BM, BN, G_bwd)
 
 
 def _triton_backward_rule(ctx, do, *_):
-    return *triton_backward(do, *ctx.saved_tensors, *ctx.blocks), None, None
+    return *triton_backward(do, *ctx.saved_tensors, *ctx.config), None, None, None, None
 
 
 triton_forward.register_autograd(_triton_backward_rule, setup_context=_triton_setup)

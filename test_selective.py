@@ -3,9 +3,12 @@
 Run: python -m pytest -q          (the slow end-to-end ones: python -m pytest -m slow)
 """
 
+import json
 import math
 import os
 import re
+import subprocess
+import sys
 import warnings
 
 import torch
@@ -583,6 +586,94 @@ def test_triton_kernel_half_precision(dtype):
     for name, w, g in zip(["y", "dq", "dk", "dv"], want, got):
         assert g.dtype == dtype
         torch.testing.assert_close(g.double(), w, rtol=0.05, atol=0.05, msg=name)
+
+
+@triton_missing
+@pytest.mark.parametrize("heads", [(1, 1), (2, 4), (4, 2)])
+def test_triton_head_groups_and_strided_inputs(heads):
+    """A program may take G heads of one sequence (forward and backward choose G apart): any G gives the
+    reference's values and gradients, head 0's selection gradient included, and q, k, v may be the transposed views
+    of one projection that the model passes (no copies)."""
+    B, H, T, D = 2, 4, 70, 16
+    torch.manual_seed(5)
+    qkv = torch.randn(B, T, 3, H, D)
+    q, k, v = (qkv[:, :, i].transpose(1, 2).detach().requires_grad_() for i in range(3))
+    assert not q.is_contiguous()
+    dy = torch.randn(B, H, T, D)
+    want = grads_of(reference, q.double(), k.double(), v.double(), dy.double())
+    got = grads_of(lambda a, b, c: kernels.triton_selective_attention(a, b, c, (16, 16), heads), q, k, v, dy)
+    for name, w, g in zip(["y", "dq", "dk", "dv"], want, got):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.fixture
+def tf32_dots(monkeypatch):
+    """Triton's interpreter computes every float32 tl.dot exactly; a GPU rounds the inputs of a 'tf32' dot to
+    TF32 (10 mantissa bits) and splits those of a 'tf32x3' dot into two TF32 halves. Emulate both."""
+    import numpy as np
+    from triton._C.libtriton import ir
+    from triton.runtime import interpreter
+
+    def tf32(x):
+        u = x.astype(np.float32).view(np.uint32)
+        return ((u + np.uint32(0x0FFF) + ((u >> 13) & 1)) & np.uint32(0xFFFFE000)).view(np.float32)
+
+    exact = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.data.dtype != np.float32 or input_precision == ir.INPUT_PRECISION.IEEE:
+            return exact(self, a, b, d, input_precision, max_num_imprecise_acc)
+        a_hi, b_hi = tf32(a.data), tf32(b.data)
+        out = np.matmul(a_hi, b_hi)
+        if input_precision == ir.INPUT_PRECISION.TF32x3:
+            out += np.matmul(a_hi, tf32(b.data - b_hi)) + np.matmul(tf32(a.data - a_hi), b_hi)
+        return interpreter.TensorHandle(out.astype(d.data.dtype) + d.data, d.dtype.scalar)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+    previous = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(previous)
+
+
+@triton_missing
+@pytest.mark.skipif(torch.cuda.is_available(), reason="emulates a GPU's TF32 in Triton's CPU interpreter")
+@pytest.mark.parametrize("precision, tol", [("high", 2e-2), ("highest", 1e-4)])
+@pytest.mark.parametrize("T, D", [(100, 16), (64, 32)])
+def test_triton_float32_under_tf32(tf32_dots, precision, tol, T, D):
+    """float32 inputs on a GPU: with TF32 allowed ('high') the attention's dots may round to TF32, but the
+    selection dot may not: a rounded head-0 logit flips sign near 0, and with it S and the ReLU's gradient (plain
+    TF32 there put head 0's dq 43x and dk 22x outside this tolerance). At 'highest', every dot is tf32x3 and the
+    kernel is as exact as in float32."""
+    tf32_dots(precision)
+    q, k, v = (t.detach().requires_grad_() for t in random_qkv(B=2, H=3, T=T, D=D, seed=T + D))
+    dy = torch.randn_like(q)
+    want = grads_of(reference, q.double(), k.double(), v.double(), dy.double())
+    got = grads_of(kernels.triton_selective_attention, q, k, v, dy)
+    for name, w, g in zip(["y", "dq", "dk", "dv"], want, got):
+        for h in range(3):  # head 0 apart: its dq and dk carry the selection gradient
+            torch.testing.assert_close(g[:, h].double(), w[:, h], rtol=tol, atol=tol, msg=f"{name}, head {h}")
+
+
+def test_triton_kernels_compile_for_sm90():
+    """Every launch configuration compiles for an H100/H200 (sm_90) here, without a GPU, and fits its shared
+    memory; `python bench.py compile` prints the table (registers, spills, instructions per tile)."""
+    pytest.importorskip("triton", reason="triton is not installed: the GPU compile was NOT checked")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = os.path.join(os.environ.get("PYTEST_TMP", "/tmp"), f"compile-{os.getpid()}.json")
+    run = subprocess.run([sys.executable, "bench.py", "compile", "--json", out], env=env, capture_output=True,
+                         text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    print(run.stdout)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(out) as f:
+        rows = json.load(f)["results"]
+    os.remove(out)
+    assert {(r["dtype"], r["BD"]) for r in rows} == {(str(d).removeprefix("torch."), BD)
+                                                      for d, BD in kernels.TRITON_CONFIGS}
+    assert len(rows) == 3 * len(kernels.TRITON_CONFIGS)  # colsum, fwd, bwd
+    for r in rows:
+        assert "error" not in r, r
+        assert r["shared"] <= 227 * 1024, r
+        assert r["loop_mma"] > 0, r  # the dots run on the tensor cores
 
 
 def test_triton_refuses_what_no_gpu_compiles():
