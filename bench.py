@@ -316,8 +316,8 @@ def compile_kernels(results):
         raise SystemExit("bench.py compile: triton is not installed (pip install triton)")
     print(f"\nTriton kernels compiled for sm_90 (triton {kernels.triton.__version__}); shared memory limit "
           f"{SM90_SHARED_LIMIT // 1024} KB; G = heads per program; 'loop' = SASS instructions one warp runs per trip "
-          "of the main loop (a 64-row tile); '/head' = loop x warps / G, the instructions a tile costs per head "
-          "(the speed proxy); 'mma' = tensor-core instructions per warp and trip")
+          "of the main loop (one tile off the diagonal); '/head' = loop x warps / G, the instructions a tile costs "
+          "per head (the speed proxy); 'mma' = tensor-core instructions per warp and trip")
     print(f"{'dtype':>8} {'BD':>4} {'kernel':>7} {'BM':>4} {'BN':>4} {'G':>2} {'warps':>5} {'stages':>6} | "
           f"{'shared KB':>9} {'regs':>4} {'spill B':>7} {'loop':>5} {'/head':>6} {'mma':>4}")
     for (dtype, BD), cfg in kernels.TRITON_CONFIGS.items():
@@ -375,24 +375,22 @@ def compiled_resources(kernels, name, dtype, BM, BN, BD, G, warps, stages):
         sass = subprocess.run([tools.cuobjdump.path, "-sass", cubin], capture_output=True, text=True,
                               check=True).stdout
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", verbose)
-    loop = largest_loop(sass)
+    loop = main_loop(sass)
     return dict(shared=compiled.metadata.shared, registers=int(re.search(r"Used (\d+) registers", verbose)[1]),
                 spill_bytes=int(spills[1]) + int(spills[2]), loop_instructions=len(loop),
                 loop_mma=sum(("MMA" in op) for op in loop))
 
 
-def largest_loop(sass):
-    """The instructions (opcodes) of the longest backward branch's body in a cuobjdump -sass listing."""
+def main_loop(sass):
+    """The opcodes of the first loop in a cuobjdump -sass listing (from a backward branch's target to the branch):
+    in the forward and backward kernels, the tiles off the diagonal, where nearly all the work is."""
     code = [(int(m[1], 16), m[2]) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)",
                                                        sass)]
-    best = []
-    for address, op in code:
-        target = re.search(rf"/\*{address:04x}\*/[^;]*BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", sass) \
-            if op.startswith("BRA") else None
-        if target and int(target[1], 16) < address:
-            body = [o for a, o in code if int(target[1], 16) <= a <= address]
-            best = max(best, body, key=len)
-    return best
+    for m in re.finditer(r"/\*([0-9a-f]{4,})\*/[^;\n]*BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", sass):
+        branch, target = int(m[1], 16), int(m[2], 16)
+        if target < branch:
+            return [op for address, op in code if target <= address <= branch]
+    return []
 
 
 def main():

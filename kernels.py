@@ -259,14 +259,22 @@ LOG2E = 1.4426950408889634
 if triton is not None:
 
     @triton.jit
-    def _selection_tile(q0, k0, offs_m, offs_n, scale2):
-        """S (base 2) on one tile, SPEC §1.1-1.2: relu of head 0's logits, strictly below the diagonal, never
-        column 0. For float32 inputs the dot is 'tf32x3' (three TF32 products, about float32's accuracy, on the
-        tensor cores), never plain TF32: the sign of head 0's logits decides S and the ReLU's gradient, and TF32's
-        10-bit mantissa flips it near 0. Rows and keys past T were loaded as zeros: they select nothing."""
-        a0 = tl.dot(q0, tl.trans(k0), input_precision="tf32x3") * scale2
-        may_select = (offs_m[:, None] > offs_n[None, :]) & (offs_n[None, :] > 0)
-        return tl.where(may_select, tl.maximum(a0, 0.0), 0.0)
+    def _load_k0(K, b, sk_b, sk_t, offs_n, offs_d, T, D):
+        """Head 0's keys of one tile, with key 0 (BOS) and keys past T read as zeros: a zero key gives a zero
+        logit, which the ReLU turns into S = 0, so no tile needs a mask for §1.2's "never BOS"."""
+        mask = (offs_n[:, None] > 0) & (offs_n[:, None] < T) & (offs_d[None, :] < D)
+        return tl.load(K + b * sk_b + offs_n[:, None] * sk_t + offs_d[None, :], mask=mask, other=0.0)
+
+    @triton.jit
+    def _selection_tile(q0, k0, offs_m, offs_n, scale2, ON_DIAGONAL: tl.constexpr):
+        """S (base 2) on one tile, SPEC §1.1-1.2: relu of head 0's logits, strictly below the diagonal (a mask only
+        on tiles that cross it), never column 0 (k0 has it zeroed, _load_k0). For float32 inputs the dot is
+        'tf32x3' (three TF32 products, about float32's accuracy, on the tensor cores), never plain TF32: the sign of
+        head 0's logits decides S and the ReLU's gradient, and TF32's 10-bit mantissa flips it near 0."""
+        S = tl.maximum(tl.dot(q0, tl.trans(k0), input_precision="tf32x3") * scale2, 0.0)
+        if ON_DIAGONAL:
+            S = tl.where(offs_m[:, None] > offs_n[None, :], S, 0.0)
+        return S
 
     @triton.jit
     def _colsum_kernel(Q, K, COLSUM, sq_b, sq_t, sk_b, sk_t, c_b, c_m, T, D, scale2,
@@ -279,10 +287,32 @@ if triton is not None:
                      mask=(offs_m[:, None] < T) & (offs_d[None, :] < D), other=0.0)
         for start_n in range(0, tl.minimum((pid_m + 1) * BM, T), BN):
             offs_n = start_n + tl.arange(0, BN)
-            k0 = tl.load(K + b * sk_b + offs_n[:, None] * sk_t + offs_d[None, :],
-                         mask=(offs_n[:, None] < T) & (offs_d[None, :] < D), other=0.0)
-            S = _selection_tile(q0, k0, offs_m, offs_n, scale2)
+            S = _selection_tile(q0, _load_k0(K, b, sk_b, sk_t, offs_n, offs_d, T, D), offs_m, offs_n, scale2, True)
             tl.store(COLSUM + b * c_b + pid_m * c_m + offs_n, tl.sum(S, axis=0), mask=offs_n < T)
+
+    @triton.jit
+    def _fwd_tile(acc, m_i, l_i, q, q0, K, V, carry_row, b, offs_m, offs_g, offs_d, start_n, sk_b, sk_h, sk_t,
+                  sv_b, sv_h, sv_t, T, D, scale2, BN: tl.constexpr, DOT: tl.constexpr, ON_DIAGONAL: tl.constexpr):
+        """One key tile of the forward for the group. Off the diagonal every key precedes every row: no causal
+        mask and no bounds on keys (they all lie below T)."""
+        offs_n = start_n + tl.arange(0, BN)
+        col_mask = (offs_n[:, None] < T) & (offs_d[None, :] < D)
+        S = _selection_tile(q0, _load_k0(K, b, sk_b, sk_t, offs_n, offs_d, T, D), offs_m, offs_n, scale2,
+                            ON_DIAGONAL)
+        F = tl.load(carry_row + offs_n, mask=offs_n < T, other=0.0)[None, :] + tl.cumsum(S, axis=0) - S  # §1.3
+        k = tl.load(K + b * sk_b + offs_g[:, None, None] * sk_h + offs_n[None, :, None] * sk_t
+                    + offs_d[None, None, :], mask=col_mask[None], other=0.0)
+        v = tl.load(V + b * sv_b + offs_g[:, None, None] * sv_h + offs_n[None, :, None] * sv_t
+                    + offs_d[None, None, :], mask=col_mask[None], other=0.0)
+        z = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=DOT) * scale2 - F[None]  # §1.4
+        if ON_DIAGONAL:  # causal; keys past T lie past every row < T
+            z = tl.where((offs_m[:, None] >= offs_n[None, :])[None], z, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(z, axis=2))
+        p = tl.exp2(z - m_new[:, :, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=2)
+        acc = acc * alpha[:, :, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT)
+        return acc, m_new, l_i
 
     @triton.jit
     def _fwd_kernel(Q, K, V, O, LSE, CARRY, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
@@ -298,34 +328,66 @@ if triton is not None:
         q0 = tl.load(Q + b * sq_b + offs_m[:, None] * sq_t + offs_d[None, :], mask=row_mask, other=0.0)
         q = tl.load(Q + b * sq_b + offs_g[:, None, None] * sq_h + offs_m[None, :, None] * sq_t
                     + offs_d[None, None, :], mask=row_mask[None], other=0.0)  # (G, BM, BD)
+        carry_row = CARRY + b * c_b + pid_m * c_m
         m_i = tl.full([G, BM], float("-inf"), tl.float32)
         l_i = tl.zeros([G, BM], tl.float32)
         acc = tl.zeros([G, BM, BD], tl.float32)
-        for start_n in range(0, tl.minimum((pid_m + 1) * BM, T), BN):  # causal: key tiles up to the diagonal
-            offs_n = start_n + tl.arange(0, BN)
-            col_mask = (offs_n[:, None] < T) & (offs_d[None, :] < D)
-            k0 = tl.load(K + b * sk_b + offs_n[:, None] * sk_t + offs_d[None, :], mask=col_mask, other=0.0)
-            S = _selection_tile(q0, k0, offs_m, offs_n, scale2)
-            carry = tl.load(CARRY + b * c_b + pid_m * c_m + offs_n, mask=offs_n < T, other=0.0)
-            F = carry[None, :] + tl.cumsum(S, axis=0) - S  # §1.3 exclusive sum down the queries
-            k = tl.load(K + b * sk_b + offs_g[:, None, None] * sk_h + offs_n[None, :, None] * sk_t
-                        + offs_d[None, None, :], mask=col_mask[None], other=0.0)
-            v = tl.load(V + b * sv_b + offs_g[:, None, None] * sv_h + offs_n[None, :, None] * sv_t
-                        + offs_d[None, None, :], mask=col_mask[None], other=0.0)
-            z = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=DOT) * scale2 - F[None]  # §1.4
-            visible = (offs_m[:, None] >= offs_n[None, :]) & (offs_n[None, :] < T)
-            z = tl.where(visible[None], z, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(z, axis=2))
-            p = tl.exp2(z - m_new[:, :, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=2)
-            acc = acc * alpha[:, :, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT)
-            m_i = m_new
+        below = (pid_m * BM) // BN * BN  # key tiles before this one lie wholly below the diagonal
+        for start_n in range(0, below, BN):
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, q0, K, V, carry_row, b, offs_m, offs_g, offs_d, start_n,
+                                      sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, T, D, scale2, BN, DOT, False)
+        for start_n in range(below, tl.minimum((pid_m + 1) * BM, T), BN):  # the tiles the diagonal crosses
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, q0, K, V, carry_row, b, offs_m, offs_g, offs_d, start_n,
+                                      sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, T, D, scale2, BN, DOT, True)
         acc = acc / l_i[:, :, None]
         tl.store(O + b * so_b + offs_g[:, None, None] * so_h + offs_m[None, :, None] * so_t + offs_d[None, None, :],
                  acc.to(O.dtype.element_ty), mask=row_mask[None])
         tl.store(LSE + (b * H + offs_g[:, None]) * T + offs_m[None, :], m_i + tl.log2(l_i),
                  mask=(offs_m < T)[None, :])
+
+    @triton.jit
+    def _bwd_tile(dk, dv, dk0, R, k, v, k0, Q, DO, LSE, DELTA, CARRY, DQ, b, pid_m, offs_n, offs_g, offs_d, h0,
+                  sq_b, sq_h, sq_t, sdo_b, sdo_h, sdo_t, c_b, c_m, T, H, D, scale2, scale,
+                  BM: tl.constexpr, DOT: tl.constexpr, ON_DIAGONAL: tl.constexpr):
+        """One query tile of the backward for the group's key tile. Rows past T read q = dO = 0 and an infinite
+        log-sum-exp, so their P, dZ and S are 0 without a mask; off the diagonal no causal mask either."""
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        row_mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
+        rows = offs_m[None, :, None]  # (1, BM, 1): the tile's rows, for every head of the group
+        q = tl.load(Q + b * sq_b + offs_g[:, None, None] * sq_h + rows * sq_t + offs_d[None, None, :],
+                    mask=row_mask[None], other=0.0)
+        do = tl.load(DO + b * sdo_b + offs_g[:, None, None] * sdo_h + rows * sdo_t + offs_d[None, None, :],
+                     mask=row_mask[None], other=0.0)
+        q0 = tl.load(Q + b * sq_b + offs_m[:, None] * sq_t + offs_d[None, :], mask=row_mask, other=0.0)
+        lse = tl.load(LSE + (b * H + offs_g[:, None]) * T + offs_m[None, :], mask=(offs_m < T)[None, :],
+                      other=float("inf"))
+        delta = tl.load(DELTA + (b * H + offs_g[:, None]) * T + offs_m[None, :], mask=(offs_m < T)[None, :],
+                        other=0.0)
+        S = _selection_tile(q0, k0, offs_m, offs_n, scale2, ON_DIAGONAL)
+        carry = tl.load(CARRY + b * c_b + pid_m * c_m + offs_n, mask=offs_n < T, other=0.0)
+        F = carry[None, :] + tl.cumsum(S, axis=0) - S
+        z = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=DOT) * scale2 - F[None]
+        p = tl.exp2(z - lse[:, :, None])  # (G, BM, BN)
+        if ON_DIAGONAL:
+            p = tl.where((offs_m[:, None] >= offs_n[None, :])[None], p, 0.0)
+        dv += tl.dot(tl.permute(p, (0, 2, 1)).to(do.dtype), do, input_precision=DOT)
+        dp = tl.dot(do, tl.permute(v, (0, 2, 1)), input_precision=DOT)
+        dz = p * (dp - delta[:, :, None])  # dZ_h = P_h (dP_h - D_h)
+        dk += tl.dot(tl.permute(dz, (0, 2, 1)).to(q.dtype), q, input_precision=DOT)
+        dq = tl.dot(dz.to(k.dtype), k, input_precision=DOT) * scale
+        dF = -tl.sum(dz, axis=0)  # this group's share of dF
+        dS = R[None, :] + tl.cumsum(dF, axis=0, reverse=True) - dF  # dS[k, j] = sum_{i > k} dF[i, j]
+        R += tl.sum(dF, axis=0)
+        dA0 = tl.where(S > 0, dS, 0.0) * scale  # relu' and the constraints (S = 0 wherever it may not select)
+        dq0 = tl.dot(dA0.to(k0.dtype), k0, input_precision=DOT)
+        is_head0 = (offs_g == 0)[:, None, None]
+        tl.atomic_add(DQ + (b * H + offs_g[:, None, None]) * T * D + rows * D + offs_d[None, None, :],
+                      dq + tl.where(is_head0, dq0[None], 0.0), mask=row_mask[None], sem="relaxed")
+        if h0 > 0:  # head 0 belongs to group 0; every other group adds its share of dq0 separately
+            tl.atomic_add(DQ + b * H * T * D + offs_m[:, None] * D + offs_d[None, :], dq0, mask=row_mask,
+                          sem="relaxed")
+        dk0 += tl.dot(tl.trans(dA0).to(q0.dtype), q0, input_precision=DOT)
+        return dk, dv, dk0, R
 
     @triton.jit
     def _bwd_kernel(Q, K, V, DO, LSE, DELTA, CARRY, DQ, DK, DV, DK0, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t,
@@ -342,57 +404,30 @@ if triton is not None:
         offs_d = tl.arange(0, BD)
         offs_g = h0 + tl.arange(0, G)
         col_mask = (offs_n[:, None] < T) & (offs_d[None, :] < D)
-        k = tl.load(K + b * sk_b + offs_g[:, None, None] * sk_h + offs_n[None, :, None] * sk_t + offs_d[None, None, :],
+        keys = offs_n[None, :, None]  # (1, BN, 1): the tile's keys, for every head of the group
+        k = tl.load(K + b * sk_b + offs_g[:, None, None] * sk_h + keys * sk_t + offs_d[None, None, :],
                     mask=col_mask[None], other=0.0)
-        v = tl.load(V + b * sv_b + offs_g[:, None, None] * sv_h + offs_n[None, :, None] * sv_t + offs_d[None, None, :],
+        v = tl.load(V + b * sv_b + offs_g[:, None, None] * sv_h + keys * sv_t + offs_d[None, None, :],
                     mask=col_mask[None], other=0.0)
-        k0 = tl.load(K + b * sk_b + offs_n[:, None] * sk_t + offs_d[None, :], mask=col_mask, other=0.0)
+        k0 = _load_k0(K, b, sk_b, sk_t, offs_n, offs_d, T, D)
         dk = tl.zeros([G, BN, BD], tl.float32)
         dv = tl.zeros([G, BN, BD], tl.float32)
         dk0 = tl.zeros([BN, BD], tl.float32)
         R = tl.zeros([BN], tl.float32)
         n_m = tl.cdiv(T, BM)
         first_m = (pid_n * BN) // BM  # query tiles above it see none of these keys
-        for i in range(0, n_m - first_m):
-            pid_m = n_m - 1 - i
-            offs_m = pid_m * BM + tl.arange(0, BM)
-            row_mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
-            rows = offs_m[None, :, None]  # (1, BM, 1): the tile's rows, for every head of the group
-            q = tl.load(Q + b * sq_b + offs_g[:, None, None] * sq_h + rows * sq_t + offs_d[None, None, :],
-                        mask=row_mask[None], other=0.0)
-            do = tl.load(DO + b * sdo_b + offs_g[:, None, None] * sdo_h + rows * sdo_t + offs_d[None, None, :],
-                         mask=row_mask[None], other=0.0)
-            q0 = tl.load(Q + b * sq_b + offs_m[:, None] * sq_t + offs_d[None, :], mask=row_mask, other=0.0)
-            lse = tl.load(LSE + (b * H + offs_g[:, None]) * T + offs_m[None, :], mask=(offs_m < T)[None, :],
-                          other=0.0)
-            delta = tl.load(DELTA + (b * H + offs_g[:, None]) * T + offs_m[None, :], mask=(offs_m < T)[None, :],
-                            other=0.0)
-            S = _selection_tile(q0, k0, offs_m, offs_n, scale2)
-            carry = tl.load(CARRY + b * c_b + pid_m * c_m + offs_n, mask=offs_n < T, other=0.0)
-            F = carry[None, :] + tl.cumsum(S, axis=0) - S
-            z = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=DOT) * scale2 - F[None]
-            visible = (offs_m[:, None] >= offs_n[None, :]) & (offs_m[:, None] < T) & (offs_n[None, :] < T)
-            p = tl.where(visible[None], tl.exp2(z - lse[:, :, None]), 0.0)  # (G, BM, BN)
-            dv += tl.dot(tl.permute(p, (0, 2, 1)).to(do.dtype), do, input_precision=DOT)
-            dp = tl.dot(do, tl.permute(v, (0, 2, 1)), input_precision=DOT)
-            dz = p * (dp - delta[:, :, None])  # dZ_h = P_h (dP_h - D_h)
-            dk += tl.dot(tl.permute(dz, (0, 2, 1)).to(q.dtype), q, input_precision=DOT)
-            dq = tl.dot(dz.to(k.dtype), k, input_precision=DOT) * scale
-            dF = -tl.sum(dz, axis=0)  # this group's share of dF
-            dS = R[None, :] + tl.cumsum(dF, axis=0, reverse=True) - dF  # dS[k, j] = sum_{i > k} dF[i, j]
-            R += tl.sum(dF, axis=0)
-            dA0 = tl.where(S > 0, dS, 0.0) * scale  # relu' and the constraints
-            dq0 = tl.dot(dA0.to(k0.dtype), k0, input_precision=DOT)
-            is_head0 = (offs_g == 0)[:, None, None]
-            tl.atomic_add(DQ + (b * H + offs_g[:, None, None]) * T * D + rows * D + offs_d[None, None, :],
-                          dq + tl.where(is_head0, dq0[None], 0.0), mask=row_mask[None], sem="relaxed")
-            if h0 > 0:  # head 0 belongs to group 0; every other group adds its share of dq0 separately
-                tl.atomic_add(DQ + b * H * T * D + offs_m[:, None] * D + offs_d[None, :], dq0, mask=row_mask,
-                              sem="relaxed")
-            dk0 += tl.dot(tl.trans(dA0).to(q0.dtype), q0, input_precision=DOT)
-        tl.store(DK + b * sdk_b + offs_g[:, None, None] * sdk_h + offs_n[None, :, None] * sdk_t + offs_d[None, None, :],
+        beyond = tl.minimum(tl.cdiv((pid_n + 1) * BN, BM), n_m)  # query tiles from here on lie wholly below it
+        for i in range(0, n_m - beyond):
+            dk, dv, dk0, R = _bwd_tile(dk, dv, dk0, R, k, v, k0, Q, DO, LSE, DELTA, CARRY, DQ, b, n_m - 1 - i,
+                                       offs_n, offs_g, offs_d, h0, sq_b, sq_h, sq_t, sdo_b, sdo_h, sdo_t, c_b, c_m,
+                                       T, H, D, scale2, scale, BM, DOT, False)
+        for i in range(0, beyond - first_m):  # the tiles the diagonal crosses
+            dk, dv, dk0, R = _bwd_tile(dk, dv, dk0, R, k, v, k0, Q, DO, LSE, DELTA, CARRY, DQ, b, beyond - 1 - i,
+                                       offs_n, offs_g, offs_d, h0, sq_b, sq_h, sq_t, sdo_b, sdo_h, sdo_t, c_b, c_m,
+                                       T, H, D, scale2, scale, BM, DOT, True)
+        tl.store(DK + b * sdk_b + offs_g[:, None, None] * sdk_h + keys * sdk_t + offs_d[None, None, :],
                  (dk * scale).to(DK.dtype.element_ty), mask=col_mask[None])
-        tl.store(DV + b * sdv_b + offs_g[:, None, None] * sdv_h + offs_n[None, :, None] * sdv_t + offs_d[None, None, :],
+        tl.store(DV + b * sdv_b + offs_g[:, None, None] * sdv_h + keys * sdv_t + offs_d[None, None, :],
                  dv.to(DV.dtype.element_ty), mask=col_mask[None])
         tl.atomic_add(DK0 + b * T * D + offs_n[:, None] * D + offs_d[None, :], dk0, mask=col_mask, sem="relaxed")
 
@@ -400,15 +435,15 @@ if triton is not None:
 # Launch configurations per (dtype, padded head dim BD): tile rows BM, tile keys BN, then per pass the heads per
 # program G, warps and pipeline stages. `python bench.py compile` compiles every one for sm_90 (H100/H200) without
 # a GPU and reports shared memory, registers, spills and instructions; test_selective.py asserts that each compiles
-# and fits the 227 KB of shared memory an H100 block may use. The choices are the fewest instructions per head and
-# tile among configs that spill little (docs/KERNEL.md §4 has the table).
+# and fits the 227 KB of shared memory an H100 block may use. The choices: the fewest instructions per head and tile
+# among configs that spill little (README, "On a GPU", has the figures); 32-key backward tiles cost more per key.
 TritonConfig = collections.namedtuple("TritonConfig", "BM BN fwd_heads fwd_warps fwd_stages bwd_heads bwd_warps "
                                                       "bwd_stages")
 TRITON_CONFIGS = {
     (dtype, BD): TritonConfig(*cfg) for dtype, BD, cfg in (
         # dtype          BD   BM  BN  fwd: G warps stages  bwd: G warps stages
         (torch.bfloat16, 32, (64, 64, 4, 8, 3, 2, 8, 2)),
-        (torch.bfloat16, 64, (64, 64, 4, 8, 2, 2, 8, 2)),  # bwd G = 4 would spill 3.5 KB
+        (torch.bfloat16, 64, (64, 64, 4, 8, 2, 2, 8, 2)),  # bwd: G = 4 spills 6 KB, G = 1 costs 1.4x per head
         (torch.bfloat16, 128, (64, 64, 2, 8, 2, 1, 8, 1)),
         (torch.float16, 32, (64, 64, 4, 8, 3, 2, 8, 2)),
         (torch.float16, 64, (64, 64, 4, 8, 2, 2, 8, 2)),
