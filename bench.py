@@ -251,7 +251,7 @@ def bench_gpu(repeats, results):
     import kernels
     if not torch.cuda.is_available() or kernels.triton is None:
         raise SystemExit("bench.py gpu: needs CUDA and triton (pip install triton)")
-    failures = check_triton("cuda", results)
+    failures = check_triton("cuda", results) + check_large_offsets(results)
     bench_kernels("cuda", "bf16", repeats, results, Ts=(1024, 4096, 16384), timed_up_to=16384)
     model = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304, bias=False)
     print(f"\nTraining step, bf16 autocast, {model}, block 1024, batch 8, median of {repeats} alternations [min-max]:")
@@ -292,6 +292,24 @@ def check_triton(device, results, dtypes=(("fp32", 1e-3), ("bf16", 5e-2), ("fp16
             results.append({"bench": "triton_check", "dtype": dtype, "shape": [B, H, T, D], "errors": errors,
                             "ok": ok})
     return failures
+
+
+def check_large_offsets(results):
+    """q, k, v of 2^31 elements (bf16, 4 GiB each; about 40 GiB in all with the gradients): the last sequence's
+    output and gradients must match those of the same sequence run alone, which an int32 offset that wrapped would
+    break."""
+    import kernels
+    B, H, T, D = 8193, 16, 256, 64
+    print(f"\nLarge offsets: B={B} H={H} T={T} D={D} bf16 ({B * H * T * D / 2**31:.2f} x 2^31 elements per tensor)")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, dy = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
+    big = gradients(kernels.triton_selective_attention, q, k, v, dy)
+    alone = gradients(kernels.triton_selective_attention, *(t[-1:].clone() for t in (q, k, v, dy)))
+    # close, not equal: dq and dk gather atomic adds in whatever order the programs run
+    same = all(torch.allclose(a[-1:].float(), b.float(), rtol=1e-2, atol=1e-2) for a, b in zip(big, alone))
+    print(f"  last sequence == the same sequence alone (y, dq, dk, dv): {'ok' if same else 'DIFFERENT'}")
+    results.append({"bench": "triton_large_offsets", "ok": same})
+    return not same
 
 
 def gradients(fn, q, k, v, dy):
