@@ -3,7 +3,7 @@ Speed and memory benchmarks. Every ratio is measured side by side in one run, al
 machine noise hits both alike: quote the ratios, not the times.
 
     python bench.py                  # training step, selective / standard, block 256, 512, 1024, fp32 and bf16;
-                                     # decoding at contexts 1024 and 4096, batch 1 and 8, budgets none, 256, 64
+                                     # decoding at contexts 1024, 4096, 8192, batch 1 and 8, budgets none, 256, 64
     python bench.py kernels          # attention alone, forward + backward, T = 512 .. 8192 (memory to 16384):
                                      # standard flash SDPA, selective through an SDPA float mask ('mask'), the
                                      # tiled kernels.py path
@@ -180,9 +180,9 @@ def bench_decoding(device, repeats, results):
     print(f"{'context':>7} {'batch':>5} {'budget':>6} | {'tokens/s':>9} {'keys/layer':>10} {'KV MiB':>7} | "
           f"{'speed x [spread]':>21} {'KV x':>6}")
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=4096 + 2 * repeats * segment, selective=True, **MODEL)).to(device).eval()
+    model = GPT(GPTConfig(block_size=8192 + 2 * repeats * segment, selective=True, **MODEL)).to(device).eval()
     g = torch.Generator().manual_seed(0)
-    for context in (1024, 4096):
+    for context in (1024, 4096, 8192):
         for batch in (1, 8):
             prompt = torch.randint(0, 50257, (batch, context), generator=g).to(device)
             budgets = {"none": None, "256": 256, "64": 64}

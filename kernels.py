@@ -86,8 +86,10 @@ def tiled_selective_attention(q, k, v):
 # sums over the chunks are float32.
 
 def chunk_rows(T, H):
-    """Rows per query chunk: keep the backward's (H, C, T) float32 block near 2 MiB, so it stays in cache."""
-    return min(256, max(64, 1 << ((2 ** 19) // (H * T)).bit_length() - 1))
+    """Rows per query chunk: the backward's (H, C, T) float32 block near 2 MiB, but at least 128 rows. Measured
+    (README, Fast paths: B 4, H 8, d 64, T 1024 and 4096, fp32 and bf16): C = 128 beat 64 by 2-8% and 256 by 3-10%;
+    fewer rows make more, smaller matmuls."""
+    return min(256, max(128, 1 << ((2 ** 19) // (H * T)).bit_length() - 1))
 
 
 def selection(q0, k0, r0, r1, scale):
