@@ -206,10 +206,12 @@ def bench_decoding(device, repeats, results):
 
 
 def kv_stats(state):
-    """The most keys a layer holds now, and the bytes of every layer's key, value (and mask) storage."""
+    """The most keys a layer holds now, and the bytes of every layer's keys, values, positions and masks in use (an
+    unpruned buffer's slots beyond its keys are allocated but not counted)."""
     keys = max(buffer.n for buffer in state["layers"])
-    size = sum(t.numel() * t.element_size() for buffer in state["layers"]
-               for t in (buffer.k, buffer.v, buffer.f, buffer.pos) if t is not None)
+    size = sum(t[..., :buffer.n, :].numel() * t.element_size() if t.dim() == 4 else
+               t[:, :buffer.n].numel() * t.element_size()
+               for buffer in state["layers"] for t in (buffer.k, buffer.v, buffer.f, buffer.pos) if t is not None)
     return keys, size
 
 
