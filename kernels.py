@@ -351,8 +351,10 @@ if triton is not None:
     def _bwd_tile(dk, dv, dk0, R, k, v, k0, Q, DO, LSE, DELTA, CARRY, DQ, b, pid_m, offs_n, offs_g, offs_d, h0,
                   sq_b, sq_h, sq_t, sdo_b, sdo_h, sdo_t, c_b, c_m, T, H, D, scale2, scale,
                   BM: tl.constexpr, DOT: tl.constexpr, ON_DIAGONAL: tl.constexpr):
-        """One query tile of the backward for the group's key tile. Rows past T read q = dO = 0 and an infinite
-        log-sum-exp, so their P, dZ and S are 0 without a mask; off the diagonal no causal mask either."""
+        """One query tile of the backward for the group's key tile, computed transposed (keys down, queries across,
+        as FlashAttention-2's dk/dv pass does): P^T and dZ^T feed dv and dk without a transpose, only dq and head 0's
+        dq take one. Rows past T read q = dO = 0 and an infinite log-sum-exp, so their P, dZ and S are 0 without a
+        mask; off the diagonal no causal mask either."""
         offs_m = pid_m * BM + tl.arange(0, BM)
         row_mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
         rows = offs_m[None, :, None]  # (1, BM, 1): the tile's rows, for every head of the group
@@ -365,30 +367,32 @@ if triton is not None:
                       other=float("inf"))
         delta = tl.load(DELTA + (b * H + offs_g[:, None]) * T + offs_m[None, :], mask=(offs_m < T)[None, :],
                         other=0.0)
-        S = _selection_tile(q0, k0, offs_m, offs_n, scale2, ON_DIAGONAL)
+        St = tl.maximum(tl.dot(k0, tl.trans(q0), input_precision="tf32x3") * scale2, 0.0)  # S^T (BN, BM), §1.1
+        if ON_DIAGONAL:  # §1.2 as in _selection_tile, transposed
+            St = tl.where(offs_m[None, :] > offs_n[:, None], St, 0.0)
         carry = tl.load(CARRY + b * c_b + pid_m * c_m + offs_n, mask=offs_n < T, other=0.0)
-        F = carry[None, :] + tl.cumsum(S, axis=0) - S
-        z = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=DOT) * scale2 - F[None]
-        p = tl.exp2(z - lse[:, :, None])  # (G, BM, BN)
+        Ft = carry[:, None] + tl.cumsum(St, axis=1) - St  # F^T: the running sum runs across
+        zt = tl.dot(k, tl.permute(q, (0, 2, 1)), input_precision=DOT) * scale2 - Ft[None]  # (G, BN, BM)
+        pt = tl.exp2(zt - lse[:, None, :])
         if ON_DIAGONAL:
-            p = tl.where((offs_m[:, None] >= offs_n[None, :])[None], p, 0.0)
-        dv += tl.dot(tl.permute(p, (0, 2, 1)).to(do.dtype), do, input_precision=DOT)
-        dp = tl.dot(do, tl.permute(v, (0, 2, 1)), input_precision=DOT)
-        dz = p * (dp - delta[:, :, None])  # dZ_h = P_h (dP_h - D_h)
-        dk += tl.dot(tl.permute(dz, (0, 2, 1)).to(q.dtype), q, input_precision=DOT)
-        dq = tl.dot(dz.to(k.dtype), k, input_precision=DOT) * scale
-        dF = -tl.sum(dz, axis=0)  # this group's share of dF
-        dS = R[None, :] + tl.cumsum(dF, axis=0, reverse=True) - dF  # dS[k, j] = sum_{i > k} dF[i, j]
-        R += tl.sum(dF, axis=0)
-        dA0 = tl.where(S > 0, dS, 0.0) * scale  # relu' and the constraints (S = 0 wherever it may not select)
-        dq0 = tl.dot(dA0.to(k0.dtype), k0, input_precision=DOT)
+            pt = tl.where((offs_m[None, :] >= offs_n[:, None])[None], pt, 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT)
+        dpt = tl.dot(v, tl.permute(do, (0, 2, 1)), input_precision=DOT)
+        dzt = pt * (dpt - delta[:, None, :])  # dZ_h^T = P_h^T (dP_h^T - D_h)
+        dk += tl.dot(dzt.to(q.dtype), q, input_precision=DOT)
+        dq = tl.dot(tl.permute(dzt, (0, 2, 1)).to(k.dtype), k, input_precision=DOT) * scale
+        dFt = -tl.sum(dzt, axis=0)  # this group's share of dF, transposed
+        dSt = R[:, None] + tl.cumsum(dFt, axis=1, reverse=True) - dFt  # dS[k, j] = sum_{i > k} dF[i, j]
+        R += tl.sum(dFt, axis=1)
+        dA0t = tl.where(St > 0, dSt, 0.0) * scale  # relu' and the constraints (S = 0 wherever it may not select)
+        dq0 = tl.dot(tl.trans(dA0t).to(k0.dtype), k0, input_precision=DOT)
         is_head0 = (offs_g == 0)[:, None, None]
         tl.atomic_add(DQ + (b * H + offs_g[:, None, None]) * T * D + rows * D + offs_d[None, None, :],
                       dq + tl.where(is_head0, dq0[None], 0.0), mask=row_mask[None], sem="relaxed")
         if h0 > 0:  # head 0 belongs to group 0; every other group adds its share of dq0 separately
             tl.atomic_add(DQ + b * H * T * D + offs_m[:, None] * D + offs_d[None, :], dq0, mask=row_mask,
                           sem="relaxed")
-        dk0 += tl.dot(tl.trans(dA0).to(q0.dtype), q0, input_precision=DOT)
+        dk0 += tl.dot(dA0t.to(q0.dtype), q0, input_precision=DOT)
         return dk, dv, dk0, R
 
     @triton.jit
