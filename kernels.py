@@ -43,20 +43,30 @@ def why_not_tiled(q, dropout_p=0.0):
     if q.device.type == "cuda":
         if triton is None:
             return "triton is not installed (pip install triton)"
-        return triton_refuses(q.size(-1), q.dtype)
+        return triton_refuses(q.size(-1), q.dtype, shared_memory_limit(q.device))
     return None if q.device.type == "cpu" else f"it has no kernel for {q.device.type}"
 
 
 TRITON_MAX_HEAD_DIM = 128  # beyond it the tiles of q, k, v and dO outgrow an H100's 227 KB of shared memory
 
 
-def triton_refuses(head_dim, dtype):
-    """Why the Triton kernel cannot take this head dim and dtype, or None."""
+def triton_refuses(head_dim, dtype, shared_limit=None):
+    """Why the Triton kernel cannot take this head dim and dtype (on a GPU whose blocks may use shared_limit bytes
+    of shared memory), or None."""
     if dtype == torch.float64:
         return "it has no float64 kernel"
     if head_dim > TRITON_MAX_HEAD_DIM:
         return f"the Triton kernel takes head_dim <= {TRITON_MAX_HEAD_DIM}, got {head_dim}"
+    need = max(triton_config(head_dim, dtype).shared_kb) * 1024
+    if shared_limit is not None and need > shared_limit:
+        return (f"the Triton kernel needs {need // 1024} KB of shared memory per block for {dtype} and head_dim "
+                f"{head_dim}; this GPU allows {shared_limit // 1024} KB")
     return None
+
+
+def shared_memory_limit(device):
+    """The shared memory one block may use on this CUDA device, in bytes (None where torch does not say)."""
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
 
 
 def tiled_applies(q, dropout_p=0.0):
@@ -441,22 +451,24 @@ if triton is not None:
 # Launch configurations per (dtype, padded head dim BD): tile rows BM, tile keys BN, then per pass the heads per
 # program G, warps and pipeline stages. `python bench.py compile` compiles every one for sm_90 (H100/H200) without
 # a GPU and reports shared memory, registers, spills and instructions; test_selective.py asserts that each compiles
-# and fits the 227 KB of shared memory an H100 block may use. The choices: the fewest instructions per head and tile
-# among configs that spill little (README, "On a GPU", has the figures); 32-key backward tiles cost more per key.
+# and fits the 227 KB of shared memory an H100 block may use, and that shared_kb (checked before every launch
+# against the GPU's limit: 'auto' falls back to 'mask' on a GPU with less) covers what it compiled to. The choices:
+# the fewest instructions per head and tile among configs that spill little (README, "On a GPU", has the figures);
+# 32-key backward tiles cost more per key.
 TritonConfig = collections.namedtuple("TritonConfig", "BM BN fwd_heads fwd_warps fwd_stages bwd_heads bwd_warps "
-                                                      "bwd_stages")
+                                                      "bwd_stages shared_kb")
 TRITON_CONFIGS = {
-    (dtype, BD): TritonConfig(*cfg) for dtype, BD, cfg in (
-        # dtype          BD   BM  BN  fwd: G warps stages  bwd: G warps stages
-        (torch.bfloat16, 32, (64, 64, 4, 8, 3, 2, 8, 2)),
-        (torch.bfloat16, 64, (64, 64, 4, 8, 2, 2, 8, 2)),  # bwd: G = 4 spills 6 KB, G = 1 costs 1.4x per head
-        (torch.bfloat16, 128, (64, 64, 2, 8, 2, 1, 8, 1)),
-        (torch.float16, 32, (64, 64, 4, 8, 3, 2, 8, 2)),
-        (torch.float16, 64, (64, 64, 4, 8, 2, 2, 8, 2)),
-        (torch.float16, 128, (64, 64, 2, 8, 2, 1, 8, 1)),
-        (torch.float32, 32, (64, 64, 1, 8, 1, 1, 8, 1)),  # float32 is for checking, not for speed: safe choices
-        (torch.float32, 64, (64, 64, 1, 8, 1, 1, 8, 1)),
-        (torch.float32, 128, (64, 32, 1, 8, 1, 1, 8, 1)),
+    (dtype, BD): TritonConfig(*cfg[:8], shared_kb=cfg[8:]) for dtype, BD, cfg in (
+        # dtype          BD   BM  BN  fwd: G warps stages  bwd: G warps stages  shared KB on sm_90: fwd, bwd
+        (torch.bfloat16, 32, (64, 64, 4, 8, 3, 2, 8, 2, 129, 62)),
+        (torch.bfloat16, 64, (64, 64, 4, 8, 2, 2, 8, 2, 153, 122)),  # bwd: G = 4 spills 6 KB, G = 1 costs 1.4x
+        (torch.bfloat16, 128, (64, 64, 2, 8, 2, 1, 8, 1, 161, 112)),
+        (torch.float16, 32, (64, 64, 4, 8, 3, 2, 8, 2, 129, 62)),
+        (torch.float16, 64, (64, 64, 4, 8, 2, 2, 8, 2, 153, 122)),
+        (torch.float16, 128, (64, 64, 2, 8, 2, 1, 8, 1, 161, 112)),
+        (torch.float32, 32, (64, 64, 1, 8, 1, 1, 8, 1, 64, 112)),  # float32 is for checking, not for speed
+        (torch.float32, 64, (64, 64, 1, 8, 1, 1, 8, 1, 96, 192)),
+        (torch.float32, 128, (64, 32, 1, 8, 1, 1, 8, 1, 160, 208)),
     )
 }
 

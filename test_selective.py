@@ -673,12 +673,16 @@ def test_triton_kernels_compile_for_sm90():
     for r in rows:
         assert "error" not in r, r
         assert r["shared"] <= 227 * 1024, r
+        if r["kernel"] != "colsum":  # the figure checked before a launch covers what the kernel compiled to
+            declared = kernels.TRITON_CONFIGS[getattr(torch, r["dtype"]), r["BD"]].shared_kb
+            assert r["shared"] <= 1024 * declared[r["kernel"] == "bwd"], r
         assert r["loop_mma"] > 0, r  # the dots run on the tensor cores
 
 
 def test_triton_refuses_what_no_gpu_compiles():
     """Tile sizes below 16 or not powers of two run only in the interpreter; head dims over 128 outgrow shared
-    memory: both are refused with a message (on CUDA, 'auto' then picks the mask path)."""
+    memory, and so does any configuration on a GPU with less shared memory per block than it needs: all are refused
+    with a message (on CUDA, 'auto' then picks the mask path)."""
     for BM, BN in ((8, 16), (16, 24), (48, 64)):
         with pytest.raises(ValueError, match="power of two and at least 16"):
             kernels.check_blocks(BM, BN)
@@ -686,6 +690,8 @@ def test_triton_refuses_what_no_gpu_compiles():
     assert kernels.triton_refuses(128, torch.bfloat16) is None
     assert "head_dim <= 128, got 256" in kernels.triton_refuses(256, torch.bfloat16)
     assert "float64" in kernels.triton_refuses(64, torch.float64)
+    assert kernels.triton_refuses(64, torch.bfloat16, shared_limit=227 * 1024) is None
+    assert "needs 153 KB of shared memory" in kernels.triton_refuses(64, torch.bfloat16, shared_limit=99 * 1024)
 
 
 def test_spec_sections_cited_in_the_code_exist():
