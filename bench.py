@@ -19,6 +19,7 @@ rises during the measured work, each case in a fresh subprocess.
 """
 
 import argparse
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -340,26 +341,35 @@ def compile_kernels(results):
           "per head (the speed proxy); 'mma' = tensor-core instructions per warp and trip")
     print(f"{'dtype':>8} {'BD':>4} {'kernel':>7} {'BM':>4} {'BN':>4} {'G':>2} {'warps':>5} {'stages':>6} | "
           f"{'shared KB':>9} {'regs':>4} {'spill B':>7} {'loop':>5} {'/head':>6} {'mma':>4}")
+    rows = []
     for (dtype, BD), cfg in kernels.TRITON_CONFIGS.items():
-        BM, BN = cfg.BM, cfg.BN
         for name, G, warps, stages in (("colsum", 1, cfg.fwd_warps, 1),
                                        ("fwd", cfg.fwd_heads, cfg.fwd_warps, cfg.fwd_stages),
                                        ("bwd", cfg.bwd_heads, cfg.bwd_warps, cfg.bwd_stages)):
-            row = dict(dtype=str(dtype).removeprefix("torch."), BD=BD, kernel=name, BM=BM, BN=BN, G=G,
-                       warps=warps, stages=stages)
-            try:
-                row |= compiled_resources(kernels, name, dtype, BM, BN, BD, G, warps, stages)
-            except Exception as e:  # a failed compile is a result: report it, and the check fails
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            results.append(row)
-            if "error" in row:
-                print(f"{row['dtype']:>8} {BD:>4} {name:>7} {BM:>4} {BN:>4} {row['G']:>2} {warps:>5} {stages:>6} | "
-                      f"FAILED: {row['error']}")
-                continue
-            print(f"{row['dtype']:>8} {BD:>4} {name:>7} {BM:>4} {BN:>4} {row['G']:>2} {warps:>5} {stages:>6} | "
-                  f"{row['shared'] / 1024:>9.1f} {row['registers']:>4} {row['spill_bytes']:>7} "
-                  f"{row['loop_instructions']:>5} {row['loop_instructions'] * warps / G:>6.0f} {row['loop_mma']:>4}"
-                  f"{'' if row['shared'] <= SM90_SHARED_LIMIT else '  OVER THE SHARED MEMORY LIMIT'}")
+            rows.append(dict(dtype=str(dtype).removeprefix("torch."), BD=BD, kernel=name, BM=cfg.BM, BN=cfg.BN, G=G,
+                             warps=warps, stages=stages))
+    with concurrent.futures.ProcessPoolExecutor(os.cpu_count()) as pool:  # each compile uses one core
+        rows = list(pool.map(compile_row, rows))
+    for row in rows:
+        results.append(row)
+        head = (f"{row['dtype']:>8} {row['BD']:>4} {row['kernel']:>7} {row['BM']:>4} {row['BN']:>4} {row['G']:>2} "
+                f"{row['warps']:>5} {row['stages']:>6} | ")
+        if "error" in row:
+            print(head + f"FAILED: {row['error']}")
+            continue
+        print(head + f"{row['shared'] / 1024:>9.1f} {row['registers']:>4} {row['spill_bytes']:>7} "
+              f"{row['loop_instructions']:>5} {row['loop_instructions'] * row['warps'] / row['G']:>6.0f} "
+              f"{row['loop_mma']:>4}{'' if row['shared'] <= SM90_SHARED_LIMIT else '  OVER THE SHARED MEMORY LIMIT'}")
+
+
+def compile_row(row):
+    """row with its compiled resources, or the error that stopped its compile (a result: the check fails on it)."""
+    import kernels
+    try:
+        return row | compiled_resources(kernels, row["kernel"], getattr(torch, row["dtype"]), row["BM"], row["BN"],
+                                        row["BD"], row["G"], row["warps"], row["stages"])
+    except Exception as e:
+        return row | {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
 
 
 def compiled_resources(kernels, name, dtype, BM, BN, BD, G, warps, stages):
