@@ -491,7 +491,9 @@ def check_blocks(BM, BN):
 
 
 def heads_per_program(H, G):
-    """The largest power of two <= G that divides H (a program takes G heads of one sequence)."""
+    """The largest power of two <= G that divides H (a program takes G heads of one sequence; tl.arange needs a
+    power of two)."""
+    G = 1 << (G.bit_length() - 1)
     while H % G:
         G //= 2
     return G

@@ -690,6 +690,7 @@ def test_triton_refuses_what_no_gpu_compiles():
     assert kernels.triton_refuses(128, torch.bfloat16) is None
     assert "head_dim <= 128, got 256" in kernels.triton_refuses(256, torch.bfloat16)
     assert "float64" in kernels.triton_refuses(64, torch.float64)
+    assert [kernels.heads_per_program(H, G) for H, G in ((3, 3), (12, 4), (6, 4), (8, 6))] == [1, 4, 2, 4]
     assert kernels.triton_refuses(64, torch.bfloat16, shared_limit=227 * 1024) is None
     assert "needs 153 KB of shared memory" in kernels.triton_refuses(64, torch.bfloat16, shared_limit=99 * 1024)
 
