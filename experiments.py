@@ -9,6 +9,7 @@ The paper's claims (SPEC §6), checked at the scale two CPU cores allow. One com
   heads    validation loss vs n_head in {1, 2, 4, 8}, selective and standard, 3 seeds, 3.1M tokens per run, same
            data order, one initialisation seed per pair; the learning rate is the standard model's best of three
            (one seed). Does selective attention beat standard, and does it with H heads reach standard with 2H?
+           Rate check: the standard model at larger rates; if one is better, both variants there with every seed
   ablations  the selection rule without BOS protection, and with self-masking (SPEC §9), H = 4, 2 seeds, trained
            like the heads runs, beside selective and standard
   assign   the variable-assignment task: answer accuracy vs steps, selective vs standard (same config and seed);
@@ -52,7 +53,10 @@ C4_RUN = dict(n_layer=4, n_embd=128, max_iters=1500, eval_interval=250, eval_ite
 FULL = {
     # the learning rate: the best of `learning_rates` for the standard model (`lr_sweep`), then used for every run
     "heads": dict(C4_RUN, block_size=128, batch_size=16, heads=[1, 2, 4, 8], seeds=[1, 2, 3],
-                  learning_rates=[5e-4, 1e-3, 2e-3], lr_sweep=dict(n_head=4, seed=1), workers=2),
+                  learning_rates=[5e-4, 1e-3, 2e-3], lr_sweep=dict(n_head=4, seed=1), workers=2,
+                  # larger rates for the standard model (the sweep's best was its largest), then both variants with
+                  # every seed at the best rate of all, if it is not the chosen one (`rate_check`)
+                  check_rates=[4e-3, 8e-3]),
     "ablations": dict(rules=["mask_bos", "mask_self"], n_head=4, seeds=[1, 2]),  # trained like heads
     "assign": dict(n_layer=4, n_embd=128, n_head=4, block_size=96, batch_size=16, max_iters=1500, eval_interval=100,
                    eval_iters=20, learning_rate=1e-3, warmup_iters=100,
@@ -73,7 +77,7 @@ FULL = {
 QUICK_RUN = dict(n_layer=2, n_embd=32, max_iters=6, eval_interval=3, eval_iters=2, warmup_iters=2)
 QUICK = {
     "heads": dict(FULL["heads"], **QUICK_RUN, block_size=32, batch_size=8, heads=[1, 2], seeds=[1, 2],
-                  learning_rates=[1e-3, 2e-3], lr_sweep=dict(n_head=2, seed=1)),
+                  learning_rates=[1e-3, 2e-3], lr_sweep=dict(n_head=2, seed=1), check_rates=[4e-3]),
     "ablations": dict(FULL["ablations"], n_head=2),
     "assign": dict(FULL["assign"], n_layer=2, n_embd=32, block_size=24, batch_size=8, max_iters=20, eval_interval=10,
                    eval_iters=2, warmup_iters=5, budgets=[2, 4, 24]),
@@ -258,7 +262,36 @@ def heads_experiment(cfg, data_dir, out_root, assets):
         rows.append(row)
     tokens = cfg["max_iters"] * cfg["batch_size"] * cfg["block_size"]
     return {"lr_sweep": sweep, "learning_rate": lr, "rows": rows, "tokens_per_run": tokens,
-            "run_seconds": sum(map(run_seconds, logs.values()))}
+            "run_seconds": sum(map(run_seconds, logs.values())),
+            "rate_check": rate_check(cfg, data_dir, out_root, assets, sweep, loss)}
+
+
+def rate_check(cfg, data_dir, out_root, assets, sweep, loss):
+    """Is the baseline handicapped by the sweep's grid? The standard model at cfg['check_rates'] (the sweep's head
+    count and seed); if one of them beats the chosen rate, both variants at the best rate of all with every seed,
+    the same comparison as a heads row. loss: the heads runs' final validation losses, by (H, selective, seed)."""
+    H, seed, chosen = sweep["n_head"], sweep["seed"], sweep["chosen"]
+    jobs = [c4_run(cfg, data_dir, H, seed, False, lr) for lr in cfg["check_rates"]]
+    logs = train_all(jobs, out_root, cfg["workers"])
+    rates = {float(lr): v for lr, v in sweep["val_loss"].items()}
+    rates |= {lr: evals(logs[name])[-1]["val_loss"] for lr, (name, _, _) in zip(cfg["check_rates"], jobs)}
+    best = min(rates, key=rates.get)
+    result = {"n_head": H, "seed": seed, "val_loss": {f"{lr:g}": v for lr, v in sorted(rates.items())},
+              "best": best, "run_seconds": sum(map(run_seconds, logs.values()))}
+    if best != chosen:
+        pairs = {(sel, s): c4_run(cfg, data_dir, H, s, sel, best) for s in cfg["seeds"] for sel in (False, True)}
+        logs |= train_all(list(pairs.values()), out_root, cfg["workers"])
+        at_best = {key: evals(logs[job[0]])[-1]["val_loss"] for key, job in pairs.items()}
+        std = [at_best[(False, s)] for s in cfg["seeds"]]
+        sel = [at_best[(True, s)] for s in cfg["seeds"]]
+        result |= {"standard": mean_sd(std), "selective": mean_sd(sel),
+                   "gap": mean_sd([a - b for a, b in zip(std, sel)]),  # standard - selective, same seed
+                   # selective at the chosen rate (the heads table) against standard at its best
+                   "gap_chosen_selective": mean_sd([a - loss[(H, True, s)] for a, s in zip(std, cfg["seeds"])]),
+                   "run_seconds": sum(map(run_seconds, logs.values()))}
+    for name, records in logs.items():
+        keep_log(records, name, assets)
+    return result
 
 
 def ablations_experiment(cfg, heads_cfg, data_dir, out_root, assets):
@@ -588,12 +621,24 @@ def tables(results):
                 lines.append(f"| {r['n_head']} | {pm(r['selective'])} | {pm(r['standard_2H'])} | {pm(r['gap_2H'])} | "
                              f"{reaches(r['gap_2H'])} |")
         lines.append("")
+        check = h.get("rate_check")
+        if check:
+            lines += [f"Rate check (standard, {check['n_head']} heads, seed {check['seed']}): " + ", ".join(
+                f"{lr}: {v:.3f}" for lr, v in check["val_loss"].items()) + f"; best {check['best']:g}", ""]
+            if "gap" in check:
+                lines += [f"| {check['n_head']} heads at {check['best']:g} | standard | selective | standard - "
+                          "selective (same seed) | per seed |", "|:---|---:|---:|---:|:---|",
+                          f"| both at {check['best']:g} | {pm(check['standard'])} | {pm(check['selective'])} | "
+                          f"{pm(check['gap'])} | " + ", ".join(f"{g:+.3f}" for g in check["gap"]["values"]) + " |",
+                          f"| selective at {h['learning_rate']:g} (above) | | | {pm(check['gap_chosen_selective'])} | "
+                          + ", ".join(f"{g:+.3f}" for g in check["gap_chosen_selective"]["values"]) + " |", ""]
     if "ablations" in results:
         a = results["ablations"]
-        lines += [f"| {a['n_head']} heads | validation loss ({len(a['rows'][0]['values'])} seeds) | per seed |",
-                  "|:---|---:|:---|"]
-        lines += [f"| {ABLATION_NAMES[r['variant']]} | {pm(r)} | " + ", ".join(f"{v:.3f}" for v in r["values"]) + " |"
-                  for r in a["rows"]]
+        selective = next(r["values"] for r in a["rows"] if r["variant"] == "selective")
+        lines += [f"| {a['n_head']} heads | validation loss ({len(selective)} seeds) | per seed | minus selective "
+                  "(same seed) |", "|:---|---:|:---|---:|"]
+        lines += [f"| {ABLATION_NAMES[r['variant']]} | {pm(r)} | " + ", ".join(f"{v:.3f}" for v in r["values"])
+                  + f" | {pm(mean_sd([v - w for v, w in zip(r['values'], selective)]))} |" for r in a["rows"]]
         lines.append("")
     if "assign" in results:
         a = results["assign"]
