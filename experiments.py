@@ -11,7 +11,7 @@ The paper's claims (SPEC §6), checked at the scale two CPU cores allow. One com
            (one seed). Does selective attention beat standard, and does it with H heads reach standard with 2H?
            Rate check: the standard model at larger rates; if one is better, both variants there with every seed
   ablations  the selection rule without BOS protection, and with self-masking (SPEC §9), H = 4, 2 seeds, trained
-           like the heads runs, beside selective and standard
+           like the heads runs, beside selective and standard, and selective on the mask path the ablations take
   assign   the variable-assignment task: answer accuracy vs steps, selective vs standard (same config and seed);
            then the selective model's accuracy vs the pruning budget
   pruning  selective models trained like the heads runs with memory loss weight 0 and 0.1 at block 512, and 0.1 at
@@ -219,7 +219,7 @@ def mean_sd(values):
 
 def c4_run(cfg, data_dir, n_head, seed, selective, learning_rate, **extra):
     """(name, flags, max_iters) of one C4 run with the heads settings."""
-    rules = "".join(f"-{rule}" for rule, on in extra.items() if on)
+    rules = "".join(f"-{key}" if value is True else f"-{key}_{value}" for key, value in extra.items() if value)
     name = f"heads-{'sel' if selective else 'std'}{rules}-h{n_head}-s{seed}-lr{learning_rate:g}"
     flags = train_flags(cfg, n_head=n_head, seed=seed, dataset="c4", data_dir=data_dir, selective=selective,
                         learning_rate=learning_rate, **extra)
@@ -300,6 +300,8 @@ def ablations_experiment(cfg, heads_cfg, data_dir, out_root, assets):
     lr = lr_sweep(heads_cfg, data_dir, out_root, assets)["chosen"]
     H, seeds = cfg["n_head"], cfg["seeds"]
     variants = {"standard": dict(selective=False), "selective": dict(selective=True)}
+    # the control: SPEC §1 on the path the ablations run on (mask), so a difference is the rule's, not rounding's
+    variants["selective_mask"] = dict(selective=True, attention="mask")
     variants |= {rule: dict(selective=True, **{rule: True}) for rule in cfg["rules"]}
     jobs = {(v, s): c4_run(heads_cfg, data_dir, H, s, learning_rate=lr, **kw)
             for s in seeds for v, kw in variants.items()}
@@ -307,7 +309,7 @@ def ablations_experiment(cfg, heads_cfg, data_dir, out_root, assets):
     for name, records in logs.items():
         keep_log(records, name, assets)
     loss = {key: evals(logs[job[0]])[-1]["val_loss"] for key, job in jobs.items()}
-    ablated = [job[0] for (v, _), job in jobs.items() if v in cfg["rules"]]
+    ablated = [job[0] for (v, _), job in jobs.items() if v in cfg["rules"] or v == "selective_mask"]
     return {"n_head": H, "learning_rate": lr, "run_seconds": sum(run_seconds(logs[name]) for name in ablated),
             "rows": [{"variant": v, **mean_sd([loss[(v, s)] for s in seeds])} for v in variants]}
 
@@ -680,6 +682,7 @@ def reaches(gap):
 
 
 ABLATION_NAMES = {"standard": "standard", "selective": "selective (SPEC §1)",
+                  "selective_mask": "selective (SPEC §1) on the mask path (`--attention mask`)",
                   "mask_bos": "selective, BOS may be masked (`--mask_bos`)",
                   "mask_self": "selective, self-masking allowed (`--mask_self`)"}
 RECIPE_CHANGES = {"plain": "none: AdamW lr 2e-3, betas (0.9, 0.999), no clipping, init std 0.02",

@@ -686,8 +686,12 @@ def test_experiments_quick(tmp_path):
     results = json.load(open(tmp_path / "runs" / "assets" / "results.json"))
     assert {"heads", "ablations", "assign", "pruning", "recipe", "wall_seconds", "commit", "machine"} <= results.keys()
     assert len(results["heads"]["rows"]) == 2 and len(results["pruning"]) == 2
-    assert [r["variant"] for r in results["ablations"]["rows"]] == ["standard", "selective", "mask_bos", "mask_self"]
+    check = results["heads"]["rate_check"]  # the standard model at a larger rate; both variants there if it wins
+    assert set(check["val_loss"]) == {"0.001", "0.002", "0.004"} and ("gap" in check) == (check["best"] != 0.002)
+    variants = [r["variant"] for r in results["ablations"]["rows"]]
+    assert variants == ["standard", "selective", "selective_mask", "mask_bos", "mask_self"]
     assert "| n_head |" in (tmp_path / "runs" / "assets" / "results.md").read_text()
+    assert "Rate check" in (tmp_path / "runs" / "assets" / "results.md").read_text()
     # a rerun finds every run finished (none trains again) and refuses a run made with other settings
     code, text = run_script("experiments.py", "--quick", "--only", "heads", "--data_dir", data, "--out_dir",
                             str(tmp_path / "runs"), timeout=600)
