@@ -638,11 +638,15 @@ def tables(results):
                           + ", ".join(f"{g:+.3f}" for g in check["gap_chosen_selective"]["values"]) + " |", ""]
     if "ablations" in results:
         a = results["ablations"]
-        selective = next(r["values"] for r in a["rows"] if r["variant"] == "selective")
-        lines += [f"| {a['n_head']} heads | validation loss ({len(selective)} seeds) | per seed | minus selective "
-                  "(same seed) |", "|:---|---:|:---|---:|"]
+        values = {r["variant"]: r["values"] for r in a["rows"]}
+
+        def minus(r, base):  # paired over seeds: this variant - base, same seed
+            return pm(mean_sd([v - w for v, w in zip(r["values"], values[base])])) if base in values else "-"
+        lines += [f"| {a['n_head']} heads | validation loss ({len(values['selective'])} seeds) | per seed | minus "
+                  "selective (same seed) | minus selective on the mask path (same seed) |",
+                  "|:---|---:|:---|---:|---:|"]
         lines += [f"| {ABLATION_NAMES[r['variant']]} | {pm(r)} | " + ", ".join(f"{v:.3f}" for v in r["values"])
-                  + f" | {pm(mean_sd([v - w for v, w in zip(r['values'], selective)]))} |" for r in a["rows"]]
+                  + f" | {minus(r, 'selective')} | {minus(r, 'selective_mask')} |" for r in a["rows"]]
         lines.append("")
     if "assign" in results:
         a = results["assign"]
