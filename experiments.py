@@ -778,14 +778,20 @@ def plots(assets):
         for r in results["pruning"]:
             path = r["vs_itself"]["path"]
             xs, ys = [p["memory_factor"] for p in path], [p["ppl"] for p in path]
-            ax.plot(xs, ys, ".-", label=f"T={r['block_size']}, eps={r['memory_loss_weight']}")
+            line, = ax.plot(xs, ys, ".-", label=f"T={r['block_size']}, eps={r['memory_loss_weight']}")
+            further = r["vs_standard"]["path"]  # the search down to the standard model's perplexity, thin
+            ax.plot([p["memory_factor"] for p in further], [p["ppl"] for p in further], "-", lw=0.8,
+                    color=line.get_color())
+            # the no-context control: 2 keys per layer (BOS and the current token), memory factor T / 2
+            ax.plot(r["block_size"] / 2, r["no_context_ppl"], "x", color=line.get_color())
         for T in sorted({r["block_size"] for r in results["pruning"]}):
             target = next(r["standard_ppl"] for r in results["pruning"] if r["block_size"] == T)
             ax.axhline(target, ls="--", lw=0.8, color="gray")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("memory factor L*T/sum(K)")
         ax.set_ylabel("validation perplexity")
-        ax.set_title("greedy budget search to own ppl + 1% (dashed: standard)")
+        ax.set_title("budget searches: to own ppl + 1% (dots), to standard's ppl (thin;\ndashed: standard's ppl); "
+                     "x: 2 keys per layer", fontsize=8)
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(os.path.join(assets, "pruning.png"), dpi=120)
