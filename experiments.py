@@ -9,7 +9,7 @@ The paper's claims (SPEC §6), checked at the scale two CPU cores allow. One com
   heads    validation loss vs n_head in {1, 2, 4, 8}, selective and standard, 3 seeds, 3.1M tokens per run, same
            data order, one initialisation seed per pair; the learning rate is the standard model's best of three
            (one seed). Does selective attention beat standard, and does it with H heads reach standard with 2H?
-           Rate check: the standard model at larger rates; if one is better, both variants there with 2 seeds
+           Rate check: the standard model at larger rates; if one is better, both variants there with 3 seeds
   ablations  the selection rule without BOS protection, and with self-masking (SPEC §9), H = 4, 2 seeds, trained
            like the heads runs, beside selective and standard, and selective on the mask path the ablations take
   assign   the variable-assignment task: answer accuracy vs steps, selective vs standard (same config and seed);
@@ -56,7 +56,7 @@ FULL = {
                   learning_rates=[5e-4, 1e-3, 2e-3], lr_sweep=dict(n_head=4, seed=1), workers=2,
                   # larger rates for the standard model (the sweep's best was its largest), then both variants with
                   # check_seeds at the best rate of all, if it is not the chosen one (`rate_check`)
-                  check_rates=[4e-3, 8e-3], check_seeds=[1, 2]),
+                  check_rates=[4e-3, 8e-3], check_seeds=[1, 2, 3]),
     "ablations": dict(rules=["mask_bos", "mask_self"], n_head=4, seeds=[1, 2]),  # trained like heads
     "assign": dict(n_layer=4, n_embd=128, n_head=4, block_size=96, batch_size=16, max_iters=1500, eval_interval=100,
                    eval_iters=20, learning_rate=1e-3, warmup_iters=100,
@@ -77,7 +77,8 @@ FULL = {
 QUICK_RUN = dict(n_layer=2, n_embd=32, max_iters=6, eval_interval=3, eval_iters=2, warmup_iters=2)
 QUICK = {
     "heads": dict(FULL["heads"], **QUICK_RUN, block_size=32, batch_size=8, heads=[1, 2], seeds=[1, 2],
-                  learning_rates=[1e-3, 2e-3], lr_sweep=dict(n_head=2, seed=1), check_rates=[4e-3]),
+                  learning_rates=[1e-3, 2e-3], lr_sweep=dict(n_head=2, seed=1), check_rates=[4e-3],
+                  check_seeds=[1, 2]),
     "ablations": dict(FULL["ablations"], n_head=2),
     "assign": dict(FULL["assign"], n_layer=2, n_embd=32, block_size=24, batch_size=8, max_iters=20, eval_interval=10,
                    eval_iters=2, warmup_iters=5, budgets=[2, 4, 24]),
