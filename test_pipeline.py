@@ -324,6 +324,28 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
     assert len(stderr.strip().splitlines()) == 1 and "the last checkpoint is" in stderr
 
 
+def test_experiments_tables_pair_by_seed_and_runs_keep_their_names():
+    """The ablation table's paired differences and the rate check's rows are per-seed differences (computed here by
+    hand); run names carry a non-switch setting as key_value, so the runs already on disk are found again."""
+    sd = lambda *v: experiments.mean_sd(list(v))  # noqa: E731
+    results = {"ablations": {"n_head": 4, "rows": [
+        {"variant": "selective", **sd(4.8, 4.9)}, {"variant": "selective_mask", **sd(4.81, 4.88)},
+        {"variant": "mask_bos", **sd(4.85, 4.92)}]},
+        "heads": {"lr_sweep": {"n_head": 4, "seed": 1, "val_loss": {"0.002": 5.0}}, "learning_rate": 0.002,
+                  "rows": [], "rate_check": {"n_head": 4, "seed": 1, "val_loss": {"0.002": 5.0, "0.004": 4.9},
+                                             "best": 0.004, "standard": sd(4.9, 4.8), "selective": sd(4.7, 4.7),
+                                             "gap": sd(0.2, 0.1), "gap_chosen_selective": sd(0.1, -0.1)}}}
+    text = experiments.tables(results)
+    # mask_bos - selective: +0.05, +0.02 -> 0.035 +- 0.021; mask_bos - selective on the mask path: +0.04, +0.04
+    assert "| 4.885 +- 0.049 | 4.850, 4.920 | 0.035 +- 0.021 | 0.040 +- 0.000 |" in text
+    assert "| both at 0.004 | 4.850 +- 0.071 | 4.700 +- 0.000 | 0.150 +- 0.071 | +0.200, +0.100 |" in text
+    assert "Rate check (standard, 4 heads, seed 1): 0.002: 5.000, 0.004: 4.900; best 0.004" in text
+    cfg = experiments.FULL["heads"]
+    assert experiments.c4_run(cfg, "d", 4, 1, True, 0.002, attention="mask")[0] == \
+        "heads-sel-attention_mask-h4-s1-lr0.002"
+    assert experiments.c4_run(cfg, "d", 4, 2, True, 0.002, mask_bos=True)[0] == "heads-sel-mask_bos-h4-s2-lr0.002"
+
+
 def test_experiments_runs_resume_exactly_after_a_kill_and_are_checked_against_their_settings(tmp_path):
     """experiments.train: a run killed mid-way continues from its checkpoint to the same result as one never
     stopped; a finished run is reused only with the settings asked for."""
