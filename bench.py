@@ -256,6 +256,11 @@ def bench_gpu(repeats, results):
         raise SystemExit("bench.py gpu: needs CUDA and triton (pip install triton)")
     failures = check_triton("cuda", results) + check_large_offsets(results)
     bench_kernels("cuda", "bf16", repeats, results, Ts=(1024, 4096, 16384), timed_up_to=16384)
+    print("\nThe autotuner's picks (key: T, H, D, dtypes):")
+    for which in ("fwd", "bwd"):
+        for key, config in getattr(kernels, f"_{which}_tuned").cache.items():
+            print(f"  {which} {key}: {config}")
+            results.append({"bench": "autotuned", "pass": which, "key": str(key), "config": str(config)})
     model = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304, bias=False)
     print(f"\nTraining step, bf16 autocast, {model}, block 1024, batch 8, median of {repeats} alternations [min-max]:")
     step = {"kind": "step", "T": 1024, "B": 8, "dtype": "bf16", "model": model}
@@ -326,9 +331,10 @@ SM90_SHARED_LIMIT = 227 * 1024  # bytes of shared memory one H100/H200 block may
 
 
 def compile_kernels(results):
-    """Compile every launch configuration of kernels.TRITON_CONFIGS for sm_90 without a GPU (Triton targets a GPU
-    it does not see), read its resources from ptxas -v and count the SASS instructions of its main loop (one trip:
-    one key tile forward, one query tile backward, for G heads)."""
+    """Compile every launch configuration of kernels.TRITON_CONFIGS (each pass's every candidate: what the
+    autotuner may pick) for sm_90 without a GPU (Triton targets a GPU it does not see), read its resources from
+    ptxas -v and count the SASS instructions of its main loop (one trip: one key tile forward, one query tile
+    backward, for G heads)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("bench.py compile: TRITON_INTERPRET=1 is set, which replaces the kernels by the CPU "
                          "interpreter; unset it (TRITON_INTERPRET= python bench.py compile)")
@@ -336,30 +342,38 @@ def compile_kernels(results):
     if kernels.triton is None:
         raise SystemExit("bench.py compile: triton is not installed (pip install triton)")
     print(f"\nTriton kernels compiled for sm_90 (triton {kernels.triton.__version__}); shared memory limit "
-          f"{SM90_SHARED_LIMIT // 1024} KB; G = heads per program; 'loop' = SASS instructions one warp runs per trip "
-          "of the main loop (one tile off the diagonal); '/head' = loop x warps / G, the instructions a tile costs "
-          "per head (the speed proxy); 'mma' = tensor-core instructions per warp and trip")
-    print(f"{'dtype':>8} {'BD':>4} {'kernel':>7} {'BM':>4} {'BN':>4} {'G':>2} {'warps':>5} {'stages':>6} | "
-          f"{'shared KB':>9} {'regs':>4} {'spill B':>7} {'loop':>5} {'/head':>6} {'mma':>4}")
+          f"{SM90_SHARED_LIMIT // 1024} KB; '#' = the pass's candidate (0: the first, used untimed), G = heads per "
+          "program; 'loop' = SASS instructions one warp runs per trip of the main loop (one tile off the diagonal); "
+          "'/tile' = loop x warps / G x 4096 / (BM BN), the instructions a 64 x 64 tile costs per head (the speed "
+          "proxy); 'mma' = tensor-core instructions per warp and trip")
+    print(f"{'dtype':>8} {'BD':>4} {'kernel':>7} {'#':>2} {'BM':>4} {'BN':>4} {'G':>2} {'warps':>5} {'stages':>6} | "
+          f"{'shared KB':>9} {'regs':>4} {'spill B':>7} {'loop':>5} {'/tile':>6} {'mma':>4}")
     rows = []
     for (dtype, BD), cfg in kernels.TRITON_CONFIGS.items():
-        for name, G, warps, stages in (("colsum", 1, cfg.fwd_warps, 1),
-                                       ("fwd", cfg.fwd_heads, cfg.fwd_warps, cfg.fwd_stages),
-                                       ("bwd", cfg.bwd_heads, cfg.bwd_warps, cfg.bwd_stages)):
-            rows.append(dict(dtype=str(dtype).removeprefix("torch."), BD=BD, kernel=name, BM=cfg.BM, BN=cfg.BN, G=G,
-                             warps=warps, stages=stages))
+        first = cfg.fwd[0]  # the column-sum pre-pass launches with the forward's first candidate's BN and warps
+        passes = [("colsum", 0, kernels.TritonPass(first.BN, 1, first.warps, 1, None))]
+        passes += [(name, n, c) for name in ("fwd", "bwd") for n, c in enumerate(getattr(cfg, name))]
+        for name, n, c in passes:
+            rows.append(dict(dtype=str(dtype).removeprefix("torch."), BD=BD, kernel=name, candidate=n, BM=cfg.BM,
+                             BN=c.BN, G=c.G, warps=c.warps, stages=c.stages, declared_kb=c.shared_kb))
     with concurrent.futures.ProcessPoolExecutor(os.cpu_count()) as pool:  # each compile uses one core
         rows = list(pool.map(compile_row, rows))
     for row in rows:
         results.append(row)
-        head = (f"{row['dtype']:>8} {row['BD']:>4} {row['kernel']:>7} {row['BM']:>4} {row['BN']:>4} {row['G']:>2} "
-                f"{row['warps']:>5} {row['stages']:>6} | ")
+        head = (f"{row['dtype']:>8} {row['BD']:>4} {row['kernel']:>7} {row['candidate']:>2} {row['BM']:>4} "
+                f"{row['BN']:>4} {row['G']:>2} {row['warps']:>5} {row['stages']:>6} | ")
         if "error" in row:
             print(head + f"FAILED: {row['error']}")
             continue
         print(head + f"{row['shared'] / 1024:>9.1f} {row['registers']:>4} {row['spill_bytes']:>7} "
-              f"{row['loop_instructions']:>5} {row['loop_instructions'] * row['warps'] / row['G']:>6.0f} "
-              f"{row['loop_mma']:>4}{'' if row['shared'] <= SM90_SHARED_LIMIT else '  OVER THE SHARED MEMORY LIMIT'}")
+              f"{row['loop_instructions']:>5} {tile_cost(row):>6.0f} {row['loop_mma']:>4}"
+              f"{'' if row['shared'] <= SM90_SHARED_LIMIT else '  OVER THE SHARED MEMORY LIMIT'}"
+              f"{'  OVER ITS DECLARED KB' if row['shared'] > 1024 * (row['declared_kb'] or 1e9) else ''}")
+
+
+def tile_cost(row):
+    """The compiled-code speed proxy: SASS instructions per head and 64 x 64 tile (one trip covers BM x BN)."""
+    return row["loop_instructions"] * row["warps"] / row["G"] * 4096 / (row["BM"] * row["BN"])
 
 
 def compile_row(row):

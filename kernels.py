@@ -57,7 +57,8 @@ def triton_refuses(head_dim, dtype, shared_limit=None):
         return "it has no float64 kernel"
     if head_dim > TRITON_MAX_HEAD_DIM:
         return f"the Triton kernel takes head_dim <= {TRITON_MAX_HEAD_DIM}, got {head_dim}"
-    need = max(triton_config(head_dim, dtype).shared_kb) * 1024
+    cfg = triton_config(head_dim, dtype)
+    need = max(min(c.shared_kb for c in cfg.fwd), min(c.shared_kb for c in cfg.bwd)) * 1024  # the smallest that run
     if shared_limit is not None and need > shared_limit:
         return (f"the Triton kernel needs {need // 1024} KB of shared memory per block for {dtype} and head_dim "
                 f"{head_dim}; this GPU allows {shared_limit // 1024} KB")
@@ -448,28 +449,35 @@ if triton is not None:
         tl.atomic_add(DK0 + b * T * D + offs_n[:, None] * D + offs_d[None, :], dk0, mask=col_mask, sem="relaxed")
 
 
-# Launch configurations per (dtype, padded head dim BD): tile rows BM, tile keys BN, then per pass the heads per
-# program G, warps and pipeline stages. `python bench.py compile` compiles every one for sm_90 (H100/H200) without
-# a GPU and reports shared memory, registers, spills and instructions; test_selective.py asserts that each compiles
-# and fits the 227 KB of shared memory an H100 block may use, and that shared_kb (checked before every launch
-# against the GPU's limit: 'auto' falls back to 'mask' on a GPU with less) covers what it compiled to. The choices:
-# the fewest instructions per head and tile among configs that spill little (README, "On a GPU", has the figures);
-# 32-key backward tiles cost more per key.
-TritonConfig = collections.namedtuple("TritonConfig", "BM BN fwd_heads fwd_warps fwd_stages bwd_heads bwd_warps "
-                                                      "bwd_stages shared_kb")
+# Launch configurations per (dtype, padded head dim BD): the query tile rows BM (the carries are per query tile, so
+# every pass shares it), then for each pass its candidates: keys per tile BN, heads per program G, warps, pipeline
+# stages and the shared memory the candidate compiled to on sm_90 (KB). On a GPU the autotuner (_tuned) times the
+# candidates that fit the GPU's shared memory, once per (T, H, D, dtype), and keeps the fastest. The first candidate
+# of each pass is used where nothing is timed (explicit tiles, Triton's CPU interpreter): for bf16/fp16 the fewest
+# instructions per head and 64 x 64 tile (bench.py compile's proxy) among the candidates that spill under 2 KB. `python bench.py compile` compiles every candidate for sm_90 (H100/H200) without a GPU and
+# reports shared memory, registers, spills and instructions; test_selective.py asserts that each compiles, fits the
+# 227 KB an H100 block may use, and compiles to no more shared memory than declared here (checked before a launch
+# against the GPU's limit: 'auto' falls back to 'mask' where no candidate fits). Why several: the proxy cannot weigh
+# spills (local memory) against instructions, nor mma.sync (3-d dots, G > 1) against Hopper's wgmma; timing can.
+TritonPass = collections.namedtuple("TritonPass", "BN G warps stages shared_kb")
+TritonConfig = collections.namedtuple("TritonConfig", "BM fwd bwd")
+_HALF = {  # bf16 and fp16 compile alike. BD: BM, forward candidates, backward candidates (BN, G, warps, stages, KB)
+    32: (64, [(32, 4, 4, 1, 30), (64, 4, 8, 3, 129), (64, 4, 8, 1, 68), (64, 2, 8, 2, 53)],
+         [(64, 2, 8, 1, 56), (128, 2, 8, 1, 92), (64, 4, 8, 1, 104), (64, 1, 8, 1, 40)]),
+    64: (64, [(64, 4, 8, 2, 153), (32, 4, 4, 3, 125), (64, 4, 8, 1, 104), (64, 2, 8, 1, 56), (64, 1, 4, 2, 65)],
+         [(32, 4, 8, 2, 147), (64, 2, 8, 1, 96), (64, 4, 8, 1, 176), (64, 1, 8, 1, 64)]),
+    128: (64, [(32, 2, 4, 2, 105), (64, 2, 8, 2, 161), (64, 2, 4, 1, 96), (64, 1, 8, 1, 56)],
+          [(32, 2, 8, 2, 162), (64, 1, 8, 1, 112), (64, 2, 8, 1, 176), (32, 1, 8, 1, 80)]),
+}
+_FLOAT32 = {  # float32 is for checking, not for speed: 8 warps, then 4 warps or less shared memory
+    32: (64, [(64, 1, 8, 1, 64), (64, 1, 4, 2, 89)], [(64, 1, 8, 1, 112), (64, 1, 4, 1, 112)]),
+    64: (64, [(64, 1, 8, 1, 96), (32, 1, 4, 2, 105)], [(64, 1, 8, 1, 192), (32, 1, 8, 1, 104)]),
+    128: (64, [(32, 1, 8, 1, 160), (32, 1, 4, 1, 160)], [(32, 1, 8, 1, 208), (32, 1, 8, 2, 177)]),
+}
 TRITON_CONFIGS = {
-    (dtype, BD): TritonConfig(*cfg[:8], shared_kb=cfg[8:]) for dtype, BD, cfg in (
-        # dtype          BD   BM  BN  fwd: G warps stages  bwd: G warps stages  shared KB on sm_90: fwd, bwd
-        (torch.bfloat16, 32, (64, 64, 4, 8, 3, 2, 8, 2, 129, 62)),
-        (torch.bfloat16, 64, (64, 64, 4, 8, 2, 2, 8, 2, 153, 122)),  # bwd: G = 4 spills 6 KB, G = 1 costs 1.4x
-        (torch.bfloat16, 128, (64, 64, 2, 8, 2, 1, 8, 1, 161, 112)),
-        (torch.float16, 32, (64, 64, 4, 8, 3, 2, 8, 2, 129, 62)),
-        (torch.float16, 64, (64, 64, 4, 8, 2, 2, 8, 2, 153, 122)),
-        (torch.float16, 128, (64, 64, 2, 8, 2, 1, 8, 1, 161, 112)),
-        (torch.float32, 32, (64, 64, 1, 8, 1, 1, 8, 1, 64, 112)),  # float32 is for checking, not for speed
-        (torch.float32, 64, (64, 64, 1, 8, 1, 1, 8, 1, 96, 192)),
-        (torch.float32, 128, (64, 32, 1, 8, 1, 1, 8, 1, 160, 208)),
-    )
+    (dtype, BD): TritonConfig(BM, [TritonPass(*c) for c in fwd], [TritonPass(*c) for c in bwd])
+    for dtypes, table in (((torch.bfloat16, torch.float16), _HALF), ((torch.float32,), _FLOAT32))
+    for dtype in dtypes for BD, (BM, fwd, bwd) in table.items()
 }
 
 
@@ -513,43 +521,70 @@ def unit_stride(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def triton_selective_attention(q, k, v, blocks=None, heads=None):
+def launchable(candidates, H, shared_limit=None):
+    """The candidates (TritonPass) a launch may use: within the GPU's shared memory (shared_limit bytes, None: any),
+    with G lowered to divide H (heads_per_program), each once."""
+    out = []
+    for c in candidates:
+        c = c._replace(G=heads_per_program(H, c.G))
+        if (shared_limit is None or c.shared_kb * 1024 <= shared_limit) and c[:4] not in [o[:4] for o in out]:
+            out.append(c)
+    return out
+
+
+def triton_selective_attention(q, k, v, blocks=None, heads=None, autotune=None):
     """The Triton kernel as a differentiable function. blocks: (BM, BN) tile sizes, heads: (forward, backward)
-    heads per program; both default to triton_config. Tensors may live on the CPU under TRITON_INTERPRET=1 (the
-    tests)."""
-    cfg = triton_config(q.size(-1), q.dtype)
-    BM, BN = blocks or (cfg.BM, cfg.BN)
-    G_fwd, G_bwd = (heads_per_program(q.size(1), G) for G in heads or (cfg.fwd_heads, cfg.bwd_heads))
-    return triton_forward(q, k, v, BM, BN, G_fwd, G_bwd)[0]
+    heads per program: given either, that configuration (with TRITON_CONFIGS' first candidates for the rest), else
+    autotune (default: on CUDA) picks per pass among the candidates, or the first candidates are used. Tensors may
+    live on the CPU under TRITON_INTERPRET=1 (the tests)."""
+    H, D = q.size(1), q.size(-1)
+    cfg = triton_config(D, q.dtype)
+    if blocks is None and heads is None and (q.is_cuda if autotune is None else autotune):
+        return triton_forward(q, k, v, cfg.BM, [], [])[0]
+    if blocks:
+        check_blocks(*blocks)
+    BM, BN = blocks or (cfg.BM, None)
+    fwd, bwd = cfg.fwd[0], cfg.bwd[0]
+    G_fwd, G_bwd = heads or (fwd.G, bwd.G)
+    return triton_forward(q, k, v, BM, [BN or fwd.BN, heads_per_program(H, G_fwd), fwd.warps, fwd.stages],
+                          [BN or bwd.BN, heads_per_program(H, G_bwd), bwd.warps, bwd.stages])[0]
+
+
+def launch(kernel, tuned, grid, chosen, *args, **constexprs):
+    """Launch kernel over grid(BN, G) with the chosen [BN, G, warps, stages], or, with none chosen, through its
+    autotuner (which picks BN, G, warps and stages)."""
+    if chosen:
+        BN, G, warps, stages = chosen
+        kernel[grid(BN, G)](*args, BN=BN, G=G, num_warps=warps, num_stages=stages, **constexprs)
+    else:
+        tuned[lambda meta: grid(meta["BN"], meta["G"])](*args, **constexprs)
 
 
 @torch.library.custom_op("selective_gpt::triton_forward", mutates_args=())
-def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, BM: int, BN: int, G: int, G_bwd: int
+def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, BM: int, fwd: list[int], bwd: list[int]
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns o, the base-2 log-sum-exp of each row (for the backward), and the per-tile carries of S's column
-    sums (base 2)."""
-    check_blocks(BM, BN)
+    sums (base 2). fwd, bwd: each pass's [BN, G, warps, stages], or [] to autotune it."""
     q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
     B, H, T, D = q.shape
-    cfg = triton_config(D, q.dtype)
+    first = triton_config(D, q.dtype).fwd[0]
     BD = padded_head_dim(D)
     scale2 = LOG2E / math.sqrt(D)
     n_m = triton.cdiv(T, BM)
     colsum = torch.zeros(B, n_m, T, device=q.device, dtype=torch.float32)
     _colsum_kernel[(n_m, B)](q, k, colsum, q.stride(0), q.stride(2), k.stride(0), k.stride(2), colsum.stride(0),
-                             colsum.stride(1), T, D, scale2, BM=BM, BN=BN, BD=BD, num_warps=cfg.fwd_warps)
+                             colsum.stride(1), T, D, scale2, BM=BM, BN=first.BN, BD=BD, num_warps=first.warps)
     carry = nnf.pad(torch.cumsum(colsum[:, :-1], dim=1), (0, 0, 1, 0))  # exclusive prefix over query tiles
     o = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-    _fwd_kernel[(n_m, B, H // G)](q, k, v, o, lse, carry, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                                  *o.stride()[:3], carry.stride(0), carry.stride(1), T, H, D, scale2,
-                                  BM=BM, BN=BN, BD=BD, G=G, DOT=dot_precision(q.dtype),
-                                  num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
+    launch(_fwd_kernel, _fwd_tuned, lambda BN, G: (n_m, B, H // G), fwd,
+           q, k, v, o, lse, carry, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+           carry.stride(0), carry.stride(1), T, H, D, scale2, BM=BM, BD=BD, DOT=dot_precision(q.dtype))
     return o, lse, carry
 
 
 @triton_forward.register_fake
-def _(q, k, v, BM, BN, G, G_bwd):
+def _(q, k, v, BM, fwd, bwd):
     B, H, T, D = q.shape
     f32 = torch.float32
     return q.new_empty(q.shape), q.new_empty(B, H, T, dtype=f32), q.new_empty(B, -(-T // BM), T, dtype=f32)
@@ -557,39 +592,59 @@ def _(q, k, v, BM, BN, G, G_bwd):
 
 @torch.library.custom_op("selective_gpt::triton_backward", mutates_args=())
 def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                    lse: torch.Tensor, carry: torch.Tensor, BM: int, BN: int, G: int
+                    lse: torch.Tensor, carry: torch.Tensor, BM: int, bwd: list[int]
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v, do = unit_stride(q), unit_stride(k), unit_stride(v), unit_stride(do)
     B, H, T, D = q.shape
-    cfg = triton_config(D, q.dtype)
     delta = (do.float() * o.float()).sum(-1)  # D_h = rowsum(dO_h * O_h)
     dq = torch.zeros(B, H, T, D, device=q.device, dtype=torch.float32)  # float32: added to atomically
     dk, dv = torch.empty(B, H, T, D, device=q.device, dtype=k.dtype), torch.empty(B, H, T, D, device=q.device,
                                                                                    dtype=v.dtype)
     dk0 = torch.zeros(B, T, D, device=q.device, dtype=torch.float32)  # every group's share of the F gradient
-    _bwd_kernel[(triton.cdiv(T, BN), B, H // G)](
-        q, k, v, do, lse, delta, carry, dq, dk, dv, dk0, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], carry.stride(0), carry.stride(1), T, H, D,
-        LOG2E / math.sqrt(D), 1.0 / math.sqrt(D), BM=BM, BN=BN, BD=padded_head_dim(D), G=G,
-        DOT=dot_precision(q.dtype), num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages)
+    launch(_bwd_kernel, _bwd_tuned, lambda BN, G: (triton.cdiv(T, BN), B, H // G), bwd,
+           q, k, v, do, lse, delta, carry, dq, dk, dv, dk0, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+           *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], carry.stride(0), carry.stride(1), T, H, D,
+           LOG2E / math.sqrt(D), 1.0 / math.sqrt(D), BM=BM, BD=padded_head_dim(D), DOT=dot_precision(q.dtype))
     dk[:, 0] = (dk[:, 0].float() + dk0).to(dk.dtype)  # the selection gradient, into head 0's keys
     return dq.to(q.dtype), dk, dv
 
 
 @triton_backward.register_fake
-def _(do, q, k, v, o, lse, carry, BM, BN, G):
+def _(do, q, k, v, o, lse, carry, BM, bwd):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _triton_setup(ctx, inputs, output):
-    q, k, v, BM, BN, G, G_bwd = inputs
+    q, k, v, BM, fwd, bwd = inputs
     o, lse, carry = output
     ctx.save_for_backward(q, k, v, o, lse, carry)
-    ctx.config = (BM, BN, G_bwd)
+    ctx.config = (BM, bwd)
 
 
 def _triton_backward_rule(ctx, do, *_):
-    return *triton_backward(do, *ctx.saved_tensors, *ctx.config), None, None, None, None
+    return *triton_backward(do, *ctx.saved_tensors, *ctx.config), None, None, None
 
 
 triton_forward.register_autograd(_triton_backward_rule, setup_context=_triton_setup)
+
+
+def tuning_candidates(which):
+    """The autotuner's pruning for pass `which` ('fwd' or 'bwd'): the launchable candidates for the launch's dtype,
+    head dim, head count and GPU."""
+    def prune(configs, named_args, **constexprs):
+        q = named_args["Q"]
+        limit = shared_memory_limit(q.device) if q.is_cuda else None
+        return [triton.Config({"BN": c.BN, "G": c.G}, num_warps=c.warps, num_stages=c.stages)
+                for c in launchable(getattr(triton_config(named_args["D"], q.dtype), which), named_args["H"], limit)]
+    return prune
+
+
+if triton is not None:
+    # The autotuner times only what tuning_candidates returns; its own config list (every candidate of the table)
+    # only has to hold more than one, or it would not tune. dq and dk0 are added to atomically: zeroed per trial.
+    _fwd_tuned, _bwd_tuned = (
+        triton.autotune([triton.Config({"BN": BN, "G": G}, num_warps=w, num_stages=st) for BN, G, w, st in sorted(
+            {c[:4] for cfg in TRITON_CONFIGS.values() for c in getattr(cfg, which)})],
+            key=["T", "H", "D"], prune_configs_by={"early_config_prune": tuning_candidates(which)},
+            reset_to_zero=["DQ", "DK0"] if which == "bwd" else None)(kernel)
+        for which, kernel in (("fwd", _fwd_kernel), ("bwd", _bwd_kernel)))

@@ -606,6 +606,45 @@ def test_triton_head_groups_and_strided_inputs(heads):
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4, msg=name)
 
 
+@triton_missing
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs the autotuner in Triton's CPU interpreter")
+@pytest.mark.parametrize("dtype, D, tol", [(torch.float32, 16, 1e-4), (torch.float16, 64, 5e-2),
+                                           (torch.float32, 128, 1e-4)])
+def test_triton_autotuner_tries_every_candidate_and_keeps_the_fastest(monkeypatch, dtype, D, tol):
+    """On a GPU the autotuner times each pass's launchable candidates and keeps the fastest. Here, in the
+    interpreter, a stand-in clock ranks them: every candidate runs once, the one ranked fastest is kept, and the
+    gradients are still the reference's although every backward trial adds into dq and dk0 (zeroed before each:
+    without reset_to_zero dq would come out several times too large). Every candidate of the float32 and fp16
+    tables runs here (bf16 compiles as fp16 does; the interpreter cannot load it)."""
+    B, H, T = 1, 6, 70  # H = 6: candidates with G = 4 run with G = 2
+    q, k, v = (t.to(dtype).detach().requires_grad_() for t in random_qkv(B=B, H=H, T=T, D=D, seed=3))
+    dy = torch.randn_like(q)
+    tried, kept = {}, {}
+    for which in ("fwd", "bwd"):
+        tuned = getattr(kernels, f"_{which}_tuned")
+        candidates = [c[:4] for c in kernels.launchable(getattr(kernels.triton_config(D, q.dtype), which), H)]
+        tried[which], kept[which] = [], candidates[-1]  # the stand-in clock ranks the last candidate fastest
+
+        def trial(*args, config, which=which, run_once=tuned._bench, **meta):
+            tried[which].append((config.kwargs["BN"], config.kwargs["G"], config.num_warps, config.num_stages))
+            run_once(*args, config=config, **meta)
+            return [1.0 if tried[which][-1] == kept[which] else 2.0] * 3
+
+        monkeypatch.setattr(tuned, "cache", {})  # nothing tuned before
+        monkeypatch.setattr(tuned, "_do_bench", lambda run, quantiles: run() or [0.0] * 3)  # run each trial once
+        monkeypatch.setattr(tuned, "_bench", trial)
+        assert len(candidates) > 1
+        tried[which + " candidates"] = candidates
+    want = grads_of(reference, q.double(), k.double(), v.double(), dy.double())
+    got = grads_of(lambda a, b, c: kernels.triton_selective_attention(a, b, c, autotune=True), q, k, v, dy)
+    for which in ("fwd", "bwd"):
+        assert tried[which] == tried[which + " candidates"], which
+        best = getattr(kernels, f"_{which}_tuned").best_config
+        assert (best.kwargs["BN"], best.kwargs["G"], best.num_warps, best.num_stages) == kept[which]
+    for name, w, g in zip(["y", "dq", "dk", "dv"], want, got):
+        torch.testing.assert_close(g.double(), w, rtol=tol, atol=tol, msg=name)
+
+
 @pytest.fixture
 def tf32_dots(monkeypatch):
     """Triton's interpreter computes every float32 tl.dot exactly; a GPU rounds the inputs of a 'tf32' dot to
@@ -655,8 +694,9 @@ def test_triton_float32_under_tf32(tf32_dots, precision, tol, T, D):
 
 
 def test_triton_kernels_compile_for_sm90():
-    """Every launch configuration compiles for an H100/H200 (sm_90) here, without a GPU, and fits its shared
-    memory; `python bench.py compile` prints the table (registers, spills, instructions per tile)."""
+    """Every launch configuration (each pass's every autotuning candidate) compiles for an H100/H200 (sm_90) here,
+    without a GPU, and fits its shared memory; `python bench.py compile` prints the table (registers, spills,
+    instructions per tile)."""
     pytest.importorskip("triton", reason="triton is not installed: the GPU compile was NOT checked")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = os.path.join(os.environ.get("PYTEST_TMP", "/tmp"), f"compile-{os.getpid()}.json")
@@ -669,13 +709,13 @@ def test_triton_kernels_compile_for_sm90():
     os.remove(out)
     assert {(r["dtype"], r["BD"]) for r in rows} == {(str(d).removeprefix("torch."), BD)
                                                       for d, BD in kernels.TRITON_CONFIGS}
-    assert len(rows) == 3 * len(kernels.TRITON_CONFIGS)  # colsum, fwd, bwd
+    assert len(rows) == sum(1 + len(cfg.fwd) + len(cfg.bwd) for cfg in kernels.TRITON_CONFIGS.values())
     for r in rows:
         assert "error" not in r, r
         assert r["shared"] <= 227 * 1024, r
         if r["kernel"] != "colsum":  # the figure checked before a launch covers what the kernel compiled to
-            declared = kernels.TRITON_CONFIGS[getattr(torch, r["dtype"]), r["BD"]].shared_kb
-            assert r["shared"] <= 1024 * declared[r["kernel"] == "bwd"], r
+            declared = getattr(kernels.TRITON_CONFIGS[getattr(torch, r["dtype"]), r["BD"]], r["kernel"])
+            assert r["shared"] <= 1024 * declared[r["candidate"]].shared_kb == 1024 * r["declared_kb"], r
         assert r["loop_mma"] > 0, r  # the dots run on the tensor cores
 
 
@@ -686,13 +726,24 @@ def test_triton_refuses_what_no_gpu_compiles():
     for BM, BN in ((8, 16), (16, 24), (48, 64)):
         with pytest.raises(ValueError, match="power of two and at least 16"):
             kernels.check_blocks(BM, BN)
+        with pytest.raises(ValueError, match="power of two and at least 16"):
+            kernels.triton_selective_attention(*random_qkv(B=1, H=1, T=4, D=16), (BM, BN))
     kernels.check_blocks(16, 128)
+    for cfg in kernels.TRITON_CONFIGS.values():  # every candidate the autotuner may launch
+        for c in cfg.fwd + cfg.bwd:
+            kernels.check_blocks(cfg.BM, c.BN)
     assert kernels.triton_refuses(128, torch.bfloat16) is None
     assert "head_dim <= 128, got 256" in kernels.triton_refuses(256, torch.bfloat16)
     assert "float64" in kernels.triton_refuses(64, torch.float64)
     assert [kernels.heads_per_program(H, G) for H, G in ((3, 3), (12, 4), (6, 4), (8, 6))] == [1, 4, 2, 4]
     assert kernels.triton_refuses(64, torch.bfloat16, shared_limit=227 * 1024) is None
-    assert "needs 153 KB of shared memory" in kernels.triton_refuses(64, torch.bfloat16, shared_limit=99 * 1024)
+    # the smallest candidates of bf16 d 64 need 56 KB (forward) and 64 KB (backward): a GPU with 64 KB runs them
+    assert kernels.triton_refuses(64, torch.bfloat16, shared_limit=64 * 1024) is None
+    assert "needs 64 KB of shared memory" in kernels.triton_refuses(64, torch.bfloat16, shared_limit=63 * 1024)
+    bwd = kernels.TRITON_CONFIGS[torch.bfloat16, 64].bwd
+    assert kernels.launchable(bwd, H=8, shared_limit=100 * 1024) == [bwd[1], bwd[3]]
+    # H = 6: G = 4 is lowered to 2, and the third candidate, then the same as the second, is dropped
+    assert [c[:4] for c in kernels.launchable(bwd, H=6)] == [(32, 2, 8, 2), (64, 2, 8, 1), (64, 1, 8, 1)]
 
 
 def test_spec_sections_cited_in_the_code_exist():
