@@ -741,9 +741,11 @@ def test_triton_refuses_what_no_gpu_compiles():
     assert kernels.triton_refuses(64, torch.bfloat16, shared_limit=64 * 1024) is None
     assert "needs 64 KB of shared memory" in kernels.triton_refuses(64, torch.bfloat16, shared_limit=63 * 1024)
     bwd = kernels.TRITON_CONFIGS[torch.bfloat16, 64].bwd
-    assert kernels.launchable(bwd, H=8, shared_limit=100 * 1024) == [bwd[1], bwd[3]]
+    assert kernels.launchable(bwd, H=8, shared_limit=100 * 1024) == [bwd[1], bwd[3], bwd[4]]
     # H = 6: G = 4 is lowered to 2, and the third candidate, then the same as the second, is dropped
     assert [c[:4] for c in kernels.launchable(bwd, H=6)] == [(32, 2, 8, 2), (64, 2, 8, 1), (64, 1, 8, 1)]
+    assert [c[:4] for c in kernels.launchable(bwd, H=6, shared_limit=140 * 1024)] == [(64, 2, 8, 1), (32, 2, 8, 2),
+                                                                                       (64, 1, 8, 1)]
 
 
 def test_spec_sections_cited_in_the_code_exist():
