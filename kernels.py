@@ -114,10 +114,23 @@ def selection(q0, k0, r0, r1, scale):
 def minus_F(S, carry, r0, r1):
     """-F on the chunk (c, r1), from its S and the carry: carry[j] = sum of S[k, j] over the rows k < r0 (§1.3 split
     at the chunk). The causal mask is the caller's to add."""
-    c = r1 - r0
-    before = torch.ones(c, c, dtype=S.dtype).tril_(-1)  # before[i, k] = 1 if row k is above row i
-    neg_F = torch.addmm(carry[:r1].expand(c, r1), before, S, beta=-1, alpha=-1)  # -(carry + sum_{k < i} S[k])
-    return neg_F
+    return running_sum(S).add_(carry[:r1]).neg_()  # -(carry + sum_{k < i} S[k])
+
+
+def running_sum(X, reverse=False, rows=16):
+    """The exclusive running sum of X (c, n) down its rows, or up them (reverse): out[i] = the sum of X[k] over k < i
+    (k > i). As triangular matmuls in blocks of `rows` rows: inside each block a (rows x rows) one, across blocks
+    the blocks' sums. One (c x c) triangular matmul would do c / rows times the multiplications: measured at c = 128
+    (2 threads, float32), n = 1024 / 4096: 181 / 696 us, blocks of 16 rows 58 / 174 us, torch.cumsum 397 / 1632 us."""
+    c, n = X.shape
+    b = rows if c % rows == 0 else c  # a ragged last chunk: one block
+    m = c // b
+    triangle = torch.ones(b, b, dtype=X.dtype)
+    out = torch.matmul((triangle.triu_(1) if reverse else triangle.tril_(-1)), X.view(m, b, n))  # inside blocks
+    if m > 1:
+        blocks = torch.ones(m, m, dtype=X.dtype)
+        out += torch.mm(blocks.triu_(1) if reverse else blocks.tril_(-1), X.view(m, b, n).sum(1)).unsqueeze(1)
+    return out.view(c, n)
 
 
 def carries_of(q0, k0, C, scale):
@@ -190,8 +203,7 @@ def backward_chunks(dy, q, k, v, C):
     probs = torch.empty(H * C * T, dtype=f32)
     low_buf = torch.empty(H * C * T, dtype=low) if low != f32 else None  # P, then dP, then dZ in bf16/fp16
     partial = torch.empty(H * T * d, dtype=low)
-    later = torch.ones(C, C, dtype=f32).triu_(1)  # later[k, i] = 1 if row i is below row k
-    future = later.bool()
+    future = torch.ones(C, C, dtype=torch.bool).triu_(1)  # future[i, j] = key j comes after query i
     for b in range(B):
         k32 = k[b].to(f32)  # the logits and S: float32
         q0 = q[b, 0].to(f32)
@@ -208,9 +220,9 @@ def backward_chunks(dy, q, k, v, C):
             A = logits[:H * c * r1].view(H, c, r1)
             P = probs[:H * c * r1].view(H, c, r1)
             q_rows = q[b, :, r0:r1]
-            torch.baddbmm(minus_F(S, carries[n], r0, r1), q_rows.to(f32), k32[:, :r1].transpose(1, 2), alpha=scale,
-                          out=A)  # A_h - F
-            A[:, :, r0:].masked_fill_(future[:c, :c], float("-inf"))  # causal
+            neg_F = minus_F(S, carries[n], r0, r1)
+            neg_F[:, r0:].masked_fill_(future[:c, :c], float("-inf"))  # causal, once for every head
+            torch.baddbmm(neg_F, q_rows.to(f32), k32[:, :r1].transpose(1, 2), alpha=scale, out=A)  # A_h - F
             torch.ops.aten._softmax.out(A, -1, False, out=P)
             part = partial[:H * r1 * d].view(H, r1, d)
             dv_b[:, :r1] += torch.bmm(as_low(P, low_buf).transpose(1, 2), dyl[:, r0:r1], out=part)
@@ -223,7 +235,7 @@ def backward_chunks(dy, q, k, v, C):
             dk_b[:, :r1].add_(torch.bmm(dZ.transpose(1, 2), q_rows.to(low), out=part), alpha=scale)
             dq_rows = torch.bmm(dZ, kl[:, :r1], out=partial[:H * c * d].view(H, c, d)).to(f32).mul_(scale)
             minus_dF = A.sum(0)  # dF = -sum_h dZ_h, rows r0:r1
-            minus_dS = torch.addmm(R[:r1].expand(c, r1), later[:c, :c], minus_dF)  # -(sum over rows i > k)
+            minus_dS = running_sum(minus_dF, reverse=True).add_(R[:r1])  # -(sum over rows i > k)
             R[:r1] += minus_dF.sum(0)
             minus_dS.mul_(S > 0)  # relu' and the constraints: S > 0 only where S may select
             dq_rows[0].addmm_(minus_dS, k32[0, :r1], alpha=-scale)

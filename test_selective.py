@@ -205,6 +205,17 @@ def test_cpu_path_never_makes_a_T_by_T_tensor(dtype):
     assert B * H * T * D <= max(forward.largest, backward.largest) <= max(B * H * T * D, H * C * T)
 
 
+@given(st.integers(1, 300), st.integers(1, 40), st.sampled_from([1, 4, 16]), st.booleans(), st.integers(0, 99))
+def test_running_sum_in_blocks_equals_a_plain_loop(c, n, rows, reverse, seed):
+    """The CPU path's in-chunk running sums (of S for F, of dF for dS) in blocks of rows: out[i] = sum of X[k] over
+    k < i (reverse: k > i), for any chunk height, ragged or not, in float64 against a loop."""
+    X = torch.randn(c, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    want = torch.zeros_like(X)
+    for i in range(c):
+        want[i] = X[i + 1:].sum(0) if reverse else X[:i].sum(0)
+    torch.testing.assert_close(kernels.running_sum(X, reverse, rows), want, rtol=1e-12, atol=1e-12)
+
+
 def test_cpu_backward_under_bf16_runs_its_matmuls_in_bf16_and_stays_accurate():
     """Issue: the bf16 backward was a float32 one in disguise. Four of its five per-head matmuls take bf16 operands
     (the logits stay float32, SPEC §1.5); its gradients are as close to float64 as the 'mask' path's."""
@@ -214,7 +225,8 @@ def test_cpu_backward_under_bf16_runs_its_matmuls_in_bf16_and_stays_accurate():
     with TensorsMade() as made:
         kernels.backward_chunks(dy, q, k, v, 64)
     bmm = [dtypes for op, dtypes in made.ops if op in ("bmm", "baddbmm")]
-    assert sum(all(t == torch.bfloat16 for t in d) for d in bmm) == 4 * 6 and len(bmm) == 5 * 6  # 2 x 3 chunks
+    # 2 x 3 chunks, each: 4 bf16 per-head matmuls, the float32 logits, and two float32 running sums (of S and dF)
+    assert sum(all(t == torch.bfloat16 for t in d) for d in bmm) == 4 * 6 and len(bmm) == (5 + 2) * 6
     want = grads_of(reference, q.double(), k.double(), v.double(), dy.double())
     for path in ("tiled", "mask"):
         with torch.autocast("cpu", dtype=torch.bfloat16):
