@@ -90,8 +90,8 @@ def tiled_selective_attention(q, k, v):
 # the CPU (asked for one, PyTorch falls back to its math kernel and keeps all H x T x T probabilities), so the
 # backward walks the chunks from last to first; for each it recomputes the (H, C, keys) probabilities with batched
 # matmuls and softmax, takes dq, dk, dv as FlashAttention does, and the gradient through F (docs/KERNEL.md):
-#   dF = -sum_h dZ_h,  dS[k, j] = sum_{i > k} dF[i, j]  (a running column sum R over later chunks + a small
-#   triangular matmul inside the chunk),  dA_0 += dS where S > 0,  into head 0's q and k.
+#   dF = -sum_h dZ_h,  dS[k, j] = sum_{i > k} dF[i, j]  (a running column sum R over later chunks + the running
+#   sum inside the chunk, running_sum),  dA_0 += dS where S > 0,  into head 0's q and k.
 # Precision: S, F, the carries, the logits and the softmax are float32 (float64 stays float64); under bf16/fp16 the
 # other four matmuls of the backward (dv, dP, dq, dk) take bf16/fp16 operands, as FlashAttention's do, and their
 # sums over the chunks are float32.
