@@ -206,14 +206,14 @@ def test_cpu_path_never_makes_a_T_by_T_tensor(dtype):
 
 
 @given(st.integers(1, 300), st.integers(1, 40), st.sampled_from([1, 4, 16]), st.booleans(), st.integers(0, 99))
-def test_running_sum_in_blocks_equals_a_plain_loop(c, n, rows, reverse, seed):
+def test_running_sum_in_blocks_equals_a_plain_loop(c, n, block, reverse, seed):
     """The CPU path's in-chunk running sums (of S for F, of dF for dS) in blocks of rows: out[i] = sum of X[k] over
     k < i (reverse: k > i), for any chunk height, ragged or not, in float64 against a loop."""
     X = torch.randn(c, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     want = torch.zeros_like(X)
     for i in range(c):
         want[i] = X[i + 1:].sum(0) if reverse else X[:i].sum(0)
-    torch.testing.assert_close(kernels.running_sum(X, reverse, rows), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(kernels.running_sum(X, reverse, block), want, rtol=1e-12, atol=1e-12)
 
 
 def test_cpu_backward_under_bf16_runs_its_matmuls_in_bf16_and_stays_accurate():
