@@ -8,10 +8,12 @@ machine noise hits both alike: quote the ratios, not the times.
                                      # standard flash SDPA, selective through an SDPA float mask ('mask'), the
                                      # tiled kernels.py path
     python bench.py compile          # the Triton kernels compiled for sm_90 (H100/H200) here, without a GPU: shared
-                                     # memory, registers, spills and SASS instructions per loop trip, per config
+                                     # memory, registers, spills and SASS instructions per loop trip and per 64 x 64
+                                     # tile, for every autotuning candidate
     python bench.py gpu              # the GPU check (CUDA): the Triton kernel against the reference in fp32, bf16,
-                                     # fp16; time and memory against flash causal SDPA at T = 1k, 4k, 16k; a
-                                     # 12-layer, 768-wide training step at block 1024, selective / standard
+                                     # fp16; time and memory against flash causal SDPA at T = 1k, 4k, 16k (autotuned,
+                                     # the picks checked and printed); a 12-layer, 768-wide training step at block
+                                     # 1024, selective / standard
     python bench.py --json out.json  # also save the numbers
 
 Peak memory: on CUDA torch.cuda.max_memory_allocated; on the CPU (Linux) how far the process's peak resident set
