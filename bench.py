@@ -447,16 +447,30 @@ def main_loop(sass):
     return []
 
 
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: at least 1 (the median of the alternations is the figure)")
+    return value
+
+
 def main():
     if len(sys.argv) == 3 and sys.argv[1] == "_memory":
         return measure_memory_here(json.loads(sys.argv[2]))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=type(
         "Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))
     parser.add_argument("what", nargs="?", choices=["speed", "kernels", "compile", "gpu"], default="speed")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=5, help="timed alternations per case (the median counts)")
-    parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=positive_int, default=5,
+                        help="timed alternations per case (the median counts)")
+    parser.add_argument("--json", default=None, help="also write the results to this new file")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this PyTorch sees no CUDA GPU; use --device cpu")
+    if args.json and os.path.exists(args.json):  # checked now, not after a run of many minutes
+        parser.error(f"--json {args.json}: the file exists; name a new one (bench.py does not overwrite results)")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        parser.error(f"--json {args.json}: its directory does not exist")
     started = time.time()
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
     print(f"bench.py {args.what} on {args.device} ({device_name}, {torch.get_num_threads()} threads), "
@@ -473,10 +487,11 @@ def main():
         for dtype in (["bf16"] if args.device == "cuda" else ["fp32", "bf16"]):
             bench_kernels(args.device, dtype, args.repeats, results)
     print(f"\n{time.time() - started:.0f} s")
-    if args.json:
-        with open(args.json, "w") as f:
+    if args.json:  # written whole or not at all
+        with open(args.json + ".tmp", "w") as f:
             json.dump({"what": args.what, "device": args.device, "device_name": device_name,
                        "torch": torch.__version__, "results": results}, f, indent=1)
+        os.replace(args.json + ".tmp", args.json)
 
 
 if __name__ == "__main__":

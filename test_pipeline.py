@@ -657,6 +657,13 @@ BAD_INPUTS = [
     (["prepare_data.py", "--local", "bad.json.gz", "--data_dir", "new"], "bad.json.gz is truncated or corrupt"),
     (["prepare_data.py", "--local", "nothing_here", "--data_dir", "new"], "no .json.gz, .jsonl or .txt files"),
     (["prepare_data.py", "--local", "notes.txt", "--data_dir", "a_file"], "--data_dir a_file is a file"),
+    # bench.py: refused before any benchmark runs, and no results file overwritten
+    (["bench.py", "kernels", "--repeats", "0"], "--repeats: 0: at least 1"),
+    (["bench.py", "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    *([(["bench.py", "--device", "cuda"], "--device cuda: this PyTorch sees no CUDA GPU")]
+      if not torch.cuda.is_available() else []),  # with a GPU it would run the whole benchmark
+    (["bench.py", "compile", "--json", "notes.txt"], "--json notes.txt: the file exists"),
+    (["bench.py", "compile", "--json", "nowhere/out.json"], "--json nowhere/out.json: its directory does not exist"),
 ]
 
 
