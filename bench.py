@@ -361,10 +361,12 @@ def compile_kernels(results):
     rows = []
     for (dtype, BD), cfg in kernels.TRITON_CONFIGS.items():
         first = cfg.fwd[0]  # the column-sum pre-pass launches with the forward's first candidate's BN and warps
-        passes = [("colsum", 0, kernels.TritonPass(first.BN, 1, first.warps, 1, None))]
+        passes = [("colsum", 0, kernels.TritonPass(first.BN, 1, first.warps, 1, None)),
+                  ("delta", 0, kernels.TritonPass("-", 1, 4, 1, None))]  # no key tiles; rows: DELTA_ROWS
         passes += [(name, n, c) for name in ("fwd", "bwd") for n, c in enumerate(getattr(cfg, name))]
         for name, n, c in passes:
-            rows.append(dict(dtype=str(dtype).removeprefix("torch."), BD=BD, kernel=name, candidate=n, BM=cfg.BM,
+            BM = kernels.DELTA_ROWS if name == "delta" else cfg.BM
+            rows.append(dict(dtype=str(dtype).removeprefix("torch."), BD=BD, kernel=name, candidate=n, BM=BM,
                              BN=c.BN, G=c.G, warps=c.warps, stages=c.stages, declared_kb=c.shared_kb))
     with concurrent.futures.ProcessPoolExecutor(os.cpu_count()) as pool:  # each compile uses one core
         rows = list(pool.map(compile_row, rows))
@@ -383,6 +385,8 @@ def compile_kernels(results):
 
 def tile_cost(row):
     """The compiled-code speed proxy: SASS instructions per head and 64 x 64 tile (one trip covers BM x BN)."""
+    if not row["loop_instructions"]:
+        return 0  # a kernel without a loop over tiles (_delta_kernel)
     return row["loop_instructions"] * row["warps"] / row["G"] * 4096 / (row["BM"] * row["BN"])
 
 
@@ -401,7 +405,8 @@ def compiled_resources(kernels, name, dtype, BM, BN, BD, G, warps, stages):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     elem = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
-    fn = {"colsum": kernels._colsum_kernel, "fwd": kernels._fwd_kernel, "bwd": kernels._bwd_kernel}[name]
+    fn = {"colsum": kernels._colsum_kernel, "fwd": kernels._fwd_kernel, "bwd": kernels._bwd_kernel,
+          "delta": kernels._delta_kernel}[name]
     float32_args = {"LSE", "CARRY", "COLSUM", "DELTA", "DQ", "DK0"}
     signature, constexprs = {}, dict(BM=BM, BN=BN, BD=BD, G=G, DOT=kernels.dot_precision(dtype))
     for arg in fn.arg_names:

@@ -269,10 +269,11 @@ chunked_forward.register_autograd(_chunked_backward_rule, setup_context=_chunked
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CUDA: the Triton kernel (docs/KERNEL.md). Three launches forward and one backward:
+# CUDA: the Triton kernel (docs/KERNEL.md). Three launches forward and two backward:
 #   _colsum_kernel   per (query tile, sequence): head 0's S, summed down each tile's rows (the carries' parts)
 #   _fwd_kernel      per (query tile, sequence, group of G heads): S and F once per tile for the whole group, then
 #                    FlashAttention's online softmax of Z = A_h - F for each head of the group
+#   _delta_kernel    per (query tile, sequence and head): FlashAttention-2's D = rowsum(dO * O), in float32
 #   _bwd_kernel      per (key tile, sequence, group of G heads): FlashAttention-2's backward, query tiles walked
 #                    last to first, plus the gradient through F from the group's dZ summed over its heads
 # Units: logits, S, F and the carries are kept in base 2 (times log2 e) so that the softmax runs on exp2; the
@@ -280,6 +281,7 @@ chunked_forward.register_autograd(_chunked_backward_rule, setup_context=_chunked
 # 2^31 elements or more (B T H d, or the carries' B T^2 / BM) would wrap them in int32.
 
 LOG2E = 1.4426950408889634
+DELTA_ROWS = 64  # rows per program of _delta_kernel (a 64 x 128 float32 tile: 64 registers a thread at 4 warps)
 
 if triton is not None:
 
@@ -369,6 +371,21 @@ if triton is not None:
                  acc.to(O.dtype.element_ty), mask=row_mask[None])
         tl.store(LSE + (b * H + offs_g[:, None]) * T + offs_m[None, :], m_i + tl.log2(l_i),
                  mask=(offs_m < T)[None, :])
+
+    @triton.jit
+    def _delta_kernel(O, DO, DELTA, so_b, so_h, so_t, sdo_b, sdo_h, sdo_t, T, H, D,
+                      BM: tl.constexpr, BD: tl.constexpr):
+        """DELTA[b, h, i] = sum over d of dO * O for each row (FlashAttention-2's D_h), in float32 from the inputs'
+        dtype: in PyTorch, (do.float() * o.float()).sum(-1) would hold three float32 copies of a (B, H, T, D)
+        tensor at once, the backward's largest allocation (6x q's size in bf16)."""
+        pid_m, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        b, h = bh // H, bh % H
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_d = tl.arange(0, BD)
+        mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
+        o = tl.load(O + b * so_b + h * so_h + offs_m[:, None] * so_t + offs_d[None, :], mask=mask, other=0.0)
+        do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_t + offs_d[None, :], mask=mask, other=0.0)
+        tl.store(DELTA + bh * T + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1), mask=offs_m < T)
 
     @triton.jit
     def _bwd_tile(dk, dv, dk0, R, k, v, k0, Q, DO, LSE, DELTA, CARRY, DQ, b, pid_m, offs_n, offs_g, offs_d, h0,
@@ -609,7 +626,9 @@ def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v, do = unit_stride(q), unit_stride(k), unit_stride(v), unit_stride(do)
     B, H, T, D = q.shape
-    delta = (do.float() * o.float()).sum(-1)  # D_h = rowsum(dO_h * O_h)
+    delta = torch.empty(B, H, T, device=q.device, dtype=torch.float32)  # D_h = rowsum(dO_h * O_h)
+    _delta_kernel[(triton.cdiv(T, DELTA_ROWS), B * H)](o, do, delta, *o.stride()[:3], *do.stride()[:3], T, H, D,
+                                                        BM=DELTA_ROWS, BD=padded_head_dim(D), num_warps=4)
     dq = torch.zeros(B, H, T, D, device=q.device, dtype=torch.float32)  # float32: added to atomically
     dk, dv = torch.empty(B, H, T, D, device=q.device, dtype=k.dtype), torch.empty(B, H, T, D, device=q.device,
                                                                                    dtype=v.dtype)

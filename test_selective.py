@@ -605,13 +605,14 @@ def test_triton_kernel_half_precision(dtype):
 def test_triton_head_groups_and_strided_inputs(heads):
     """A program may take G heads of one sequence (forward and backward choose G apart): any G gives the
     reference's values and gradients, head 0's selection gradient included, and q, k, v may be the transposed views
-    of one projection that the model passes (no copies)."""
+    of one projection that the model passes (no copies), as may the output's gradient (the model's heads merge by a
+    transpose, so it arrives as a transposed view)."""
     B, H, T, D = 2, 4, 70, 16
     torch.manual_seed(5)
     qkv = torch.randn(B, T, 3, H, D)
     q, k, v = (qkv[:, :, i].transpose(1, 2).detach().requires_grad_() for i in range(3))
-    assert not q.is_contiguous()
-    dy = torch.randn(B, H, T, D)
+    dy = torch.randn(B, T, H, D).transpose(1, 2)
+    assert not q.is_contiguous() and not dy.is_contiguous()
     want = grads_of(reference, q.double(), k.double(), v.double(), dy.double())
     got = grads_of(lambda a, b, c: kernels.triton_selective_attention(a, b, c, (16, 16), heads), q, k, v, dy)
     for name, w, g in zip(["y", "dq", "dk", "dv"], want, got):
@@ -721,14 +722,15 @@ def test_triton_kernels_compile_for_sm90():
     os.remove(out)
     assert {(r["dtype"], r["BD"]) for r in rows} == {(str(d).removeprefix("torch."), BD)
                                                       for d, BD in kernels.TRITON_CONFIGS}
-    assert len(rows) == sum(1 + len(cfg.fwd) + len(cfg.bwd) for cfg in kernels.TRITON_CONFIGS.values())
+    assert len(rows) == sum(2 + len(cfg.fwd) + len(cfg.bwd) for cfg in kernels.TRITON_CONFIGS.values())
     for r in rows:
         assert "error" not in r, r
         assert r["shared"] <= 227 * 1024, r
-        if r["kernel"] != "colsum":  # the figure checked before a launch covers what the kernel compiled to
+        if r["kernel"] in ("fwd", "bwd"):  # the figure checked before a launch covers what the kernel compiled to
             declared = getattr(kernels.TRITON_CONFIGS[getattr(torch, r["dtype"]), r["BD"]], r["kernel"])
             assert r["shared"] <= 1024 * declared[r["candidate"]].shared_kb == 1024 * r["declared_kb"], r
-        assert r["loop_mma"] > 0, r  # the dots run on the tensor cores
+        if r["kernel"] != "delta":  # (a row sum: no dots)
+            assert r["loop_mma"] > 0, r  # the dots run on the tensor cores
 
 
 def test_triton_refuses_what_no_gpu_compiles():
