@@ -422,12 +422,16 @@ if triton is not None:
         dk += tl.dot(dzt.to(q.dtype), q, input_precision=DOT)
         dq = tl.dot(tl.permute(dzt, (0, 2, 1)).to(k.dtype), k, input_precision=DOT) * scale
         dFt = -tl.sum(dzt, axis=0)  # this group's share of dF, transposed
-        # dS[k, j] = sum_{i > k} dF[i, j]: in the tile, dF^T times strictly upper-triangular ones on the tensor
-        # cores (a third cheaper than tl.cumsum here, whose scan crosses lanes and warps). dF is rounded to the
-        # inputs' dtype first, as FlashAttention rounds dS before its dq and dk dots; S and F (which the softmax
-        # sees) keep float32 running sums.
-        later = tl.arange(0, BM)[:, None] > tl.arange(0, BM)[None, :]
-        dSt = R[:, None] + tl.dot(dFt.to(q.dtype), later.to(q.dtype), input_precision=DOT)
+        # dS[k, j] = sum_{i > k} dF[i, j]. For bf16/fp16 inputs, in the tile: dF^T times strictly upper-triangular
+        # ones on the tensor cores (about 40 instructions per warp where tl.cumsum's scan across lanes and warps
+        # took 320), dF rounded to the inputs' dtype first, as FlashAttention rounds dS before its dq and dk dots.
+        # float32 inputs keep the exact scan (their matmul would be tf32x3: dearer). S and F, which the softmax
+        # sees, keep float32 running sums either way.
+        if q.dtype == tl.float32:
+            dSt = R[:, None] + tl.cumsum(dFt, axis=1, reverse=True) - dFt
+        else:
+            later = tl.arange(0, BM)[:, None] > tl.arange(0, BM)[None, :]
+            dSt = R[:, None] + tl.dot(dFt.to(q.dtype), later.to(q.dtype))
         R += tl.sum(dFt, axis=1)
         dA0t = tl.where(St > 0, dSt, 0.0) * scale  # relu' and the constraints (S = 0 wherever it may not select)
         dq0 = tl.dot(tl.trans(dA0t).to(k0.dtype), k0, input_precision=DOT)
@@ -506,8 +510,8 @@ _HALF = {  # bf16 and fp16 compile alike. BD: BM, forward candidates, backward c
           [(32, 2, 8, 2, 162), (64, 1, 8, 1, 120), (64, 2, 8, 1, 184), (32, 1, 8, 1, 80)]),
 }
 _FLOAT32 = {  # float32 is for checking, not for speed: 8 warps, then 4 warps or less shared memory
-    32: (64, [(64, 1, 8, 1, 64), (64, 1, 4, 2, 89)], [(64, 1, 8, 1, 144), (64, 1, 4, 1, 144)]),
-    64: (64, [(64, 1, 8, 1, 96), (32, 1, 4, 2, 105)], [(64, 1, 8, 1, 224), (32, 1, 8, 1, 104)]),
+    32: (64, [(64, 1, 8, 1, 64), (64, 1, 4, 2, 89)], [(64, 1, 8, 1, 112), (64, 1, 4, 1, 112)]),
+    64: (64, [(64, 1, 8, 1, 96), (32, 1, 4, 2, 105)], [(64, 1, 8, 1, 192), (32, 1, 8, 1, 104)]),
     128: (64, [(32, 1, 8, 1, 160), (32, 1, 4, 1, 160)], [(32, 1, 8, 1, 208), (32, 1, 8, 2, 177)]),
 }
 TRITON_CONFIGS = {
