@@ -462,7 +462,7 @@ def positive_int(text):
 def main():
     if len(sys.argv) == 3 and sys.argv[1] == "_memory":
         return measure_memory_here(json.loads(sys.argv[2]))
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=type(
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=type(
         "Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))
     parser.add_argument("what", nargs="?", choices=["speed", "kernels", "compile", "gpu"], default="speed")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")

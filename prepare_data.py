@@ -37,13 +37,14 @@ SETTINGS_FILE = "prepare.json"  # in data_dir: how its shards were made, so a re
 
 class ArgumentParser(argparse.ArgumentParser):
     """The scripts' parser: --help keeps the docstring's layout and shows every default; a bad flag ends in one
-    short paragraph (the message, and where the flags are listed) instead of the whole usage."""
+    short paragraph (the message, and where the flags are listed) instead of the whole usage. Flags are taken only
+    whole: argparse's abbreviations would read train.py --lr 1000 as --lr_decay_iters 1000, silently."""
 
     class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
         pass
 
     def __init__(self, **kwargs):
-        super().__init__(formatter_class=self.Formatter, **kwargs)
+        super().__init__(formatter_class=self.Formatter, allow_abbrev=False, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n(python {self.prog} --help lists every flag and its default)\n")

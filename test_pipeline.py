@@ -617,6 +617,7 @@ BAD_INPUTS = [
     (["train.py", "--resume", "--overwrite", "--out_dir", "run"], "give one of them"),
     ([*A, "--vocab_size", "10", "--out_dir", "new"], "smaller than the 99 tokens"),
     ([*A, "--dtype", "float16", "--out_dir", "new"], "float16 is not supported on the CPU"),
+    ([*A, "--lr", "1000", "--out_dir", "new"], "unrecognized arguments: --lr 1000"),  # not --lr_decay_iters
     # sample.py
     ([*S, "--temperature", "-1"], "--temperature -1.0 must be >= 0"),
     ([*S, "--top_k", "0"], "--top_k 0 must be at least 1"),
@@ -638,6 +639,7 @@ BAD_INPUTS = [
     ([*S, "--eval_ppl", "--budget", "4", "--eval_iters", "0"], "--eval_iters 0 must be at least 1"),
     ([*S, "--eval_ppl", "--budget", "4", "--batch_size", "0"], "--batch_size 0 must be at least 1"),
     ([*S, "--device", "foo"], "--device foo: no such device here"),
+    ([*S, "--temp", "0"], "unrecognized arguments: --temp 0"),  # flags are taken whole, not abbreviated
     ([*S, "--explain_png", "x.png"], "--explain_png draws what --explain shows: add --explain"),
     ([*S, "--explain", "--explain_png", "nowhere/x.png"], "--explain_png nowhere/x.png: its folder does not exist"),
     ([*S, "--explain", "--explain_png", "folder"], "--explain_png folder is a directory"),
@@ -660,6 +662,7 @@ BAD_INPUTS = [
     # bench.py: refused before any benchmark runs, and no results file overwritten
     (["bench.py", "kernels", "--repeats", "0"], "--repeats: 0: at least 1"),
     (["bench.py", "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    (["bench.py", "compile", "--js", "out.json"], "unrecognized arguments: --js out.json"),
     *([(["bench.py", "--device", "cuda"], "--device cuda: this PyTorch sees no CUDA GPU")]
       if not torch.cuda.is_available() else []),  # with a GPU it would run the whole benchmark
     (["bench.py", "compile", "--json", "notes.txt"], "--json notes.txt: the file exists"),
