@@ -663,6 +663,10 @@ def _(do, q, k, v, o, lse, carry, BM, bwd):
 def _triton_setup(ctx, inputs, output):
     q, k, v, BM, fwd, bwd = inputs
     o, lse, carry = output
+    # lse and the carries are for the backward, not for a loss: no gradient flows into them, and autograd is told
+    # not to allocate zero gradients for them either (the carries' would be B x T/BM x T floats: q's size at T 16384)
+    ctx.mark_non_differentiable(lse, carry)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, o, lse, carry)
     ctx.config = (BM, bwd)
 

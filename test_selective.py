@@ -3,6 +3,7 @@
 Run: python -m pytest -q          (the slow end-to-end ones: python -m pytest -m slow)
 """
 
+import itertools
 import json
 import math
 import os
@@ -598,6 +599,34 @@ def test_triton_kernel_half_precision(dtype):
     for name, w, g in zip(["y", "dq", "dk", "dv"], want, got):
         assert g.dtype == dtype
         torch.testing.assert_close(g.double(), w, rtol=0.05, atol=0.05, msg=name)
+
+
+@triton_missing
+def test_triton_memory_is_what_the_readme_counts():
+    """README "On a GPU", memory: beyond q, k, v and dO, forward + backward hold at most o, the log-sum-exp, the
+    carries, D, dq in float32 and in the input dtype, dk, dv and head 0's float32 dk share at once (X = one (B, H, T,
+    d) tensor: 6.25 X and the small rows at H = 8). Counted from PyTorch's CPU allocator events (the interpreter's
+    own numpy buffers are not PyTorch's; frees of blocks allocated before the count are left out, never subtracted).
+    D's float32 copies of dO and O (6 X at once) broke it, and so did autograd's zero gradients for lse and the
+    carries."""
+    from torch.profiler import ProfilerActivity, profile
+    B, H, T, D = 1, 8, 256, 32
+    q, k, v = (t.half().requires_grad_() for t in random_qkv(B=B, H=H, T=T, D=D, seed=3, grad=False))
+    dy = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(4)).half()
+
+    def forward_backward():
+        kernels.triton_selective_attention(q, k, v).backward(dy)
+        q.grad = k.grad = v.grad = None
+    forward_backward()  # the interpreter's first launches set things up
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        forward_backward()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    peak = max(itertools.accumulate(n for _, n in events))
+    X, f32 = q.numel() * q.element_size(), 4
+    rows = B * H * T * f32  # the log-sum-exp; D
+    carries = B * -(-T // kernels.triton_config(D, q.dtype).BM) * T * f32
+    counted = X + rows + carries + rows + 2 * X + 2 * X + B * T * D * f32 + X  # o .. dq32, dk, dv, dk0, dq
+    assert counted - X / 8 <= peak <= counted, (peak / X, counted / X)
 
 
 @triton_missing
