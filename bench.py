@@ -9,7 +9,7 @@ machine noise hits both alike: quote the ratios, not the times.
                                      # tiled kernels.py path
     python bench.py compile          # the Triton kernels compiled for sm_90 (H100/H200) here, without a GPU: shared
                                      # memory, registers, spills and SASS instructions per loop trip and per 64 x 64
-                                     # tile, for every autotuning candidate
+                                     # tile, for every autotuning candidate, the column-sum pre-pass and D's kernel
     python bench.py gpu              # the GPU check (CUDA): the Triton kernel against the reference in fp32, bf16,
                                      # fp16; time and memory against flash causal SDPA at T = 1k, 4k, 16k (autotuned,
                                      # the picks checked and printed); a 12-layer, 768-wide training step at block
