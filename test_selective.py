@@ -602,6 +602,25 @@ def test_triton_kernel_half_precision(dtype):
 
 
 @triton_missing
+def test_triton_path_compiles_without_graph_breaks_and_matches_eager():
+    """train.py --compile on a GPU runs the Triton kernel inside torch.compile(fullgraph=True): its custom ops
+    (fake shapes, the autograd rule that saves lse and the carries without gradients) trace, and values and
+    gradients equal eager's; opcheck holds each op's fake outputs to its real ones (T = 40: ragged query tiles)."""
+    q, k, v = random_qkv(B=1, H=2, T=40, D=16, seed=6)
+    config = [16, 1, 4, 1]  # BN, G, warps, stages
+    torch.library.opcheck(kernels.triton_forward, (q, k, v, 16, config, config))
+    o, lse, carry = (t.detach() for t in kernels.triton_forward(q, k, v, 16, config, config))
+    torch.library.opcheck(kernels.triton_backward, (torch.randn_like(o), *(t.detach() for t in (q, k, v)), o, lse,
+                                                   carry, 16, config))
+    dy = torch.randn(1, 2, 40, 16, generator=torch.Generator().manual_seed(7))
+    run = lambda a, b, c: kernels.triton_selective_attention(a, b, c, (16, 16))  # noqa: E731
+    want = grads_of(run, q, k, v, dy)
+    got = grads_of(torch.compile(run, fullgraph=True), q, k, v, dy)
+    for name, w, g in zip(["y", "dq", "dk", "dv"], want, got):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6, msg=name)
+
+
+@triton_missing
 def test_triton_memory_is_what_the_readme_counts():
     """README "On a GPU", memory: beyond q, k, v and dO, forward + backward hold at most o, the log-sum-exp, the
     carries, D, dq in float32 and in the input dtype, dk, dv and head 0's float32 dk share at once (X = one (B, H, T,
