@@ -42,7 +42,7 @@ import time
 import torch
 
 import sample
-from prepare_data import ArgumentParser, answers_right, write_atomic, write_json
+from prepare_data import ArgumentParser, answers_right, make_dir, write_atomic, write_json
 from train import git_commit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -839,7 +839,8 @@ def main(argv=None):
         raise SystemExit(f"experiments.py: no token shards in {args.data_dir}: run  python prepare_data.py --local "
                          f"PATH/TO/c4/en --data_dir {args.data_dir}  (C4-format files you have), or "
                          f"python prepare_data.py --data_dir {args.data_dir}  to download C4")
-    os.makedirs(assets, exist_ok=True)
+    make_dir(out_root, "--out_dir")
+    make_dir(assets, "--assets")
     results_path = os.path.join(assets, "results.json")
     results = {}
     if os.path.exists(results_path):

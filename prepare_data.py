@@ -68,6 +68,16 @@ def write_json(path, obj):
     write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj, indent=1)))
 
 
+def make_dir(path, flag):
+    """os.makedirs for the directory a flag names, ending in one clear line where it cannot be made (under a file,
+    read-only, a place like /proc) instead of a traceback; the scripts call it before they write anything."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"{os.path.basename(sys.argv[0])}: error: {flag} {path}: cannot create this directory "
+                         f"({e.strerror}); give another {flag}")
+
+
 def gpt2_encoder():
     """tiktoken's GPT-2 BPE; offline it needs the encoder files in TIKTOKEN_CACHE_DIR (README, Data)."""
     import tiktoken  # here, so that --help works without it
@@ -251,7 +261,7 @@ def check_settings(parser, args, settings):
     if args.overwrite:
         for shard in shards:
             os.remove(shard)
-    os.makedirs(args.data_dir, exist_ok=True)
+    make_dir(args.data_dir, "--data_dir")
 
 
 def record_settings(data_dir, settings):

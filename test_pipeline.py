@@ -605,6 +605,7 @@ BAD_INPUTS = [
      "the validation split in short has at most 100 tokens in a shard, fewer than --block_size 256"),
     (["train.py", "--dataset", "c4", "--data_dir", "nowhere", "--out_dir", "new"], "prepare_data.py"),
     ([*A, "--out_dir", "a_file"], "--out_dir a_file is a file"),
+    ([*A, "--out_dir", "a_file/run"], "--out_dir a_file/run: cannot create this directory (Not a directory)"),
     ([*A, "--device", "cuda", "--out_dir", "new"], "--device cuda: no such device here; this machine has: cpu"),
     ([*A, "--device", "mps", "--out_dir", "new"], "--device mps: no such device here"),
     ([*A, "--device", "foo", "--out_dir", "new"], "--device foo: no such device here"),
@@ -659,6 +660,13 @@ BAD_INPUTS = [
     (["prepare_data.py", "--local", "bad.json.gz", "--data_dir", "new"], "bad.json.gz is truncated or corrupt"),
     (["prepare_data.py", "--local", "nothing_here", "--data_dir", "new"], "no .json.gz, .jsonl or .txt files"),
     (["prepare_data.py", "--local", "notes.txt", "--data_dir", "a_file"], "--data_dir a_file is a file"),
+    (["prepare_data.py", "--local", "notes.txt", "--data_dir", "a_file/d"],
+     "--data_dir a_file/d: cannot create this directory (Not a directory)"),
+    # experiments.py
+    (["experiments.py", "--quick", "--only", "assign", "--out_dir", "a_file/x"],
+     "--out_dir a_file/x: cannot create this directory"),
+    (["experiments.py", "--quick", "--only", "assign", "--out_dir", "new_runs", "--assets", "a_file/y"],
+     "--assets a_file/y: cannot create this directory"),
     # bench.py: refused before any benchmark runs, and no results file overwritten
     (["bench.py", "kernels", "--repeats", "0"], "--repeats: 0: at least 1"),
     (["bench.py", "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),

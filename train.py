@@ -27,7 +27,7 @@ import time
 import torch
 
 from prepare_data import (ASSIGN_TOKENS, BOS, ArgumentParser, add_device_flags, answers_right, assign_batch,
-                          batch_generator, c4_batch, load_shards, write_atomic)
+                          batch_generator, c4_batch, load_shards, make_dir, write_atomic)
 from selective_gpt import (GPT, CheckpointError, GPTConfig, attention_path, autocast, autocast_dtype, load_checkpoint,
                            pick_device, strip_compile_prefix)
 
@@ -434,7 +434,7 @@ def build_run(args, ckpt, ddp, rank, world):
 def start_run(run, ckpt):
     """The run directory (--overwrite clears an old run; resolve_args checked the rest), its log, the first line."""
     args, raw = run.args, run.raw_model
-    os.makedirs(args.out_dir, exist_ok=True)
+    make_dir(args.out_dir, "--out_dir")
     if args.overwrite:
         for name in RUN_FILES:
             if os.path.exists(run.path(name)):
