@@ -38,6 +38,7 @@ import torch
 
 from torch.nn import functional as nnf
 
+from prepare_data import write_json
 from selective_gpt import GPT, GPTConfig, selective_attention
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -493,10 +494,8 @@ def main():
             bench_kernels(args.device, dtype, args.repeats, results)
     print(f"\n{time.time() - started:.0f} s")
     if args.json:  # written whole or not at all
-        with open(args.json + ".tmp", "w") as f:
-            json.dump({"what": args.what, "device": args.device, "device_name": device_name,
-                       "torch": torch.__version__, "results": results}, f, indent=1)
-        os.replace(args.json + ".tmp", args.json)
+        write_json(args.json, {"what": args.what, "device": args.device, "device_name": device_name,
+                               "torch": torch.__version__, "results": results})
 
 
 if __name__ == "__main__":
