@@ -38,7 +38,7 @@ import torch
 
 from torch.nn import functional as nnf
 
-from prepare_data import write_json
+from common import write_json
 from selective_gpt import GPT, GPTConfig, selective_attention
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -460,7 +460,7 @@ def positive_int(text):
     return value
 
 
-def main():
+def main(argv=None):
     if len(sys.argv) == 3 and sys.argv[1] == "_memory":
         return measure_memory_here(json.loads(sys.argv[2]))
     parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=type(
@@ -470,7 +470,7 @@ def main():
     parser.add_argument("--repeats", type=positive_int, default=5,
                         help="timed alternations per case (the median counts)")
     parser.add_argument("--json", default=None, help="also write the results to this new file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: this PyTorch sees no CUDA GPU; use --device cpu")
     if args.json and os.path.exists(args.json):  # checked now, not after a run of many minutes

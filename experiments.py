@@ -30,6 +30,7 @@ assets/*.png (matplotlib, optional).
 import concurrent.futures
 import glob
 import json
+import math
 import os
 import pathlib
 import platform
@@ -42,8 +43,9 @@ import time
 import torch
 
 import sample
-from prepare_data import ArgumentParser, answers_right, make_dir, write_atomic, write_json
-from train import git_commit
+from common import (ArgumentParser, answers_right, batch_generator, c4_batch, git_commit, load_shards, make_dir,
+                    read_jsonl, write_atomic, write_json, write_jsonl)
+from selective_gpt import GPT, GPTConfig, future_mask, head0_logits, selective_mask
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The C4 runs share one model and schedule: 4 layers, 128 wide, 1,500 steps of 2,048 tokens (3.1M tokens per run),
@@ -62,7 +64,7 @@ FULL = {
                    eval_iters=20, learning_rate=1e-3, warmup_iters=100,
                    budgets=[2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64, 96]),
     # per block size: the batch that keeps 2,048 tokens per step, and the memory loss weights of its selective models
-    # (block 1024, batch 2, weight 0.1 is the paper's 25x case; it did not fit the sessions' time: README)
+    # (block 1024, batch 2, weight 0.1 is the paper's 25x case; not run here: docs/RESULTS.md, Context pruning)
     "pruning": dict(C4_RUN, n_head=4, runs=[dict(block_size=512, batch_size=4, weights=[0.0, 0.1])],
                     search_batches=10, shrink=0.7),
     "recipe": dict(train=dict(n_layer=4, block_size=128, batch_size=16, max_iters=1500, eval_iters=40), n_head=4,
@@ -93,7 +95,7 @@ SECTIONS = ("heads", "ablations", "assign", "pruning", "recipe")
 DATA_SEED = 1337  # every run sees the same batches in the same order
 # glibc gives every freed block of over 32 MiB back to the OS, so a CPU training step page-faults its large
 # activations (the logits alone are batch x T x 50304 floats) in again at every iteration. Keeping freed memory
-# makes the runs and the budget searches here about 2x faster (standard and selective alike; README, Speed).
+# makes the runs and the budget searches here about 2x faster, standard and selective alike (docs/PERFORMANCE.md).
 KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
 
 
@@ -120,22 +122,17 @@ def train(name, out_root, flags, max_iters, threads=None):
             raise RuntimeError(f"experiments.py: {name} failed:\n{result.stdout[-2000:]}{result.stderr[-4000:]}")
         print(f"  {name}: done in {time.time() - started:.0f} s", flush=True)
     check_settings(log, flags)
-    with open(log) as f:
-        return [json.loads(line) for line in f]
+    return read_jsonl(log)
 
 
 def finished(log, max_iters):
-    if not os.path.exists(log):
-        return False
-    with open(log) as f:
-        return any(r.get("iter") == max_iters and "val_loss" in r for r in map(json.loads, f))
+    return os.path.exists(log) and any(r.get("iter") == max_iters and "val_loss" in r for r in read_jsonl(log))
 
 
 def check_settings(log, flags):
     """A run found in out_dir must be the run asked for: every flag as its log's header says (a changed setting in
     this file must not reuse old runs)."""
-    with open(log) as f:
-        config = json.loads(f.readline())["config"]
+    config = read_jsonl(log)[0]["config"]
     i, differ = 0, []
     while i < len(flags):
         key = flags[i][2:]
@@ -402,7 +399,7 @@ def search(model, batches, ctx, target, cfg, path_json):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# recipe: selective vs standard under a plain training loop (issue: selective trained worse than standard here).
+# recipe: selective vs standard under a plain training loop, where selective can train worse than standard (SPEC §8).
 # The loop is deliberately not train.py: it is what a user writes (AdamW, warmup + cosine, optionally no clipping),
 # with each candidate cause switched one at a time. Every 50 steps it logs the diagnostics that tell the causes apart.
 
@@ -419,82 +416,79 @@ RECIPES |= {
 }
 
 
-def plain_run(job):
-    """One plain-loop training run (a worker process, 1 thread); writes out/<name>.jsonl, returns its path."""
-    import math as m
-    import prepare_data as data
-    from selective_gpt import GPT, GPTConfig, causal_selective_mask, head0_logits, future_mask
-    name, r, cfg, seed, data_dir, log_path = (job[k] for k in ("name", "recipe", "cfg", "seed", "data_dir", "log"))
-    if os.path.exists(log_path):
-        return log_path
-    torch.set_num_threads(1)
-    shards = {s: data.load_shards(data_dir, s) for s in ("train", "validation")}
-    T, B, steps = cfg["block_size"], cfg["batch_size"], cfg["max_iters"]
-    stop = cfg.get("stop") or steps  # train only to here (the schedule still spans max_iters): a cheap first look
-    batch = lambda split, step, micro: data.c4_batch(shards[split], B, T, data.batch_generator(
-        DATA_SEED, "train" if split == "train" else "val", step, micro))
-    val = [batch("validation", -1, i) for i in range(cfg["eval_iters"])]
-    probe = val[0][0]  # the diagnostics' batch
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(n_layer=cfg["n_layer"], n_head=job["n_head"], n_embd=r["n_embd"], block_size=T,
-                          vocab_size=50304, bias=False, selective=job["selective"]))
+def plain_model(job):
+    """The plain loop's model and optimiser for a job's recipe (init std, tied head, decay on every parameter)."""
+    r, cfg = job["recipe"], job["cfg"]
+    torch.manual_seed(job["seed"])
+    model = GPT(GPTConfig(n_layer=cfg["n_layer"], n_head=job["n_head"], n_embd=r["n_embd"],
+                          block_size=cfg["block_size"], vocab_size=50304, bias=False, selective=job["selective"]))
     if r["init_std"] != 0.02:
         for pn, p in model.named_parameters():
             if p.dim() == 2 and not pn.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, std=r["init_std"])
     if not r["tied"]:
         model.lm_head.weight = torch.nn.Parameter(model.transformer.wte.weight.detach().clone().normal_(std=0.02))
-    params = list(model.parameters())
     if r["decay_all"]:
-        opt = torch.optim.AdamW(params, lr=r["lr"], betas=(0.9, r["beta2"]), weight_decay=0.1)
-    else:
-        opt = model.configure_optimizers(0.1, r["lr"], (0.9, r["beta2"]), "cpu")
-    warmup, min_lr = 100, r["lr"] / 10
+        return model, torch.optim.AdamW(model.parameters(), lr=r["lr"], betas=(0.9, r["beta2"]), weight_decay=0.1)
+    return model, model.configure_optimizers(0.1, r["lr"], (0.9, r["beta2"]), "cpu")
+
+
+@torch.no_grad()
+def diagnostics(model, probe, val, ctx, selective):
+    """Per layer on the probe batch: the largest F, the share of F > 5, head 0's attention entropy; the val loss."""
+    model.eval()
+    T = probe.size(1)
+    pos = torch.arange(T)
+    x = model.transformer.drop(model.transformer.wte(probe) + model.transformer.wpe(pos))
+    out = {"max_F": [], "share_F_over_5": [], "head0_entropy": []}
+    causal = ~future_mask(T, x.device)
+    for block in model.transformer.h:
+        _, seen = block.attn(block.ln_1(x), keep=True)
+        logits0 = head0_logits(seen.q.float(), seen.k.float()).masked_fill(~causal, float("-inf"))
+        F = selective_mask(logits0)
+        p = torch.softmax(logits0 - F if selective else logits0, -1)
+        out["max_F"].append(F.max().item())
+        out["share_F_over_5"].append(((F > 5) & causal).sum().item() / (causal.sum().item() * x.size(0)))
+        out["head0_entropy"].append(-(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean().item())
+        x = block(x)[0]
+    losses = []
+    for xv, yv in val:
+        with ctx:
+            losses.append(model(xv, targets=yv)[1].item())
+    out["val_loss"] = sum(losses) / len(losses)
+    model.train()
+    return out
+
+
+def plain_run(job):
+    """One plain-loop training run (a worker process, 1 thread); writes out/<name>.jsonl, returns its path."""
+    r, cfg, log_path = job["recipe"], job["cfg"], job["log"]
+    if os.path.exists(log_path):
+        return log_path
+    torch.set_num_threads(1)
+    shards = {s: load_shards(job["data_dir"], s) for s in ("train", "validation")}
+    T, B, steps = cfg["block_size"], cfg["batch_size"], cfg["max_iters"]
+    stop = cfg.get("stop") or steps  # train only to here (the schedule still spans max_iters): a cheap first look
+    batch = lambda split, step, micro: c4_batch(shards[split], B, T, batch_generator(  # noqa: E731
+        DATA_SEED, "train" if split == "train" else "val", step, micro))
+    val = [batch("validation", -1, i) for i in range(cfg["eval_iters"])]
+    model, opt = plain_model(job)
+    params, warmup, min_lr = list(model.parameters()), 100, r["lr"] / 10
     ctx = torch.autocast("cpu", dtype=torch.bfloat16)
-    head_dim = r["n_embd"] // job["n_head"]
-    C = r["n_embd"]
-
-    @torch.no_grad()
-    def diagnostics():
-        model.eval()
-        x = model._embed(probe)
-        out = {"max_F": [], "share_F_over_5": [], "head0_entropy": []}
-        causal = ~future_mask(T, x.device)
-        for block in model.transformer.h:
-            q, k, _ = block.attn.qkv(block.ln_1(x))
-            logits0 = head0_logits(q.float(), k.float()).masked_fill(~causal, float("-inf"))
-            F = causal_selective_mask(q.float(), k.float())
-            if job["selective"]:
-                logits0 = logits0 - F
-            p = torch.softmax(logits0, -1)
-            out["max_F"].append(F.max().item())
-            out["share_F_over_5"].append(((F > 5) & causal).sum().item() / (causal.sum().item() * x.size(0)))
-            out["head0_entropy"].append(-(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean().item())
-            x = block(x)
-        losses = []
-        for xv, yv in val:
-            with ctx:
-                losses.append(model(xv, targets=yv)[1].item())
-        out["val_loss"] = sum(losses) / len(losses)
-        model.train()
-        return out
-
-    records, window = [], []
-    started = time.time()
+    head_dim, C = r["n_embd"] // job["n_head"], r["n_embd"]
+    records, window, started = [], [], time.time()
     for it in range(steps + 1):
         if it % 50 == 0:
-            rec = {"iter": it, **diagnostics(), "elapsed_s": round(time.time() - started, 1)}
-            if window:
-                rec |= {k: max(w[k] for w in window) if k.endswith("max") else sum(w[k] for w in window) / len(window)
-                        for k in window[0]}
-            records.append(rec)
+            rec = {"iter": it, **diagnostics(model, val[0][0], val, ctx, job["selective"]),
+                   "elapsed_s": round(time.time() - started, 1)}
+            records.append(rec | {k: max(w[k] for w in window) if k.endswith("max") else
+                                  sum(w[k] for w in window) / len(window) for k in (window[0] if window else {})})
             window = []
         if it == stop:
             break
-        lr = r["lr"] * (it + 1) / (warmup + 1) if it < warmup else \
-            min_lr + 0.5 * (1 + m.cos(m.pi * (it - warmup) / (steps - warmup))) * (r["lr"] - min_lr)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = r["lr"] * (it + 1) / (warmup + 1) if it < warmup else \
+                min_lr + 0.5 * (1 + math.cos(math.pi * (it - warmup) / (steps - warmup))) * (r["lr"] - min_lr)
         x, y = batch("train", it, 0)
         with ctx:
             _, loss = model(x, targets=y)
@@ -509,10 +503,8 @@ def plain_run(job):
         opt.zero_grad(set_to_none=True)
         window.append({"loss": loss.item(), "grad_norm": total, "grad_norm_max": total, "grad_norm_qk0": qk0,
                        "grad_norm_qk0_max": qk0, **adam_steps(model, opt, head_dim, C, r["beta2"])})
-    header = {"git_commit": git_commit(), "config": {"name": name, "recipe": r, **cfg, "seed": seed,
-                                                     "n_head": job["n_head"], "selective": job["selective"]}}
-    write_atomic(log_path, lambda tmp: pathlib.Path(tmp).write_text(
-        "".join(json.dumps(rec) + "\n" for rec in [header] + records)))
+    write_jsonl(log_path, [{"git_commit": git_commit(), "config": {"name": job["name"], "recipe": r, **cfg,
+                            "seed": job["seed"], "n_head": job["n_head"], "selective": job["selective"]}}] + records)
     return log_path
 
 
@@ -585,7 +577,7 @@ def recipe_rows(jobs, logs):
 
 
 def recipe_experiment(cfg, data_dir, out_root, assets):
-    """The diagnosis and the confirmation (RECIPES; README, Results: the training recipe)."""
+    """The diagnosis and the confirmation (RECIPES; docs/RESULTS.md, The training recipe)."""
     os.makedirs(os.path.join(out_root, "recipe"), exist_ok=True)
     out = {}
     for key, stages in (("diagnosis", [cfg["diagnosis"]]), ("confirmation", cfg["confirmation"]),
@@ -599,7 +591,8 @@ def recipe_experiment(cfg, data_dir, out_root, assets):
 
 
 def guard_holds(row):
-    """The guard (README): selective's mean validation loss is not above standard's by more than the seed spread."""
+    """The guard (docs/RESULTS.md): selective's mean validation loss is not above standard's by more than the seed
+    spread."""
     spread = max(max(row["std"]) - min(row["std"]), max(row["sel"]) - min(row["sel"]))
     return statistics.mean(row["sel"]) <= statistics.mean(row["std"]) + spread, spread
 
@@ -607,73 +600,77 @@ def guard_holds(row):
 # ----------------------------------------------------------------------------------------------------------------
 
 def tables(results):
-    """The README's tables, as markdown."""
-    lines = []
-    if "heads" in results:
-        h = results["heads"]
-        sweep = h["lr_sweep"]
-        lines += [f"Learning rate (standard, {sweep['n_head']} heads, seed {sweep['seed']}): " + ", ".join(
-            f"{lr}: {v:.3f}" for lr, v in sweep["val_loss"].items()) + f"; chosen {h['learning_rate']:g}", "",
-            "| n_head | standard | selective | standard - selective (same seed) | per seed |",
-            "|---:|---:|---:|---:|:---|"]
-        for r in h["rows"]:
-            lines.append(f"| {r['n_head']} | {pm(r['standard'])} | {pm(r['selective'])} | {pm(r['gap'])} | "
-                         + ", ".join(f"{g:+.3f}" for g in r["gap"]["values"]) + " |")
-        lines += ["", "| H | selective, H heads | standard, 2H heads | standard 2H - selective H (same seed) | "
-                  "selective H reaches standard 2H? |", "|---:|---:|---:|---:|:---|"]
-        for r in h["rows"]:
-            if "gap_2H" in r:
-                lines.append(f"| {r['n_head']} | {pm(r['selective'])} | {pm(r['standard_2H'])} | {pm(r['gap_2H'])} | "
-                             f"{reaches(r['gap_2H'])} |")
-        lines.append("")
-        check = h.get("rate_check")
-        if check:
-            lines += [f"Rate check (standard, {check['n_head']} heads, seed {check['seed']}): " + ", ".join(
-                f"{lr}: {v:.3f}" for lr, v in check["val_loss"].items()) + f"; best {check['best']:g}", ""]
-            if "gap" in check:
-                lines += [f"| {check['n_head']} heads at {check['best']:g} | standard | selective | standard - "
-                          "selective (same seed) | per seed |", "|:---|---:|---:|---:|:---|",
-                          f"| both at {check['best']:g} | {pm(check['standard'])} | {pm(check['selective'])} | "
-                          f"{pm(check['gap'])} | " + ", ".join(f"{g:+.3f}" for g in check["gap"]["values"]) + " |",
-                          f"| selective at {h['learning_rate']:g} (above) | | | {pm(check['gap_chosen_selective'])} | "
-                          + ", ".join(f"{g:+.3f}" for g in check["gap_chosen_selective"]["values"]) + " |", ""]
-    if "ablations" in results:
-        a = results["ablations"]
-        values = {r["variant"]: r["values"] for r in a["rows"]}
+    """The results' tables, as markdown (assets/results.md)."""
+    makers = {"heads": heads_tables, "ablations": ablations_table, "assign": assign_tables, "pruning": pruning_table,
+              "recipe": recipe_tables}
+    return "\n".join(line for key, make in makers.items() if key in results for line in make(results[key]))
 
-        def minus(r, base):  # paired over seeds: this variant - base, same seed
-            return pm(mean_sd([v - w for v, w in zip(r["values"], values[base])])) if base in values else "-"
-        lines += [f"| {a['n_head']} heads | validation loss ({len(values['selective'])} seeds) | per seed | minus "
-                  "selective (same seed) | minus selective on the mask path (same seed) |",
-                  "|:---|---:|:---|---:|---:|"]
-        lines += [f"| {ABLATION_NAMES[r['variant']]} | {pm(r)} | " + ", ".join(f"{v:.3f}" for v in r["values"])
-                  + f" | {minus(r, 'selective')} | {minus(r, 'selective_mask')} |" for r in a["rows"]]
-        lines.append("")
-    if "assign" in results:
-        a = results["assign"]
-        lines += ["| step | standard accuracy | selective accuracy |", "|---:|---:|---:|"]
-        std, sel = dict(a["curves"]["assign-std"]), dict(a["curves"]["assign-sel"])
-        for step in sorted(std):
-            lines.append(f"| {step} | {std[step]:.3f} | {sel.get(step, float('nan')):.3f} |")
-        lines += ["", f"| budget (of {a['block_size']}) | selective accuracy |", "|---:|---:|"]
-        lines += [f"| {r['budget']} | {r['accuracy']:.3f} |" for r in a["by_budget"]]
-        lines += [f"| unpruned | {a['unpruned_accuracy']:.3f} |", ""]
-    if "pruning" in results:
-        lines += ["| block | memory loss weight | standard ppl | selective ppl | selective ppl, 2 keys per layer | "
-                  "budgets for ppl <= standard | memory factor | budgets for ppl <= own + 1% | memory factor |",
-                  "|---:|---:|---:|---:|---:|:---|---:|:---|---:|"]
-        for r in results["pruning"]:
-            cells = []
-            for key in ("vs_standard", "vs_itself"):
-                found = r[key]["budgets"] is not None
-                cells += [str(r[key]["budgets"]) if found else "not reached",
-                          f"{r[key]['memory_factor']:.1f}x" if found else "-"]
-            lines.append(f"| {r['block_size']} | {r['memory_loss_weight']} | {r['standard_ppl']:.2f} | "
-                         f"{r['unpruned_ppl']:.2f} | {r['no_context_ppl']:.2f} | " + " | ".join(cells) + " |")
-        lines.append("")
-    if "recipe" in results:
-        lines += recipe_tables(results["recipe"])
-    return "\n".join(lines)
+
+def heads_tables(h):
+    sweep = h["lr_sweep"]
+    lines = [f"Learning rate (standard, {sweep['n_head']} heads, seed {sweep['seed']}): " + ", ".join(
+        f"{lr}: {v:.3f}" for lr, v in sweep["val_loss"].items()) + f"; chosen {h['learning_rate']:g}", "",
+        "| n_head | standard | selective | standard - selective (same seed) | per seed |",
+        "|---:|---:|---:|---:|:---|"]
+    for r in h["rows"]:
+        lines.append(f"| {r['n_head']} | {pm(r['standard'])} | {pm(r['selective'])} | {pm(r['gap'])} | "
+                     + ", ".join(f"{g:+.3f}" for g in r["gap"]["values"]) + " |")
+    lines += ["", "| H | selective, H heads | standard, 2H heads | standard 2H - selective H (same seed) | "
+              "selective H reaches standard 2H? |", "|---:|---:|---:|---:|:---|"]
+    for r in h["rows"]:
+        if "gap_2H" in r:
+            lines.append(f"| {r['n_head']} | {pm(r['selective'])} | {pm(r['standard_2H'])} | {pm(r['gap_2H'])} | "
+                         f"{reaches(r['gap_2H'])} |")
+    lines.append("")
+    check = h.get("rate_check")
+    if check:
+        lines += [f"Rate check (standard, {check['n_head']} heads, seed {check['seed']}): " + ", ".join(
+            f"{lr}: {v:.3f}" for lr, v in check["val_loss"].items()) + f"; best {check['best']:g}", ""]
+        if "gap" in check:
+            lines += [f"| {check['n_head']} heads at {check['best']:g} | standard | selective | standard - "
+                      "selective (same seed) | per seed |", "|:---|---:|---:|---:|:---|",
+                      f"| both at {check['best']:g} | {pm(check['standard'])} | {pm(check['selective'])} | "
+                      f"{pm(check['gap'])} | " + ", ".join(f"{g:+.3f}" for g in check["gap"]["values"]) + " |",
+                      f"| selective at {h['learning_rate']:g} (above) | | | {pm(check['gap_chosen_selective'])} | "
+                      + ", ".join(f"{g:+.3f}" for g in check["gap_chosen_selective"]["values"]) + " |", ""]
+    return lines
+
+
+def ablations_table(a):
+    values = {r["variant"]: r["values"] for r in a["rows"]}
+
+    def minus(r, base):  # paired over seeds: this variant - base, same seed
+        return pm(mean_sd([v - w for v, w in zip(r["values"], values[base])])) if base in values else "-"
+    lines = [f"| {a['n_head']} heads | validation loss ({len(values['selective'])} seeds) | per seed | minus "
+             "selective (same seed) | minus selective on the mask path (same seed) |", "|:---|---:|:---|---:|---:|"]
+    lines += [f"| {ABLATION_NAMES[r['variant']]} | {pm(r)} | " + ", ".join(f"{v:.3f}" for v in r["values"])
+              + f" | {minus(r, 'selective')} | {minus(r, 'selective_mask')} |" for r in a["rows"]]
+    return lines + [""]
+
+
+def assign_tables(a):
+    lines = ["| step | standard accuracy | selective accuracy |", "|---:|---:|---:|"]
+    std, sel = dict(a["curves"]["assign-std"]), dict(a["curves"]["assign-sel"])
+    for step in sorted(std):
+        lines.append(f"| {step} | {std[step]:.3f} | {sel.get(step, float('nan')):.3f} |")
+    lines += ["", f"| budget (of {a['block_size']}) | selective accuracy |", "|---:|---:|"]
+    lines += [f"| {r['budget']} | {r['accuracy']:.3f} |" for r in a["by_budget"]]
+    return lines + [f"| unpruned | {a['unpruned_accuracy']:.3f} |", ""]
+
+
+def pruning_table(rows):
+    lines = ["| block | memory loss weight | standard ppl | selective ppl | selective ppl, 2 keys per layer | "
+             "budgets for ppl <= standard | memory factor | budgets for ppl <= own + 1% | memory factor |",
+             "|---:|---:|---:|---:|---:|:---|---:|:---|---:|"]
+    for r in rows:
+        cells = []
+        for key in ("vs_standard", "vs_itself"):
+            found = r[key]["budgets"] is not None
+            cells += [str(r[key]["budgets"]) if found else "not reached",
+                      f"{r[key]['memory_factor']:.1f}x" if found else "-"]
+        lines.append(f"| {r['block_size']} | {r['memory_loss_weight']} | {r['standard_ppl']:.2f} | "
+                     f"{r['unpruned_ppl']:.2f} | {r['no_context_ppl']:.2f} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def pm(stats):
@@ -738,87 +735,95 @@ def plots(assets):
         return
     with open(os.path.join(assets, "results.json")) as f:
         results = json.load(f)
-    if "heads" in results:
-        h, cfg = results["heads"], results["settings"]["heads"]
-        fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        for variant, color, shift in (("standard", "tab:blue", 0.97), ("selective", "tab:red", 1.03)):
-            heads = [r["n_head"] for r in h["rows"]]
-            ax.errorbar([H * shift for H in heads], [r[variant]["mean"] for r in h["rows"]],
-                        yerr=[r[variant]["sd"] for r in h["rows"]], fmt="o-", color=color, capsize=3, label=variant)
-            for r in h["rows"]:  # every seed
-                ax.plot([r["n_head"] * shift] * len(r[variant]["values"]), r[variant]["values"], "x", color=color,
-                        alpha=0.5, ms=5)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(heads, [str(H) for H in heads])
-        ax.set_xlabel("heads")
-        ax.set_ylabel("validation loss")
-        ax.set_title(f"C4 sample, {cfg['n_layer']} layers x {cfg['n_embd']}, block {cfg['block_size']}, "
-                     f"{h['tokens_per_run'] / 1e6:.1f}M tokens; x: seeds", fontsize=9)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(assets, "heads.png"), dpi=120)
-    if "assign" in results:
-        a = results["assign"]
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
-        for name, color in (("assign-std", "tab:blue"), ("assign-sel", "tab:red")):
-            steps, acc = zip(*a["curves"][name])
-            ax1.plot(steps, acc, "o-", ms=3, color=color, label="selective" if "sel" in name else "standard")
-        ax1.set_xlabel("step")
-        ax1.set_ylabel("answer accuracy")
-        ax1.legend()
-        ax2.plot([r["budget"] for r in a["by_budget"]], [r["accuracy"] for r in a["by_budget"]], "o-", color="tab:red")
-        ax2.axhline(a["unpruned_accuracy"], ls="--", color="gray", label="unpruned")
-        ax2.set_xscale("log", base=2)
-        ax2.set_xlabel(f"budget: keys per layer (block {a['block_size']})")
-        ax2.set_ylabel("answer accuracy")
-        ax2.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(assets, "assign.png"), dpi=120)
-    if "pruning" in results:
-        fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        for r in results["pruning"]:
-            path = r["vs_itself"]["path"]
-            xs, ys = [p["memory_factor"] for p in path], [p["ppl"] for p in path]
-            line, = ax.plot(xs, ys, ".-", label=f"T={r['block_size']}, eps={r['memory_loss_weight']}")
-            further = r["vs_standard"]["path"]  # the search down to the standard model's perplexity, thin
-            ax.plot([p["memory_factor"] for p in further], [p["ppl"] for p in further], "-", lw=0.8,
-                    color=line.get_color())
-            # the no-context control: 2 keys per layer (BOS and the current token), memory factor T / 2
-            ax.plot(r["block_size"] / 2, r["no_context_ppl"], "x", color=line.get_color())
-        for T in sorted({r["block_size"] for r in results["pruning"]}):
-            target = next(r["standard_ppl"] for r in results["pruning"] if r["block_size"] == T)
-            ax.axhline(target, ls="--", lw=0.8, color="gray")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("memory factor L*T/sum(K)")
-        ax.set_ylabel("validation perplexity")
-        ax.set_title("budget searches: to own ppl + 1% (dots), to standard's ppl (thin;\ndashed: standard's ppl); "
-                     "x: 2 keys per layer", fontsize=8)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(assets, "pruning.png"), dpi=120)
-    if "recipe" in results:
-        rows, stop = results["recipe"]["diagnosis"], results["settings"]["recipe"]["diagnosis"]["stop"]
-        fig, axes = plt.subplots(1, len(rows), figsize=(2.6 * len(rows), 3.0), sharey=True, squeeze=False)
-        for ax, r in zip(axes[0], rows):
-            for variant, color in (("std", "tab:blue"), ("sel", "tab:red")):
-                path = os.path.join(assets, "logs", f"recipe-{r['recipe']}-{variant}-s1-stop{stop}.jsonl")
-                with open(path) as f:
-                    points = [json.loads(line) for line in f][2:]  # from the first logged step: not the init's 10.8
-                ax.plot([p["iter"] for p in points], [p["val_loss"] for p in points], color=color,
-                        label="selective" if variant == "sel" else "standard")
-            ax.set_title(r["recipe"], fontsize=9)
-            ax.set_xlabel("step")
-        axes[0][0].set_ylabel("validation loss")
-        axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(assets, "recipe.png"), dpi=110)
+    for key, draw in (("heads", plot_heads), ("assign", plot_assign), ("pruning", plot_pruning),
+                      ("recipe", plot_recipe)):
+        if key in results:
+            fig = draw(plt, results, assets)
+            fig.tight_layout()
+            fig.savefig(os.path.join(assets, f"{key}.png"), dpi=110 if key == "recipe" else 120)
+            plt.close(fig)
     print(f"plots written to {assets}")
 
 
-def main(argv=None):
-    if sys.platform.startswith("linux") and any(os.environ.get(k) != v for k, v in KEEP_FREED_MEMORY.items()):
-        # glibc reads these at start: run again with them (they pass on to the train.py runs)
-        os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, **KEEP_FREED_MEMORY))
+def plot_heads(plt, results, assets):
+    h, cfg = results["heads"], results["settings"]["heads"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for variant, color, shift in (("standard", "tab:blue", 0.97), ("selective", "tab:red", 1.03)):
+        heads = [r["n_head"] for r in h["rows"]]
+        ax.errorbar([H * shift for H in heads], [r[variant]["mean"] for r in h["rows"]],
+                    yerr=[r[variant]["sd"] for r in h["rows"]], fmt="o-", color=color, capsize=3, label=variant)
+        for r in h["rows"]:  # every seed
+            ax.plot([r["n_head"] * shift] * len(r[variant]["values"]), r[variant]["values"], "x", color=color,
+                    alpha=0.5, ms=5)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(heads, [str(H) for H in heads])
+    ax.set_xlabel("heads")
+    ax.set_ylabel("validation loss")
+    ax.set_title(f"C4 sample, {cfg['n_layer']} layers x {cfg['n_embd']}, block {cfg['block_size']}, "
+                 f"{h['tokens_per_run'] / 1e6:.1f}M tokens; x: seeds", fontsize=9)
+    ax.legend()
+    return fig
+
+
+def plot_assign(plt, results, assets):
+    a = results["assign"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
+    for name, color in (("assign-std", "tab:blue"), ("assign-sel", "tab:red")):
+        steps, acc = zip(*a["curves"][name])
+        ax1.plot(steps, acc, "o-", ms=3, color=color, label="selective" if "sel" in name else "standard")
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("answer accuracy")
+    ax1.legend()
+    ax2.plot([r["budget"] for r in a["by_budget"]], [r["accuracy"] for r in a["by_budget"]], "o-", color="tab:red")
+    ax2.axhline(a["unpruned_accuracy"], ls="--", color="gray", label="unpruned")
+    ax2.set_xscale("log", base=2)
+    ax2.set_xlabel(f"budget: keys per layer (block {a['block_size']})")
+    ax2.set_ylabel("answer accuracy")
+    ax2.legend()
+    return fig
+
+
+def plot_pruning(plt, results, assets):
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for r in results["pruning"]:
+        path = r["vs_itself"]["path"]
+        xs, ys = [p["memory_factor"] for p in path], [p["ppl"] for p in path]
+        line, = ax.plot(xs, ys, ".-", label=f"T={r['block_size']}, eps={r['memory_loss_weight']}")
+        further = r["vs_standard"]["path"]  # the search down to the standard model's perplexity, thin
+        ax.plot([p["memory_factor"] for p in further], [p["ppl"] for p in further], "-", lw=0.8,
+                color=line.get_color())
+        # the no-context control: 2 keys per layer (BOS and the current token), memory factor T / 2
+        ax.plot(r["block_size"] / 2, r["no_context_ppl"], "x", color=line.get_color())
+    for T in sorted({r["block_size"] for r in results["pruning"]}):
+        target = next(r["standard_ppl"] for r in results["pruning"] if r["block_size"] == T)
+        ax.axhline(target, ls="--", lw=0.8, color="gray")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("memory factor L*T/sum(K)")
+    ax.set_ylabel("validation perplexity")
+    ax.set_title("budget searches: to own ppl + 1% (dots), to standard's ppl (thin;\ndashed: standard's ppl); "
+                 "x: 2 keys per layer", fontsize=8)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def plot_recipe(plt, results, assets):
+    rows, stop = results["recipe"]["diagnosis"], results["settings"]["recipe"]["diagnosis"]["stop"]
+    fig, axes = plt.subplots(1, len(rows), figsize=(2.6 * len(rows), 3.0), sharey=True, squeeze=False)
+    for ax, r in zip(axes[0], rows):
+        for variant, color in (("std", "tab:blue"), ("sel", "tab:red")):
+            path = os.path.join(assets, "logs", f"recipe-{r['recipe']}-{variant}-s1-stop{stop}.jsonl")
+            with open(path) as f:
+                points = [json.loads(line) for line in f][2:]  # from the first logged step: not the init's 10.8
+            ax.plot([p["iter"] for p in points], [p["val_loss"] for p in points], color=color,
+                    label="selective" if variant == "sel" else "standard")
+        ax.set_title(r["recipe"], fontsize=9)
+        ax.set_xlabel("step")
+    axes[0][0].set_ylabel("validation loss")
+    axes[0][0].legend(fontsize=7)
+    return fig
+
+
+def get_parser():
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny settings: checks the pipeline in minutes")
     parser.add_argument("--only", choices=SECTIONS, action="append",
@@ -828,7 +833,26 @@ def main(argv=None):
     parser.add_argument("--assets", default=None, help="logs, results and plots (None: assets, or the quick "
                                                         "run's out_dir/assets)")
     parser.add_argument("--plots", action="store_true", help="only redraw the plots from assets/results.json")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run_section(what, cfg, data_dir, out_root, assets):
+    if what == "heads":
+        return heads_experiment(cfg["heads"], data_dir, out_root, assets)
+    if what == "ablations":
+        return ablations_experiment(cfg["ablations"], cfg["heads"], data_dir, out_root, assets)
+    if what == "recipe":
+        return recipe_experiment(cfg["recipe"], data_dir, out_root, assets)
+    if what == "assign":
+        return assign_experiment(cfg["assign"], out_root, assets)
+    return pruning_experiment(cfg["pruning"], cfg["heads"], data_dir, out_root, assets)
+
+
+def main(argv=None):
+    if sys.platform.startswith("linux") and any(os.environ.get(k) != v for k, v in KEEP_FREED_MEMORY.items()):
+        # glibc reads these at start: run again with them (they pass on to the train.py runs)
+        os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, **KEEP_FREED_MEMORY))
+    args = get_parser().parse_args(argv)
     cfg = QUICK if args.quick else FULL
     out_root = args.out_dir or os.path.join(HERE, "out", "experiments-quick" if args.quick else "experiments")
     assets = args.assets or (os.path.join(out_root, "assets") if args.quick else os.path.join(HERE, "assets"))
@@ -850,16 +874,7 @@ def main(argv=None):
     for what in todo:
         print(f"{what}:", flush=True)
         started = time.time()
-        if what == "heads":
-            results["heads"] = heads_experiment(cfg["heads"], args.data_dir, out_root, assets)
-        elif what == "ablations":
-            results["ablations"] = ablations_experiment(cfg["ablations"], cfg["heads"], args.data_dir, out_root, assets)
-        elif what == "recipe":
-            results["recipe"] = recipe_experiment(cfg["recipe"], args.data_dir, out_root, assets)
-        elif what == "assign":
-            results["assign"] = assign_experiment(cfg["assign"], out_root, assets)
-        else:
-            results["pruning"] = pruning_experiment(cfg["pruning"], cfg["heads"], args.data_dir, out_root, assets)
+        results[what] = run_section(what, cfg, args.data_dir, out_root, assets)
         wall[what] = time.time() - started
         results["settings"] = {k: cfg[k] for k in SECTIONS}
         results["machine"] = f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, " \
@@ -872,7 +887,7 @@ def main(argv=None):
     plots(assets)
     if "recipe" in todo and not all(guard_holds(r)[0] for r in results["recipe"]["guard"]):
         raise SystemExit("experiments.py: the guard failed: selective attention trains worse than standard under "
-                         "the plain recipe with clipping (README, Results: the training recipe)")
+                         "the plain recipe with clipping (docs/RESULTS.md, The training recipe)")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ except ImportError:  # triton is optional: without it CUDA uses the 'mask' path
 
 
 def why_not_tiled(q, dropout_p=0.0):
-    """Why tiled_selective_attention cannot run these inputs, or None if it can."""
+    """Whether tiled_selective_attention runs these inputs: None if it does, else why not (the one place that says;
+    on CUDA it asks triton_refuses for the Triton kernel's own limits)."""
     if dropout_p > 0:
         return "it has no dropout"
     if q.device.type == "cuda":
@@ -70,10 +71,6 @@ def shared_memory_limit(device):
     return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
 
 
-def tiled_applies(q, dropout_p=0.0):
-    return why_not_tiled(q, dropout_p) is None
-
-
 def tiled_selective_attention(q, k, v):
     """Selective attention (SPEC §1) of q, k, v: (B, H, T, head_dim) without H x T x T logits; returns y like q."""
     if q.device.type == "cuda":
@@ -97,9 +94,8 @@ def tiled_selective_attention(q, k, v):
 # sums over the chunks are float32.
 
 def chunk_rows(T, H):
-    """Rows per query chunk: the backward's (H, C, T) float32 block near 2 MiB, but at least 128 rows. Measured
-    (README, Fast paths: B 4, H 8, d 64, T 1024 and 4096, fp32 and bf16): C = 128 beat 64 by 2-8% and 256 by 3-10%;
-    fewer rows make more, smaller matmuls."""
+    """Rows per query chunk: the backward's (H, C, T) float32 block near 2 MiB, but at least 128 rows (fewer rows make
+    more, smaller matmuls; the measurements behind both bounds: docs/PERFORMANCE.md)."""
     return min(256, max(128, 1 << ((2 ** 19) // (H * T)).bit_length() - 1))
 
 
@@ -120,8 +116,8 @@ def minus_F(S, carry, r0, r1):
 def running_sum(X, reverse=False, block=16):
     """The exclusive running sum of X (c, n) down its rows, or up them (reverse): out[i] = the sum of X[k] over k < i
     (k > i). As triangular matmuls in blocks of `block` rows: inside each block a (block x block) one, across blocks
-    the blocks' sums. One (c x c) triangular matmul would do c / block times the multiplications: measured at c = 128
-    (2 threads, float32), n = 1024 / 4096: 181 / 696 us, blocks of 16 rows 58 / 174 us, torch.cumsum 397 / 1632 us."""
+    the blocks' sums; one (c x c) triangular matmul would do c / block times the multiplications (timings:
+    docs/PERFORMANCE.md)."""
     c, n = X.shape
     b = block if c % block == 0 else c  # a ragged last chunk: one block
     m = c // b
@@ -498,7 +494,7 @@ if triton is not None:
 # registers, spills and instructions; test_selective.py asserts that each compiles, fits the 227 KB an H100 block may
 # use, and compiles to no more shared memory than declared here (checked before a launch against the GPU's limit:
 # 'auto' falls back to 'mask' where no candidate fits). Why several: the proxy cannot weigh spills (local memory)
-# against instructions, nor mma.sync (3-d dots, G > 1) against Hopper's wgmma; timing can.
+# against instructions, nor mma.sync (3-d dots, G > 1) against Hopper's wgmma; timing can (docs/PERFORMANCE.md).
 TritonPass = collections.namedtuple("TritonPass", "BN G warps stages shared_kb")
 TritonConfig = collections.namedtuple("TritonConfig", "BM fwd bwd")
 _HALF = {  # bf16 and fp16 compile alike. BD: BM, forward candidates, backward candidates (BN, G, warps, stages, KB)
@@ -689,12 +685,17 @@ def tuning_candidates(which):
     return prune
 
 
-if triton is not None:
-    # The autotuner times only what tuning_candidates returns; its own config list (every candidate of the table)
-    # only has to hold more than one, or it would not tune. dq and dk0 are added to atomically: zeroed per trial.
-    _fwd_tuned, _bwd_tuned = (
-        triton.autotune([triton.Config({"BN": BN, "G": G}, num_warps=w, num_stages=st) for BN, G, w, st in sorted(
-            {c[:4] for cfg in TRITON_CONFIGS.values() for c in getattr(cfg, which)})],
-            key=["T", "H", "D"], prune_configs_by={"early_config_prune": tuning_candidates(which)},
-            reset_to_zero=["DQ", "DK0"] if which == "bwd" else None)(kernel)
-        for which, kernel in (("fwd", _fwd_kernel), ("bwd", _bwd_kernel)))
+def every_candidate(which):
+    """Every candidate of the table for pass `which`, as triton.Configs: the autotuner's own list, which only has to
+    hold more than one (or it would not tune); tuning_candidates picks what it times."""
+    candidates = sorted({c[:4] for cfg in TRITON_CONFIGS.values() for c in getattr(cfg, which)})
+    return [triton.Config({"BN": BN, "G": G}, num_warps=warps, num_stages=stages)
+            for BN, G, warps, stages in candidates]
+
+
+if triton is not None:  # tuned once per (T, H, D) and dtype; dq and dk0 are added to atomically: zeroed per trial
+    _fwd_tuned = triton.autotune(every_candidate("fwd"), key=["T", "H", "D"],
+                                 prune_configs_by={"early_config_prune": tuning_candidates("fwd")})(_fwd_kernel)
+    _bwd_tuned = triton.autotune(every_candidate("bwd"), key=["T", "H", "D"],
+                                 prune_configs_by={"early_config_prune": tuning_candidates("bwd")},
+                                 reset_to_zero=["DQ", "DK0"])(_bwd_kernel)

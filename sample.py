@@ -7,6 +7,7 @@ Sample from a trained model, prune its context (SPEC §4), and measure what prun
     python sample.py --eval_ppl --budgets 96,64,32,32                  # validation perplexity, pruned vs not
     python sample.py --find_budgets --tolerance 0.01                   # greedy per-layer budgets (SPEC §4)
     python sample.py --find_budgets --target_ppl 31.4                  # ... down to a given perplexity
+    python sample.py --explain --start "a=3 b=1 a=7 a?"                # what each layer masks (SPEC §1, §4)
 
 Budgets found by --find_budgets are saved to out_dir/budgets.json and used by --prune / --eval_ppl when no
 --budget(s) flag is given.
@@ -21,11 +22,10 @@ import time
 
 import torch
 
+from common import (BOS, ArgumentParser, CheckpointError, add_device_flags, assign_decode, assign_encode, at_least,
+                    autocast, autocast_dtype, checked, get_batch, gpt2_encoder, load_checkpoint, load_shards,
+                    non_negative, pick_device, strip_compile_prefix, write_atomic, write_json)
 from selective_gpt import GPT, GPTConfig
-from prepare_data import (BOS, ArgumentParser, add_device_flags, assign_batch, assign_decode, assign_encode,
-                          batch_generator, c4_batch, gpt2_encoder, load_shards, write_atomic, write_json)
-from selective_gpt import (CheckpointError, autocast, autocast_dtype, load_checkpoint, pick_device,
-                           strip_compile_prefix)
 
 DEFAULT_RUNS = ("out-c4", "out-assign")  # train.py's default out_dir per dataset
 
@@ -36,23 +36,26 @@ def get_parser():
                    f"{' and '.join(DEFAULT_RUNS)} holds a checkpoint, if only one does)")
     p.add_argument("--ckpt", default="ckpt.pt", help="checkpoint file in out_dir (ckpt.pt or ckpt_best.pt)")
     p.add_argument("--start", default="", help="prompt text, or FILE:path to read it from a file (BOS is prepended)")
-    p.add_argument("--num_samples", type=int, default=1)
-    p.add_argument("--max_new_tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0: greedy (like --top_k 1)")
-    p.add_argument("--top_k", type=int, default=200, help="sample from the k likeliest tokens (1: greedy)")
+    p.add_argument("--num_samples", type=at_least(1), default=1)
+    p.add_argument("--max_new_tokens", type=at_least(1), default=200)
+    p.add_argument("--temperature", type=checked(float, lambda v: 0 <= v < math.inf, "must be >= 0 (0: greedy)"),
+                   default=0.8, help="softmax temperature; 0: greedy (like --top_k 1)")
+    p.add_argument("--top_k", type=at_least(1), default=200, help="sample from the k likeliest tokens (1: greedy)")
     p.add_argument("--seed", type=int, default=1337)
     add_device_flags(p)
     p.add_argument("--prune", action="store_true", help="generate with pruned buffers and report the memory saved")
-    p.add_argument("--budget", type=int, default=None, help="keys every layer may keep (BOS and current included)")
+    p.add_argument("--budget", type=at_least(2), default=None, help="keys every layer may keep (BOS, current included)")
     p.add_argument("--budgets", default=None, help="keys per layer, comma separated: 96,64,32,32")
     p.add_argument("--eval_ppl", action="store_true", help="validation perplexity with and without the budgets")
     p.add_argument("--find_budgets", action="store_true", help="greedy search for per-layer budgets (SPEC §4)")
-    p.add_argument("--target_ppl", type=float, default=None, help="--find_budgets: the perplexity not to exceed")
-    p.add_argument("--tolerance", type=float, default=0.01,
+    p.add_argument("--target_ppl", type=checked(float, lambda v: 1 <= v < math.inf, "must be a perplexity (>= 1)"),
+                   default=None, help="--find_budgets: the perplexity not to exceed")
+    p.add_argument("--tolerance", type=non_negative, default=0.01,
                    help="--find_budgets without --target_ppl: allowed relative rise over the unpruned perplexity")
-    p.add_argument("--shrink", type=float, default=0.8, help="--find_budgets: a layer's budget shrinks by this")
-    p.add_argument("--eval_iters", type=int, default=None, help="validation batches (None: the run's)")
-    p.add_argument("--batch_size", type=int, default=None, help="validation batch size (None: the run's)")
+    p.add_argument("--shrink", type=checked(float, lambda v: 0 < v < 1, "must be in (0, 1)"), default=0.8,
+                   help="--find_budgets: a layer's budget shrinks by this")
+    p.add_argument("--eval_iters", type=at_least(1), default=None, help="validation batches (None: the run's)")
+    p.add_argument("--batch_size", type=at_least(1), default=None, help="validation batch size (None: the run's)")
     p.add_argument("--explain", action="store_true", help="show what each layer masks for the last token of --start "
                    "(F of the last query, and with --budget(s) what each layer's buffer evicted, SPEC §4)")
     p.add_argument("--explain_png", default=None, metavar="PATH", help="with --explain: also draw F per layer (and "
@@ -84,14 +87,9 @@ def model_fingerprint(model):
 
 def validation_batches(run, n, batch_size, device, data_dir=None):
     """The run's own fixed evaluation batches (train.py's), n of them; data_dir overrides the run's."""
-    if run["dataset"] == "c4":
-        shards = load_shards(data_dir or run["data_dir"], "validation")
+    shards = {"validation": load_shards(data_dir or run["data_dir"], "validation")} if run["dataset"] == "c4" else None
     for k in range(n):
-        g = batch_generator(run["data_seed"], "val", -1, k)
-        if run["dataset"] == "assign":
-            x, y = assign_batch(batch_size, run["block_size"], g)
-        else:
-            x, y = c4_batch(shards, batch_size, run["block_size"], g)
+        x, y = get_batch(dict(run, batch_size=batch_size), "val", -1, k, shards)
         yield x.to(device), y.to(device)
 
 
@@ -134,18 +132,7 @@ def find_budgets(model, batches, ctx, target_ppl, shrink):
 
 
 def check_args(parser, args):
-    """Every flag's value, checked before anything loads."""
-    for name, low in (("num_samples", 1), ("max_new_tokens", 1), ("top_k", 1), ("eval_iters", 1), ("batch_size", 1),
-                      ("budget", 2)):
-        value = getattr(args, name)
-        if value is not None and value < low:
-            parser.error(f"--{name} {value} must be at least {low}")
-    if not 0 <= args.temperature < math.inf:
-        parser.error(f"--temperature {args.temperature} must be >= 0 (0: greedy)")
-    if not 0 <= args.tolerance < math.inf or not 0 < args.shrink < 1:
-        parser.error("--tolerance must be >= 0 and --shrink in (0, 1)")
-    if args.target_ppl is not None and not 1 <= args.target_ppl < math.inf:
-        parser.error(f"--target_ppl {args.target_ppl} must be a perplexity (>= 1)")
+    """The checks that need several flags (each value's own: its type), before anything loads."""
     if args.budget is not None and args.budgets is not None:
         parser.error("give --budget (every layer) or --budgets (one per layer), not both")
     if (args.budget is not None or args.budgets is not None) and not (args.prune or args.eval_ppl or args.explain):
@@ -213,11 +200,11 @@ def explain(model, prompt, budgets=None):
     gone (T, T) bool: key j was out of the buffer when query t attended (§4, budgets), and evicted_at[j]: the query
     at which token j left the buffer (None: it stayed)."""
     idx = torch.tensor([prompt], device=next(model.parameters()).device)
-    return [summarise_layer(F[0].cpu(), visible[0].cpu()) for F, visible in model.selection_masks(idx, budgets)]
+    return [summarise_layer(F[0].cpu(), visible[0].cpu()) for F, visible in model.selective_masks(idx, budgets)]
 
 
 def summarise_layer(F, visible):
-    """explain's record of one layer from its F (T, T) and visible (T, T) (selective_gpt.GPT.selection_masks)."""
+    """explain's record of one layer from its F (T, T) and visible (T, T) (selective_gpt.GPT.selective_masks)."""
     gone = torch.ones_like(visible).tril() & ~visible
     evicted_at = [int(gone[:, j].nonzero()[0]) if gone[:, j].any() else None for j in range(F.size(0))]
     return {"F": F, "F_last": F[-1].tolist(), "gone": gone, "evicted_at": evicted_at}
@@ -290,6 +277,77 @@ def explain_png(path, words, layers, budgets):
     return True
 
 
+def budgets_of(parser, args, model, run):
+    """The budgets --budget(s) give, or out_dir/budgets.json's for --prune and --eval_ppl; None for none."""
+    try:
+        if args.find_budgets:
+            model.layer_budgets(2)  # a clear error for a standard model
+        if args.budget is not None or args.budgets is not None:
+            return model.layer_budgets(args.budget if args.budget is not None else args.budgets)
+        budgets = saved_budgets(model, run, args.out_dir) if args.prune or args.eval_ppl else None
+    except ValueError as e:
+        parser.error(str(e))
+    if (args.prune or args.eval_ppl) and budgets is None:
+        parser.error("--prune and --eval_ppl need --budget N or --budgets a,b,c (or --find_budgets first)")
+    return budgets
+
+
+def search_budgets(args, model, run, batches, ctx):
+    """--find_budgets: the greedy search (SPEC §4.3), its result saved to out_dir/budgets.json."""
+    L, T = model.config.n_layer, model.config.block_size
+    unpruned = perplexity(model, batches, ctx)
+    target = args.target_ppl or unpruned * (1 + args.tolerance)
+    print(f"unpruned val ppl {unpruned:.3f}; searching budgets for val ppl <= {target:.3f}")
+    budgets, ppl = find_budgets(model, batches, ctx, target, args.shrink)[-1]
+    if ppl > target:
+        raise SystemExit(f"sample.py: even unpruned, val ppl {ppl:.3f} is above the target {target:.3f}")
+    result = {"budgets": budgets, "val_ppl": ppl, "unpruned_val_ppl": unpruned, "target_ppl": target,
+              "memory_factor": memory_factor(model, budgets), "block_size": T, "n_layer": L,
+              "checkpoint": args.ckpt, "iter_num": run["iter_num"], "model_fingerprint": model_fingerprint(model)}
+    write_json(os.path.join(args.out_dir, "budgets.json"), result)
+    print(f"budgets {budgets}: val ppl {ppl:.3f} (unpruned {unpruned:.3f}), {L} x {T} keys -> {sum(budgets)}: "
+          f"memory {result['memory_factor']:.2f}x smaller; saved to {args.out_dir}/budgets.json")
+
+
+def compare_perplexity(model, batches, ctx, budgets):
+    """--eval_ppl: validation perplexity without and with the budgets (SPEC §4.1)."""
+    unpruned, pruned = perplexity(model, batches, ctx), perplexity(model, batches, ctx, budgets)
+    print(f"val ppl {unpruned:.3f} unpruned, {pruned:.3f} with budgets {budgets} "
+          f"(memory {memory_factor(model, budgets):.2f}x smaller)")
+
+
+def show_explanation(parser, args, model, prompt, decode, budgets):
+    """--explain: what each layer masks for the prompt's last token, in the terminal (and --explain_png)."""
+    if len(prompt) > model.config.block_size:
+        parser.error(f"--explain: the prompt has {len(prompt)} tokens with BOS, more than block_size "
+                     f"{model.config.block_size}: shorten --start")
+    try:
+        layers = explain(model, prompt, budgets)
+    except ValueError as e:
+        parser.error(f"--explain: {e}")
+    words = ["<BOS>"] + [decode([token]) for token in prompt[1:]]
+    print(render_explanation(words, layers, budgets, sys.stdout.isatty() and "NO_COLOR" not in os.environ))
+    if args.explain_png is not None:
+        if explain_png(args.explain_png, words, layers, budgets):
+            print(f"F per layer drawn to {args.explain_png}")
+        else:
+            print("--explain_png: matplotlib is not installed (pip install matplotlib); the view above is all")
+
+
+def report_memory(args, model, budgets, prompt_len):
+    """--prune: each layer's peak and final cached keys, and the KV memory against an unpruned buffer."""
+    L, T = model.config.n_layer, model.config.block_size
+    unpruned = min(prompt_len + args.max_new_tokens - 1, T)  # every position of the window, every layer
+    bytes_per_key = 2 * model.config.n_embd * next(model.parameters()).element_size() + 4  # k, v and f
+    for layer, (peak, final) in enumerate(zip(model.decode_stats["peak"], model.decode_stats["final"])):
+        print(f"layer {layer}: budget {budgets[layer]}, peak {peak} cached keys (final {final}) vs {unpruned} "
+              f"without pruning")
+    pruned_total = sum(model.decode_stats["peak"])
+    print(f"KV cache: {pruned_total * bytes_per_key * args.num_samples / 2**20:.3f} MiB with pruning vs "
+          f"{L * unpruned * bytes_per_key * args.num_samples / 2**20:.3f} MiB without: "
+          f"{L * unpruned / pruned_total:.2f}x smaller")
+
+
 def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
@@ -301,52 +359,15 @@ def main(argv=None):
         parser.error(str(e))
     torch.manual_seed(args.seed)
     model, run = load_model(args.out_dir, args.ckpt, device)
-    L, T = model.config.n_layer, model.config.block_size
-
-    budgets = None
-    try:
-        if args.budget is not None:
-            budgets = model.layer_budgets(args.budget)
-        elif args.budgets is not None:
-            budgets = model.layer_budgets(args.budgets)
-        elif args.prune or args.eval_ppl:
-            budgets = saved_budgets(model, run, args.out_dir)
-        if (args.prune or args.eval_ppl) and budgets is None:
-            parser.error("--prune and --eval_ppl need --budget N or --budgets a,b,c (or --find_budgets first)")
-        if args.find_budgets:
-            model.layer_budgets(2)  # a clear error for a standard model
-    except ValueError as e:
-        parser.error(str(e))
-
-    batches = None
-    if args.eval_ppl or args.find_budgets:
+    budgets = budgets_of(parser, args, model, run)
+    if args.find_budgets or args.eval_ppl:
         try:
             batches = list(validation_batches(run, args.eval_iters or run["eval_iters"],
                                               args.batch_size or run["batch_size"], device, args.data_dir))
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"sample.py: {e}{'' if args.data_dir else ' (or point --data_dir at the shards)'}")
-
-    if args.find_budgets:
-        unpruned = perplexity(model, batches, ctx)
-        target = args.target_ppl or unpruned * (1 + args.tolerance)
-        print(f"unpruned val ppl {unpruned:.3f}; searching budgets for val ppl <= {target:.3f}")
-        budgets, ppl = find_budgets(model, batches, ctx, target, args.shrink)[-1]
-        if ppl > target:
-            raise SystemExit(f"sample.py: even unpruned, val ppl {ppl:.3f} is above the target {target:.3f}")
-        result = {"budgets": budgets, "val_ppl": ppl, "unpruned_val_ppl": unpruned, "target_ppl": target,
-                  "memory_factor": memory_factor(model, budgets), "block_size": T, "n_layer": L,
-                  "checkpoint": args.ckpt, "iter_num": run["iter_num"], "model_fingerprint": model_fingerprint(model)}
-        write_json(os.path.join(args.out_dir, "budgets.json"), result)
-        print(f"budgets {budgets}: val ppl {ppl:.3f} (unpruned {unpruned:.3f}), {L} x {T} keys -> {sum(budgets)}: "
-              f"memory {result['memory_factor']:.2f}x smaller; saved to {args.out_dir}/budgets.json")
-        return
-
-    if args.eval_ppl:
-        unpruned, pruned = perplexity(model, batches, ctx), perplexity(model, batches, ctx, budgets)
-        print(f"val ppl {unpruned:.3f} unpruned, {pruned:.3f} with budgets {budgets} "
-              f"(memory {memory_factor(model, budgets):.2f}x smaller)")
-        return
-
+        return search_budgets(args, model, run, batches, ctx) if args.find_budgets else \
+            compare_perplexity(model, batches, ctx, budgets)
     if run["dataset"] == "assign":
         encode, decode, bos = assign_encode, assign_decode, 0
     else:
@@ -356,30 +377,12 @@ def main(argv=None):
         prompt = [bos] + encode(read_prompt(parser, args.start))
     except ValueError as e:
         parser.error(str(e))
-
     if args.explain:
-        if len(prompt) > T:
-            parser.error(f"--explain: the prompt has {len(prompt)} tokens with BOS, more than block_size {T}: shorten "
-                         f"--start")
-        try:
-            layers = explain(model, prompt, budgets)
-        except ValueError as e:
-            parser.error(f"--explain: {e}")
-        words = [decode([token]) for token in prompt]
-        words[0] = "<BOS>"
-        colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
-        print(render_explanation(words, layers, budgets, colour))
-        if args.explain_png is not None:
-            if explain_png(args.explain_png, words, layers, budgets):
-                print(f"F per layer drawn to {args.explain_png}")
-            else:
-                print("--explain_png: matplotlib is not installed (pip install matplotlib); the view above is all")
-        return
-
-    # generation
-    if len(prompt) > T:
-        print(f"sample.py: the prompt has {len(prompt)} tokens with BOS, more than block_size {T}: the model sees BOS "
-              f"and its latest {max(1, T // 2 - 1)} tokens (learned positions stop at block_size)")
+        return show_explanation(parser, args, model, prompt, decode, budgets)
+    if len(prompt) > model.config.block_size:
+        print(f"sample.py: the prompt has {len(prompt)} tokens with BOS, more than block_size "
+              f"{model.config.block_size}: the model sees BOS and its latest {max(1, model.config.block_size // 2 - 1)}"
+              f" tokens (learned positions stop at block_size)")
     x = torch.tensor([prompt] * args.num_samples, dtype=torch.long, device=device)
     started = time.time()
     with ctx:
@@ -391,15 +394,7 @@ def main(argv=None):
         print("---------------")
     print(f"{args.num_samples * args.max_new_tokens / elapsed:.1f} tokens/s")
     if args.prune:
-        unpruned = min(len(prompt) + args.max_new_tokens - 1, T)  # every position of the window, every layer
-        bytes_per_key = 2 * model.config.n_embd * next(model.parameters()).element_size() + 4  # k, v and f
-        for layer, (peak, final) in enumerate(zip(model.decode_stats["peak"], model.decode_stats["final"])):
-            print(f"layer {layer}: budget {budgets[layer]}, peak {peak} cached keys (final {final}) vs {unpruned} "
-                  f"without pruning")
-        pruned_total = sum(model.decode_stats["peak"])
-        print(f"KV cache: {pruned_total * bytes_per_key * args.num_samples / 2**20:.3f} MiB with pruning vs "
-              f"{L * unpruned * bytes_per_key * args.num_samples / 2**20:.3f} MiB without: "
-              f"{L * unpruned / pruned_total:.2f}x smaller")
+        report_memory(args, model, budgets, len(prompt))
 
 
 if __name__ == "__main__":

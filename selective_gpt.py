@@ -1,19 +1,14 @@
 """
-A GPT-2 style decoder with Selective Attention, all of the model in this one file.
-
-Selective Attention Improves Transformer, Leviathan, Kalman & Matias, ICLR 2025 (arXiv 2410.02703).
-Section numbers (§) refer to docs/SPEC.md, the exact definition this code implements. The file reads in the
-order of the paper: the configuration; the mechanism (`selective_mask`, the paper's sketch written out, the memory
-loss); the ways attention can be computed; the decoding buffer that context pruning empties; the transformer. The
-layout and parameter names follow nanoGPT's model.py, so a standard checkpoint loads into a selective model:
-selective attention adds no parameters.
+A GPT-2 style decoder with Selective Attention (Leviathan, Kalman & Matias, ICLR 2025, arXiv 2410.02703); § cites
+docs/SPEC.md, the exact definition implemented here. Top to bottom: the config; the mechanism (`selective_mask`);
+the three ways to compute it; the transformer (nanoGPT's layout and names: selection adds no parameters); decoding
+with a KV buffer that context pruning empties.
 """
 
-import contextlib
 import inspect
 import math
-import os
 import warnings
+from collections import namedtuple
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +18,7 @@ from torch.nn import functional as nnf
 
 import kernels  # the tiled fast paths: a Triton kernel on CUDA, query chunks on the CPU
 
-ATTENTION_PATHS = ("reference", "mask", "tiled")  # how selective attention is computed; "auto" picks one
+ATTENTION_PATHS = ("reference", "mask", "tiled")  # how selective attention is computed (§7); "auto" picks one
 
 
 @dataclass
@@ -39,9 +34,8 @@ class GPTConfig:
     memory_loss_weight: float = 0.0  # epsilon of the memory loss (§5); 0 = off
     memory_tau: float = 1.0  # tau of the memory loss (§5)
     attention: str = "auto"  # selective attention's implementation (§7): reference, mask, tiled; auto: the fastest
-    # Ablations of the selection rule (§9), off by default; on, they run on the mask or reference path only
-    mask_bos: bool = False  # True: BOS (key column 0) may be masked, against §1.2
-    mask_self: bool = False  # True: a token's vote on its own key counts (the diagonal of S is kept), against §1.2
+    mask_bos: bool = False  # ablation (§9): BOS (key column 0) may be masked, against §1.2
+    mask_self: bool = False  # ablation (§9): a token's vote on its own key counts (S keeps its diagonal)
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -56,16 +50,18 @@ class GPTConfig:
         if not (0 <= self.memory_loss_weight < math.inf and 0 < self.memory_tau < math.inf):
             raise ValueError(f"memory_loss_weight must be >= 0 and memory_tau > 0, got {self.memory_loss_weight} and "
                              f"{self.memory_tau}")
-        if self.memory_loss_weight > 0 and not self.selective:
-            raise ValueError("the memory loss (memory_loss_weight > 0) needs a selective model (selective=True)")
         if self.attention not in ("auto",) + ATTENTION_PATHS:
             raise ValueError(f"attention must be auto, {', '.join(ATTENTION_PATHS)}; got {self.attention!r}")
-        if (self.mask_bos or self.mask_self) and not self.selective:
-            raise ValueError("the ablations mask_bos and mask_self change selective attention: set selective=True "
-                             "(--selective)")
-        if (self.mask_bos or self.mask_self) and self.attention == "tiled":
+        ablated = self.mask_bos or self.mask_self
+        if (ablated or self.memory_loss_weight > 0) and not self.selective:
+            raise ValueError("the memory loss (memory_loss_weight > 0) and the ablations mask_bos and mask_self "
+                             "change selective attention: set selective=True (--selective)")
+        if ablated and self.attention == "tiled":
             raise ValueError("the ablations mask_bos and mask_self run on the mask or reference path only (the tiled "
                              "kernels implement §1 exactly): use attention 'auto', 'mask' or 'reference'")
+        if self.memory_loss_weight > 0 and self.attention not in ("auto", "mask"):
+            raise ValueError("the memory loss needs every layer's F, which the mask path makes once: use attention "
+                             "'auto' or 'mask'")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -85,10 +81,10 @@ def selective_mask(logits, mask_bos=False, mask_self=False):
     S = torch.relu(logits.to(torch.promote_types(logits.dtype, torch.float32)))
     # §1.2 never mask BOS (key column 0), a token never masks itself (the diagonal): keep S strictly below the
     # diagonal and right of column 0.
-    may_select = torch.ones(T, T, dtype=torch.bool, device=logits.device).tril(0 if mask_self else -1)
+    votes = torch.ones(T, T, dtype=torch.bool, device=logits.device).tril(0 if mask_self else -1)
     if not mask_bos:
-        may_select[:, 0] = False
-    S = S.masked_fill(~may_select, 0.0)
+        votes[:, 0] = False
+    S = S.masked_fill(~votes, 0.0)
     # §1.3 F[i, j] = sum_{k < i} S[k, j], the exclusive sum down the queries: shift S down one row, then cumsum.
     # (Not cumsum(S) - S: that can round F[i+1, j] below F[i, j]. Sums of non-negatives never decrease.)
     return torch.cumsum(nnf.pad(S[..., :-1, :], (0, 0, 1, 0)), dim=-2)
@@ -96,10 +92,7 @@ def selective_mask(logits, mask_bos=False, mask_self=False):
 
 def selective_attention_reference(q, k, v, mask_bos=False, mask_self=False):
     """The paper's sketch, materialised: all H x T x T logits. Slow and plain; tests check every path against it.
-
-    q, k, v: (B, H, T, head_dim). Returns (y, F) with y: (B, H, T, head_dim) and F: (B, T, T).
-    mask_bos, mask_self: the ablations of §9, passed on to selective_mask.
-    """
+    q, k, v: (B, H, T, head_dim) -> (y like q, F (B, T, T)); mask_bos, mask_self: the ablations of §9."""
     T = q.size(-2)
     logits = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # A_h for every head h
     logits = logits.masked_fill(future_mask(T, q.device), float("-inf"))  # causal
@@ -109,12 +102,9 @@ def selective_attention_reference(q, k, v, mask_bos=False, mask_self=False):
     return att.to(v.dtype) @ v, F
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The memory loss (§5): a term that rewards masking, so that pruning can go further.
-
 def memory_loss(Fs, tau):
-    """§5: M_i = (i + 1) - sum_{j <= i} min(F[i, j], tau) / tau, the soft count of keys query i still needs;
-    L_mem = (1 / (L * T)) * sum_l max_i M_i, averaged over the batch. Fs: one (B, T, T) F per layer."""
+    """§5, a term that rewards masking: M_i = (i + 1) - sum_{j <= i} min(F[i, j], tau) / tau, the keys query i still
+    needs; L_mem = (1 / (L * T)) * sum_l max_i M_i, averaged over the batch. Fs: one (B, T, T) F per layer."""
     T = Fs[0].size(-1)
     keys_seen = torch.arange(1, T + 1, device=Fs[0].device, dtype=Fs[0].dtype)
     per_layer = [(keys_seen - F.clamp(max=tau).sum(dim=-1) / tau).max(dim=-1).values for F in Fs]  # (B,) each
@@ -122,7 +112,7 @@ def memory_loss(Fs, tau):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Head 0's logits and F from q and k: what every path below shares.
+# How selective attention is computed (§7): three paths, equal up to rounding (tested against the reference).
 
 def head0_logits(q, k):
     """Head 0's scaled logits q_0 k_0^T / sqrt(head_dim), (B, T_q, T_k); the one expression every path uses, so
@@ -130,28 +120,19 @@ def head0_logits(q, k):
     return (q[:, 0] @ k[:, 0].transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
 
 
-def causal_selective_mask(q, k, mask_bos=False, mask_self=False):
-    """F (B, T, T) of q, k: (B, H, T, head_dim): selective_mask of head 0's causally masked logits."""
-    logits0 = head0_logits(q, k).masked_fill(future_mask(q.size(-2), q.device), float("-inf"))
-    return selective_mask(logits0, mask_bos, mask_self)
-
-
 def future_mask(T, device):
     """(T, T) bool, True above the diagonal: the keys a causal query must not see."""
     return torch.ones(T, T, dtype=torch.bool, device=device).triu(1)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# How selective attention is computed (§7): three paths, equal up to rounding (tested against the reference).
-
 def attention_path(attention, q, dropout_p=0.0, ablated=False):
-    """The path GPTConfig.attention names; 'auto' is 'tiled' where it applies (no dropout, no ablation (§9); CPU, or
-    CUDA with triton), else 'mask'."""
+    """The path GPTConfig.attention names; 'auto': 'tiled' where it applies (CPU, or CUDA with triton; no dropout,
+    no ablation of §9), else 'mask'."""
     if attention == "auto":
-        return "tiled" if kernels.tiled_applies(q, dropout_p) and not ablated else "mask"
+        return "tiled" if kernels.why_not_tiled(q, dropout_p) is None and not ablated else "mask"
     if attention == "tiled" and ablated:
         raise ValueError("attention='tiled' implements §1 exactly, not the ablations of §9: use 'mask'")
-    if attention == "tiled" and not kernels.tiled_applies(q, dropout_p):
+    if attention == "tiled" and kernels.why_not_tiled(q, dropout_p):
         raise ValueError(f"attention='tiled' cannot run here ({kernels.why_not_tiled(q, dropout_p)}): use 'mask'")
     if attention == "reference" and dropout_p > 0:
         raise ValueError("attention='reference' has no dropout: use 'mask'")
@@ -159,73 +140,278 @@ def attention_path(attention, q, dropout_p=0.0, ablated=False):
 
 
 def selective_attention(q, k, v, dropout_p=0.0, attention="auto", mask_bos=False, mask_self=False):
-    """Selective attention of q, k, v: (B, H, T, head_dim) by the path `attention` names; returns y like q.
-      'tiled'     - kernels.tiled_selective_attention: no H x T x T or T x T tensor in the backward (docs/KERNEL.md).
-      'mask'      - masked_selective_attention: F from head 0 (B x T x T), then one SDPA call with a float mask.
-      'reference' - selective_attention_reference: all H x T x T logits.
-    mask_bos, mask_self: the ablations of §9 ('mask' and 'reference' only).
-    """
+    """Selective attention of q, k, v: (B, H, T, head_dim) by the path `attention` names; returns y like q: 'tiled'
+    (kernels.tiled_selective_attention, no T x T tensor), 'mask' (selective_attention_sdpa) or 'reference'.
+    mask_bos, mask_self: the ablations of §9 ('mask' and 'reference' only)."""
     path = attention_path(attention, q, dropout_p, ablated=mask_bos or mask_self)
     if path == "tiled":
         return kernels.tiled_selective_attention(q, k, v)
     if path == "mask":
-        return masked_selective_attention(q, k, v, dropout_p, mask_bos=mask_bos, mask_self=mask_self)[0]
+        return selective_attention_sdpa(q, k, v, dropout_p, mask_bos=mask_bos, mask_self=mask_self)[0]
     return selective_attention_reference(q, k, v, mask_bos, mask_self)[0]
 
 
-def masked_selective_attention(q, k, v, dropout_p=0.0, budget=None, mask_bos=False, mask_self=False):
-    """F from head 0 only (B x T x T), then one scaled_dot_product_attention call with the float mask
-    (causal - F) broadcast over the heads: no H x T x T logits. budget: also prune the context (§4.1).
-    mask_bos, mask_self: the ablations of §9. Returns (y, F, visible); visible: (T, T) or (B, T, T) bool, the keys
-    each query saw."""
-    F = causal_selective_mask(q, k, mask_bos, mask_self)
-    visible = ~future_mask(q.size(-2), q.device) if budget is None else pruned_visibility(F, budget)
+def selective_attention_sdpa(q, k, v, dropout_p=0.0, budget=None, mask_bos=False, mask_self=False):
+    """The 'mask' path: F from head 0 only (B x T x T), then one scaled_dot_product_attention call with the float
+    mask (causal - F) for every head; budget: also prune the context (§4.1); mask_bos, mask_self: §9. Returns
+    (y, F, visible), visible: (T, T) or (B, T, T) bool, the keys each query saw."""
+    causal = future_mask(q.size(-2), q.device)
+    F = selective_mask(head0_logits(q, k).masked_fill(causal, float("-inf")), mask_bos, mask_self)
+    visible = ~causal if budget is None else pruned_visibility(F, budget)
     bias = (-F).masked_fill(~visible, float("-inf"))  # causal (and pruned) minus F, float32
     y = nnf.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None], dropout_p=dropout_p)  # over the heads
     return y, F, visible
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Context pruning (§3, §4): what a layer keeps while decoding, and the same pruning in one parallel pass.
+# The transformer, nanoGPT's layout.
 
-def pruned_visibility(F, budget):
-    """§4.1: live[b, t, j] = key j is in the buffer when query t attends, if the buffer holds <= budget.
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (nanoGPT)."""
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
 
-    Walks t = 0..T-1: token t joins; if that makes budget + 1 keys, the key with the largest F[t, j] leaves,
-    never BOS (j = 0) and never t itself; ties go to the oldest key; an evicted key never returns.
-    """
-    B, T, _ = F.shape
-    scores = F.detach().cpu().numpy().copy()  # the walk is sequential: numpy keeps each small step cheap
-    scores[:, :, 0] = -np.inf  # never BOS
-    live = np.zeros((B, T), dtype=bool)
-    visible = np.zeros((B, T, T), dtype=bool)
-    rows = np.arange(B)
-    for t in range(T):
-        live[:, t] = True
-        if t >= budget:  # min(t, budget) keys were live, t joined: one too many
-            f = np.where(live, scores[:, t], -np.inf)
-            f[:, t] = -np.inf  # never the current token
-            live[rows, f.argmax(axis=1)] = False  # argmax returns the first maximum: the oldest key
-        visible[:, t] = live
-    return torch.from_numpy(visible).to(F.device)
+    def forward(self, x):
+        return nnf.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+Attended = namedtuple("Attended", "q k v F visible")  # what a layer's parallel pass saw (F, visible: None if standard)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # fused q | k | v
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.selective = config.selective
+        self.attention = config.attention
+        self.rule = {"mask_bos": config.mask_bos, "mask_self": config.mask_self}  # the ablations of §9, off: §1
+
+    def forward(self, x, budget=None, keep=False, buffer=None, t=0):
+        """x: (B, T, C) -> (y, Attended or None). budget: prune a query's keys to this many (§4.1); keep: return what
+        the pass saw (q, k, v, F, visible): for the memory loss, --explain, decoding's buffers. Both take the mask
+        path, which makes F once. With a KVBuffer, x is one new token at position t: a decoding step (§3)."""
+        B, T, C = x.size()
+        q, k, v = [a.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for a in self.c_attn(x).split(C, dim=2)]
+        p = self.attn_dropout if self.training else 0.0
+        F = visible = None
+        if buffer is not None:  # decoding: O(buffer) work, never the whole context again
+            buffer.add(k, v, t)
+            y = buffer.attend(q, t)
+        elif not self.selective:
+            y = nnf.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        elif budget is not None or keep:
+            y, F, visible = selective_attention_sdpa(q, k, v, p, budget, **self.rule)
+        else:
+            y = selective_attention(q, k, v, p, self.attention, **self.rule)
+        y = self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+        return y, (Attended(q, k, v, F, visible) if keep else None)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, budget=None, keep=False, buffer=None, t=0):
+        a, attended = self.attn(self.ln_1(x), budget, keep, buffer, t)
+        x = x + a
+        return x + self.mlp(self.ln_2(x)), attended
+
+
+class GPT(nn.Module):
+    """nanoGPT's GPT, standard or selective. Train a selective one with gradient-norm clipping (1.0) or AdamW beta2
+    <= 0.99 (train.py: both), else early gradient spikes stall the selection (§8): configure_optimizers warns."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.apply(self._init_weights)
+        for pn, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+            if pn.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.loss_terms = {}  # the last forward's loss parts, for logging: {'ce': ..., 'mem': ...}
+        self.decode_stats = {}  # the last generate's cached keys per layer: {'peak': [...], 'final': [...]}
+
+    def _init_weights(self, module):  # nanoGPT's: weights normal with std 0.02, biases zero
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            torch.nn.init.zeros_(module.bias)
+
+    def run_blocks(self, idx, start=0, budgets=None, keep=False, buffers=None):
+        """The one walk through the blocks, in parallel or (buffers) a decoding step: tokens idx (B, T) at positions
+        start.. -> the final hidden states (after ln_f) and each layer's Attended (keep=True) or None."""
+        L, T = self.config.n_layer, idx.size(1)
+        if start + T > self.config.block_size:
+            raise ValueError(f"cannot forward a sequence of length {start + T}, block_size is {self.config.block_size}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        attended = []
+        for block, budget, buffer in zip(self.transformer.h, self.layer_budgets(budgets), buffers or [None] * L):
+            x, seen = block(x, budget, keep, buffer, start)
+            attended.append(seen)
+        return self.transformer.ln_f(x), attended
+
+    def forward(self, idx, targets=None, budgets=None):
+        """idx: (B, T) token ids, BOS first (§2). With targets: logits at every position and the loss;
+        without: the last position's logits only. budgets: context pruning simulated in parallel (§4.1)."""
+        with_memory_loss = targets is not None and self.config.memory_loss_weight > 0  # §5 needs every layer's F
+        x, attended = self.run_blocks(idx, budgets=budgets, keep=with_memory_loss)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None  # inference: only the last position's logits
+        logits = self.lm_head(x)
+        loss = nnf.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        self.loss_terms = {"ce": loss.detach()}
+        if with_memory_loss:
+            mem = memory_loss([a.F for a in attended], self.config.memory_tau)
+            loss = loss + self.config.memory_loss_weight * mem
+            self.loss_terms["mem"] = mem.detach()
+        return logits, loss
+
+    def get_num_params(self, non_embedding=True):
+        """Parameters; the position embeddings are not counted with non_embedding (token ones are, tied to lm_head)."""
+        return sum(p.numel() for p in self.parameters()) - non_embedding * self.transformer.wpe.weight.numel()
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, grad_clip=None):
+        """AdamW, weight decay on matrices and embeddings only (nanoGPT). grad_clip: the loop's clipping norm (0:
+        none); a selective model warns when neither it nor beta2 <= 0.99 guards against early gradient spikes (§8)."""
+        if self.config.selective and betas[1] > 0.99 and not grad_clip:
+            warnings.warn(f"selective attention with AdamW beta2 = {betas[1]} and no gradient clipping trains poorly: "
+                          f"clip the gradient norm (1.0) or use beta2 = 0.95 (docs/SPEC.md §8)", stacklevel=2)
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+
+    def flops_per_token(self, T=None):
+        """Training FLOPs (forward + backward) per token at context T: 6 per parameter, attention over the causal half
+        (T/2 keys per query), and selection's extra work: head 0's second QK^T and the cumsum over T x T."""
+        cfg = self.config
+        L, H, head_dim, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, T or cfg.block_size
+        flops = 6 * self.get_num_params() + L * 6 * H * head_dim * T  # 2 matmuls x 2 FLOPs x T/2 keys x 3 (fwd+bwd)
+        if cfg.selective:
+            flops += L * (3 * head_dim * T + T)  # head 0's QK^T (fwd + bwd), and the cumsum of F and its gradient
+        return flops
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops, T=None):
+        """Model FLOPs utilisation: achieved FLOP/s over `peak_flops`, the device's peak in the dtype used."""
+        return self.flops_per_token(T) * (T or self.config.block_size) * fwdbwd_per_iter / dt / peak_flops
+
+    def layer_budgets(self, budgets):
+        """budgets (None, an int, or one int per layer) -> one per layer (None: no pruning), checked (§4)."""
+        L = self.config.n_layer
+        if budgets is None:
+            return [None] * L
+        if not self.config.selective:
+            raise ValueError("budgets (context pruning) need a selective model: a standard one has no F to prune by")
+        budgets = [budgets] * L if isinstance(budgets, int) else list(budgets)
+        if len(budgets) != L:
+            raise ValueError(f"got {len(budgets)} budgets for {L} layers: give one int, or one per layer")
+        if any(not isinstance(b, int) or b < 2 for b in budgets):
+            raise ValueError(f"every budget must be an int >= 2 (BOS and the current token), got {budgets}")
+        return budgets
+
+    @torch.no_grad()
+    def selective_masks(self, idx, budgets=None):
+        """What each layer forgets on idx (B, T), BOS first: per layer (F, visible), F (B, T, T) float32 (§1.3),
+        visible (B, T, T) bool: the keys in the buffer when each query attends (§4.1 with budgets; else the past)."""
+        if not self.config.selective:
+            raise ValueError("a standard model has no F: its selective masks need a selective model")
+        _, attended = self.run_blocks(idx, budgets=budgets, keep=True)
+        return [(a.F.float(), a.visible.expand_as(a.F)) for a in attended]
+
+    # Generation with a KV buffer per layer (§3) and context pruning (§4) ---------------------------------------
+
+    @torch.no_grad()
+    def prefill(self, idx, budgets=None):
+        """A prompt idx (B, T), BOS first, in one parallel pass -> (logits (B, V) for the next token, state =
+        {'t': the next position, 'layers': one KVBuffer per layer (§3), of at most budgets keys (§4)})."""
+        x, attended = self.run_blocks(idx, budgets=budgets, keep=True)
+        capacities = [min(b or self.config.block_size, self.config.block_size) for b in self.layer_budgets(budgets)]
+        rule = {"mask_bos": self.config.mask_bos, "mask_self": self.config.mask_self}
+        layers = [KVBuffer.after_prompt(*a, capacity, rule) for a, capacity in zip(attended, capacities)]
+        return self.lm_head(x[:, -1]), {"t": idx.size(1), "layers": layers}
+
+    @torch.no_grad()
+    def decode(self, idx_next, state):
+        """Feed the next token idx_next (B, 1) through the KV buffers: one token of work. Returns logits (B, V)."""
+        x, _ = self.run_blocks(idx_next, start=state["t"], buffers=state["layers"])
+        state["t"] += 1
+        return self.lm_head(x[:, -1])
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, budgets=None):
+        """Continue idx (B, T), BOS first, by max_new_tokens tokens; top_k=1 or temperature=0 is greedy. With budgets
+        (an int, or one per layer) each layer's buffer keeps at most that many keys (§4). At block_size the context
+        is re-encoded from BOS + the latest block_size // 2 - 1 tokens (learned positions cannot extrapolate).
+        Afterwards self.decode_stats holds the peak and final number of cached keys per layer."""
+        block_size = self.config.block_size
+        window = max(1, block_size // 2 - 1)
+        peak = [0] * self.config.n_layer
+        state = None
+        for _ in range(max_new_tokens):
+            if state is None or state["t"] == block_size:  # (re-)encode the context in one parallel pass
+                context = idx if idx.size(1) <= block_size else torch.cat([idx[:, :1], idx[:, -window:]], dim=1)
+                logits, state = self.prefill(context, budgets)
+            else:
+                logits = self.decode(idx[:, -1:], state)
+            peak = [max(p, buffer.n) for p, buffer in zip(peak, state["layers"])]
+            if temperature == 0:  # greedy, like top_k=1
+                idx_next = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                idx_next = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        self.decode_stats = {"peak": peak, "final": [b.n for b in state["layers"]] if state else [0] * len(peak)}
+        return idx
 
 
 class KVBuffer:
-    """One layer's decoding state (§3, §4): keys and values in `capacity` fixed slots, the position of each, and, for
-    a selective layer, its running mask f (f_j = F[t, j] for the next query t). A new key takes the next free slot,
-    or, once the buffer is full, the slot of the key it evicts: a step costs O(capacity), never O(context).
-    rule: the ablations of §9 that f follows, {'mask_bos': bool, 'mask_self': bool}; empty: §1 exactly."""
+    """One layer's decoding state (§3, §4): keys and values in `capacity` fixed slots, their positions, and for a
+    selective layer the running mask f (f_j = F[t, j] for the next query t); rule: the ablations of §9 f follows.
+    A new key takes a free slot, or the slot of the key it evicts: a step costs O(capacity), never O(context)."""
 
     def __init__(self, k, v, positions, f, capacity, rule):
-        B, H, n, head_dim = k.shape
-        self.k, self.v = k.new_zeros(B, H, capacity, head_dim), v.new_zeros(B, H, capacity, head_dim)
-        self.pos = positions.new_zeros(B, capacity)
-        self.k[:, :, :n], self.v[:, :, :n], self.pos[:, :n] = k, v, positions
-        self.f = None
-        if f is not None:
-            self.f = f.new_zeros(B, capacity)
-            self.f[:, :n] = f
-        self.n = n  # slots in use
+        free = capacity - k.size(2)
+        self.k, self.v = nnf.pad(k, (0, 0, 0, free)), nnf.pad(v, (0, 0, 0, free))  # (B, H, capacity, head_dim)
+        self.pos = nnf.pad(positions, (0, free))
+        self.f = None if f is None else nnf.pad(f, (0, free))
+        self.n = k.size(2)  # slots in use
         self.rule = rule
 
     @classmethod
@@ -241,11 +427,11 @@ class KVBuffer:
         f = None
         if F is not None:
             logits0 = head0_logits(q[:, :, -1:], kept_k).squeeze(1)
-            f = cls.masks_after(F[:, -1].gather(1, pos), logits0, pos, T - 1, **rule)
+            f = cls.update_running_mask(F[:, -1].gather(1, pos), logits0, pos, T - 1, **rule)
         return cls(kept_k, kept_v, pos, f, capacity, rule)
 
     @staticmethod
-    def masks_after(f, logits0, pos, t, mask_bos=False, mask_self=False):
+    def update_running_mask(f, logits0, pos, t, mask_bos=False, mask_self=False):
         """§3.3: after query t, f_j += relu(A_0[t, j]) for every cached key j except BOS (position 0) and t (each
         included under its ablation, §9)."""
         votes = torch.relu(logits0.to(f.dtype))
@@ -280,7 +466,7 @@ class KVBuffer:
         f = self.f[:, :self.n]
         y = nnf.scaled_dot_product_attention(q, keys, values, attn_mask=-f[:, None, None, :])
         logits0 = head0_logits(q, keys).squeeze(1)
-        self.f[:, :self.n] = self.masks_after(f, logits0, self.pos[:, :self.n], t, **self.rule)
+        self.f[:, :self.n] = self.update_running_mask(f, logits0, self.pos[:, :self.n], t, **self.rule)
         return y
 
     def positions(self):
@@ -288,379 +474,21 @@ class KVBuffer:
         return self.pos[:, :self.n]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The transformer, nanoGPT's layout.
-
-class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (nanoGPT)."""
-
-    def __init__(self, ndim, bias):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(ndim))
-        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
-
-    def forward(self, x):
-        return nnf.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
-
-
-class CausalSelfAttention(nn.Module):
-
-    def __init__(self, config):
-        super().__init__()
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # fused q | k | v
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.attn_dropout = config.dropout
-        self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_head = config.n_head
-        self.n_embd = config.n_embd
-        self.head_dim = config.n_embd // config.n_head
-        self.selective = config.selective
-        self.attention = config.attention
-        self.rule = {"mask_bos": config.mask_bos, "mask_self": config.mask_self}  # the ablations of §9, off: §1
-
-    def qkv(self, x):
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        return [t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v)]  # (B, H, T, head_dim)
-
-    def out(self, y):
-        B, H, T, head_dim = y.shape
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, H * head_dim)))
-
-    def forward(self, x, budget=None):
-        """x: (B, T, C) -> (B, T, C). budget: the most keys a query may see, pruned by §4 (the 'mask' path)."""
-        q, k, v = self.qkv(x)
-        dropout_p = self.attn_dropout if self.training else 0.0
-        if not self.selective:
-            y = nnf.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        elif budget is not None:
-            y = masked_selective_attention(q, k, v, dropout_p, budget, **self.rule)[0]
-        else:
-            y = selective_attention(q, k, v, dropout_p, self.attention, **self.rule)
-        return self.out(y)
-
-    def selection_mask(self, x):
-        """This layer's F (B, T, T) for input x (§1.1-1.3), for the memory loss and for looking at."""
-        q, k, _ = self.qkv(x)
-        return causal_selective_mask(q, k, **self.rule)
-
-    def prefill(self, x, budget, capacity):
-        """The parallel pass over a prompt x, and the buffer decoding goes on from (§3, §4). Returns (y, buffer)."""
-        q, k, v = self.qkv(x)
-        if not self.selective:
-            y, F, visible = nnf.scaled_dot_product_attention(q, k, v, is_causal=True), None, None
-        else:
-            y, F, visible = masked_selective_attention(q, k, v, budget=budget, **self.rule)
-        return self.out(y), KVBuffer.after_prompt(q, k, v, F, visible, capacity, self.rule)
-
-    def decode_step(self, x, buffer, t):
-        """One new token x: (B, 1, C) at position t. Work is O(buffer), never the whole context again."""
-        q, k, v = self.qkv(x)
-        buffer.add(k, v, t)
-        return self.out(buffer.attend(q, t))
-
-
-class MLP(nn.Module):
-
-    def __init__(self, config):
-        super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
-
-
-class Block(nn.Module):
-
-    def __init__(self, config):
-        super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
-
-    def forward(self, x, budget=None):
-        x = x + self.attn(self.ln_1(x), budget)
-        return x + self.mlp(self.ln_2(x))
-
-    def prefill(self, x, budget, capacity):
-        a, buffer = self.attn.prefill(self.ln_1(x), budget, capacity)
-        x = x + a
-        return x + self.mlp(self.ln_2(x)), buffer
-
-    def decode_step(self, x, buffer, t):
-        x = x + self.attn.decode_step(self.ln_1(x), buffer, t)
-        return x + self.mlp(self.ln_2(x))
-
-
-class GPT(nn.Module):
-    """nanoGPT's GPT, standard or selective (config.selective).
-
-    Training recipe (docs/SPEC.md §8): train a selective model with gradient-norm clipping (1.0) or AdamW
-    beta2 <= 0.95, as train.py does by default. Measured here (README, Results: training recipe), with AdamW
-    beta2 = 0.999 and no clipping the first steps bring gradient spikes that Adam's second moment remembers for
-    hundreds of steps: both models train slower, and selective attention loses its lead over standard attention.
-    """
-
-    def __init__(self, config):
-        super().__init__()
-        assert config.vocab_size is not None and config.block_size is not None
-        self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, bias=config.bias),
-        ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying
-        self.apply(self._init_weights)
-        for pn, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
-            if pn.endswith("c_proj.weight"):
-                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        self.loss_terms = {}  # the last forward's loss parts, for logging: {'ce': ..., 'mem': ...}
-        self.decode_stats = {}  # the last generate's cached keys per layer: {'peak': [...], 'final': [...]}
-
-    def get_num_params(self, non_embedding=True):
-        """Parameters; the position embeddings are not counted with non_embedding (token ones are, tied to lm_head)."""
-        n_params = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n_params -= self.transformer.wpe.weight.numel()
-        return n_params
-
-    def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
-    def layer_budgets(self, budgets):
-        """budgets (an int, or one int per layer) -> a list with one int per layer, checked (§4)."""
-        L = self.config.n_layer
-        if not self.config.selective:
-            raise ValueError("budgets (context pruning) need a selective model: a standard one has no F to prune by")
-        budgets = [budgets] * L if isinstance(budgets, int) else list(budgets)
-        if len(budgets) != L:
-            raise ValueError(f"got {len(budgets)} budgets for {L} layers: give one int, or one per layer")
-        if any(not isinstance(b, int) or b < 2 for b in budgets):
-            raise ValueError(f"every budget must be an int >= 2 (BOS and the current token), got {budgets}")
-        return budgets
-
-    def _embed(self, idx, start=0):
-        T = idx.size(1)
-        if start + T > self.config.block_size:
-            raise ValueError(f"cannot forward a sequence of length {start + T}, block_size is {self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-
-    def forward(self, idx, targets=None, budgets=None):
-        """idx: (B, T) token ids, BOS first (§2). With targets: logits at every position and the loss;
-        without: the last position's logits only. budgets: context pruning simulated in parallel (§4)."""
-        budgets = self.layer_budgets(budgets) if budgets is not None else [None] * self.config.n_layer
-        mem_loss = targets is not None and self.config.memory_loss_weight > 0
-        x = self._embed(idx)
-        Fs = []
-        for block, budget in zip(self.transformer.h, budgets):
-            if mem_loss:  # §5 looks at every layer's F
-                Fs.append(block.attn.selection_mask(block.ln_1(x)))
-            x = block(x, budget)
-        x = self.transformer.ln_f(x)
-        if targets is None:
-            return self.lm_head(x[:, [-1], :]), None  # inference: only the last position's logits
-        logits = self.lm_head(x)
-        ce = nnf.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        loss = ce
-        self.loss_terms = {"ce": ce.detach()}
-        if mem_loss:
-            mem = memory_loss(Fs, self.config.memory_tau)
-            loss = ce + self.config.memory_loss_weight * mem
-            self.loss_terms["mem"] = mem.detach()
-        return logits, loss
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, grad_clip=None):
-        """AdamW; weight decay on matrices and embeddings only (nanoGPT). grad_clip: the norm the training loop
-        clips gradients at (None or 0: none); a selective model warns when neither clipping nor beta2 <= 0.99
-        guards it against early gradient spikes (§8)."""
-        if self.config.selective and betas[1] > 0.99 and not grad_clip:
-            warnings.warn(f"selective attention with AdamW beta2 = {betas[1]} and no gradient clipping trains poorly: "
-                          f"clip the gradient norm (1.0) or use beta2 = 0.95 (docs/SPEC.md §8)", stacklevel=2)
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
-
-    def flops_per_token(self, T=None):
-        """Training FLOPs (forward + backward) per token at context T: 6 per parameter per token, plus attention
-        counted over the causal half (about T/2 keys per query), plus selective attention's extra work: head 0's
-        logits (a second QK^T of one head) and the cumsum over T x T (forward and backward)."""
-        cfg = self.config
-        L, H, head_dim, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, T or cfg.block_size
-        flops = 6 * self.get_num_params() + L * 6 * H * head_dim * T  # 2 matmuls x 2 FLOPs x T/2 keys x 3 (fwd+bwd)
-        if cfg.selective:
-            flops += L * (3 * head_dim * T + T)  # head 0's QK^T (fwd + bwd), and the cumsum of F and its gradient
-        return flops
-
-    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops, T=None):
-        """Model FLOPs utilisation: achieved FLOP/s over `peak_flops` (the device's peak in the dtype used;
-        on a CPU that is not an A100's 312e12: train.py measures it)."""
-        T = T or self.config.block_size
-        return self.flops_per_token(T) * T * fwdbwd_per_iter / dt / peak_flops
-
-    @torch.no_grad()
-    def selection_masks(self, idx, budgets=None):
-        """What each layer forgets on idx (B, T), BOS first: one parallel pass, returning per layer (F, visible):
-        F (B, T, T) float32 (§1.3), and visible (B, T, T) bool, the keys in the buffer when each query attends
-        (§4 with budgets; without, every earlier key)."""
-        if not self.config.selective:
-            raise ValueError("a standard model has no F: selection masks need a selective model")
-        budgets = self.layer_budgets(budgets) if budgets is not None else [None] * self.config.n_layer
-        x, out = self._embed(idx), []
-        for block, budget in zip(self.transformer.h, budgets):
-            F = block.attn.selection_mask(block.ln_1(x))
-            visible = (~future_mask(idx.size(1), idx.device)).expand_as(F) if budget is None else \
-                pruned_visibility(F, budget)
-            out.append((F.float(), visible))
-            x = block(x, budget)
-        return out
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Generation with a KV cache (§3) and context pruning (§4).
-
-    @torch.no_grad()
-    def prefill(self, idx, budgets=None):
-        """Encode a prompt idx (B, T), BOS first, in one parallel pass and set up the KV caches (§3) for decoding.
-        budgets: buffer sizes (§4), an int or one per layer, or None. Returns (logits (B, V) for the next token,
-        state); state = {'t': the next position, 'layers': one KVBuffer per layer}."""
-        budgets = self.layer_budgets(budgets) if budgets is not None else [None] * self.config.n_layer
-        x, layers = self._embed(idx), []
-        for block, budget in zip(self.transformer.h, budgets):
-            x, buffer = block.prefill(x, budget, min(budget or self.config.block_size, self.config.block_size))
-            layers.append(buffer)
-        return self.lm_head(self.transformer.ln_f(x[:, -1])), {"t": idx.size(1), "layers": layers}
-
-    @torch.no_grad()
-    def decode(self, idx_next, state):
-        """Feed the next token idx_next (B, 1) through the KV caches: one token of work. Returns logits (B, V)."""
-        x = self._embed(idx_next, start=state["t"])
-        for block, buffer in zip(self.transformer.h, state["layers"]):
-            x = block.decode_step(x, buffer, state["t"])
-        state["t"] += 1
-        return self.lm_head(self.transformer.ln_f(x[:, -1]))
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, budgets=None):
-        """Continue idx (B, T), BOS first, by max_new_tokens sampled tokens; top_k=1 or temperature=0 is greedy.
-
-        A KV cache makes each new token one token of work. With budgets (an int, or one per layer), each layer's
-        buffer holds at most that many keys and evicts by §4. Learned positions cannot extrapolate, so when the
-        sequence reaches block_size, the context is re-encoded from BOS + the latest block_size // 2 - 1 tokens
-        (one parallel pass every block_size // 2 tokens) and generation carries on from there.
-        Afterwards self.decode_stats holds the peak and final number of cached keys per layer.
-        """
-        block_size = self.config.block_size
-        window = max(1, block_size // 2 - 1)
-        peak = [0] * self.config.n_layer
-        state = None
-        for _ in range(max_new_tokens):
-            if state is None or state["t"] == block_size:  # (re-)encode the context in one parallel pass
-                context = idx if idx.size(1) <= block_size else torch.cat([idx[:, :1], idx[:, -window:]], dim=1)
-                logits, state = self.prefill(context, budgets)
-            else:
-                logits = self.decode(idx[:, -1:], state)
-            peak = [max(p, buffer.n) for p, buffer in zip(peak, state["layers"])]
-            if temperature == 0:  # greedy, like top_k=1
-                idx_next = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float("inf")
-                idx_next = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat((idx, idx_next), dim=1)
-        self.decode_stats = {"peak": peak, "final": [b.n for b in state["layers"]] if state else [0] * len(peak)}
-        return idx
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Running a model: the device, the autocast dtype and train.py's checkpoints (shared by train.py and sample.py).
-
-def pick_device(name):
-    """'auto' -> the best device here; any other name is checked against the devices this machine has."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if torch.backends.mps.is_available() else "cpu"
-    here = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] + \
-        (["mps"] if torch.backends.mps.is_available() else [])
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps") or (
-            device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()) or (
-            device.type == "mps" and "mps" not in here):
-        raise ValueError(f"--device {name}: no such device here; this machine has: {', '.join(here)} (or auto)")
-    return name
-
-
-def autocast_dtype(device_type, name):
-    """The autocast dtype's name, checked against what the device can do (None: the best one there)."""
-    if name is None:
-        bf16 = device_type == "cpu" or (device_type == "cuda" and torch.cuda.is_bf16_supported())
-        name = "bfloat16" if bf16 else "float32"
-    if device_type == "cpu" and name == "float16":
-        raise ValueError("--dtype float16 is not supported on the CPU; use --dtype bfloat16 or float32")
-    if device_type == "cuda" and name == "bfloat16" and not torch.cuda.is_bf16_supported():
-        raise ValueError("--dtype bfloat16: this GPU has none; use --dtype float16 or float32")
-    if device_type == "mps" and name == "bfloat16":
-        raise ValueError("--dtype bfloat16 is not supported on MPS; use --dtype float16 or float32")
-    return name
-
-
-def autocast(device_type, dtype_name):
-    """The context the model runs in: autocast to dtype_name, or nothing for float32."""
-    if dtype_name == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type, dtype=getattr(torch, dtype_name))
-
-
-def strip_compile_prefix(state_dict):
-    return {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}
-
-
-class CheckpointError(Exception):
-    """A checkpoint that is missing or does not load; the message names the file and what to do."""
-
-
-CHECKPOINT_KEYS = {"model", "optimizer", "args", "model_args", "iter_num", "best_val_loss", "rng"}
-
-
-def load_checkpoint(path, device="cpu"):
-    """A checkpoint of train.py, loaded with weights_only and checked whole (the weights fit its model)."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"no checkpoint at {path}; train one with train.py --out_dir {os.path.dirname(path)}")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-        missing = CHECKPOINT_KEYS - set(ckpt) if isinstance(ckpt, dict) else CHECKPOINT_KEYS
-        if missing:
-            raise KeyError(f"it lacks {', '.join(sorted(missing))}")
-        GPT(GPTConfig(**ckpt["model_args"])).load_state_dict(strip_compile_prefix(ckpt["model"]))
-    except Exception as e:  # torch.load raises many types on a damaged file (zip, pickle, EOF, key errors)
-        best = os.path.join(os.path.dirname(path), "ckpt_best.pt")
-        fallback = ""
-        if os.path.basename(path) != "ckpt_best.pt" and os.path.exists(best):
-            try:
-                fallback = f" {best} loads (iteration {load_checkpoint(best)['iter_num']}): use it instead" \
-                           f" (sample.py --ckpt ckpt_best.pt; to train on from it, copy it over {path} and --resume)."
-            except CheckpointError:
-                fallback = f" {best} is damaged too."
-        raise CheckpointError(f"{path} is damaged or not a train.py checkpoint ({type(e).__name__}: "
-                              f"{str(e)[:200]}).{fallback}") from None
-    return ckpt
+def pruned_visibility(F, budget):
+    """§4.1, decoding's pruning in one parallel pass: visible[b, t, j] = key j is in a buffer of <= budget keys when
+    query t attends. Walks t = 0..T-1: token t joins; at budget + 1 keys, the key with the largest F[t, j] leaves,
+    never BOS (j = 0) nor t itself, ties to the oldest; an evicted key never returns."""
+    B, T, _ = F.shape
+    scores = F.detach().cpu().numpy().copy()  # the walk is sequential: numpy keeps each small step cheap
+    scores[:, :, 0] = -np.inf  # never BOS
+    live = np.zeros((B, T), dtype=bool)
+    visible = np.zeros((B, T, T), dtype=bool)
+    rows = np.arange(B)
+    for t in range(T):
+        live[:, t] = True
+        if t >= budget:  # min(t, budget) keys were live, t joined: one too many
+            f = np.where(live, scores[:, t], -np.inf)
+            f[:, t] = -np.inf  # never the current token
+            live[rows, f.argmax(axis=1)] = False  # argmax returns the first maximum: the oldest key
+        visible[:, t] = live
+    return torch.from_numpy(visible).to(F.device)

@@ -7,13 +7,16 @@ Run: python -m pytest -q          (the slow end-to-end ones: python -m pytest -m
 
 import contextlib
 import gzip
+import importlib
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,6 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
+import common
 import experiments
 import prepare_data
 import sample
@@ -102,12 +106,12 @@ def shard_server(root, drop_after=None):
 
 
 def documents_of(bin_path):
-    enc = prepare_data.gpt2_encoder()
-    tokens = prepare_data.read_bin(bin_path).tolist()
-    assert tokens[0] == prepare_data.BOS
+    enc = common.gpt2_encoder()
+    tokens = common.read_bin(bin_path).tolist()
+    assert tokens[0] == common.BOS
     docs, current = [], []
-    for t in tokens[1:] + [prepare_data.BOS]:
-        if t == prepare_data.BOS:
+    for t in tokens[1:] + [common.BOS]:
+        if t == common.BOS:
             docs.append(enc.decode(current))
             current = []
         else:
@@ -159,9 +163,9 @@ def test_prepare_data_local_txt_holds_out_validation(tmp_path):
     (tmp_path / "notes.txt").write_text("one two three four five six seven eight nine ten " * 40)
     data = tmp_path / "data"
     prepare_data.main(["--local", str(tmp_path / "*.txt"), "--data_dir", str(data), "--val_fraction", "0.1"])
-    train_tokens, val_tokens = prepare_data.read_bin(data / "notes.bin"), prepare_data.read_bin(
+    train_tokens, val_tokens = common.read_bin(data / "notes.bin"), common.read_bin(
         data / "notes.validation.bin")
-    assert len(val_tokens) == int((len(train_tokens) + len(val_tokens)) * 0.1) and train_tokens[0] == prepare_data.BOS
+    assert len(val_tokens) == int((len(train_tokens) + len(val_tokens)) * 0.1) and train_tokens[0] == common.BOS
 
 
 def test_prepare_data_overwrite_prepares_anew_with_new_settings(tmp_path):
@@ -170,7 +174,7 @@ def test_prepare_data_overwrite_prepares_anew_with_new_settings(tmp_path):
     prepare_data.main(["--local", str(tmp_path / "notes.txt"), "--data_dir", str(data), "--val_fraction", "0.1"])
     prepare_data.main(["--local", str(tmp_path / "notes.txt"), "--data_dir", str(data), "--val_fraction", "0.5",
                        "--overwrite"])
-    train_tokens, val_tokens = (prepare_data.read_bin(data / n) for n in ("notes.bin", "notes.validation.bin"))
+    train_tokens, val_tokens = (common.read_bin(data / n) for n in ("notes.bin", "notes.validation.bin"))
     assert len(val_tokens) == int((len(train_tokens) + len(val_tokens)) * 0.5)
 
 
@@ -181,6 +185,33 @@ def run_script(*args, timeout=600, cwd=HERE, env=None):
     out = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                          env=env)
     return out.returncode, out.stdout + out.stderr
+
+
+def run_main(script, *args, cwd=HERE, timeout=120):
+    """`python script args` as a forked copy of this process runs it: the script's main, with its exit code, output
+    and any traceback, as the command line gives them, but without importing torch again (2 s a process). Where
+    there is no fork (or it is unsafe: macOS), a real subprocess."""
+    if not sys.platform.startswith("linux"):
+        return run_script(os.path.join(HERE, script), *args, cwd=cwd, timeout=timeout,
+                          env=dict(os.environ, PYTHONPATH=HERE))
+    with tempfile.NamedTemporaryFile("r") as out:
+        def child():
+            os.chdir(cwd)
+            os.environ.update(experiments.KEEP_FREED_MEMORY)  # else experiments.py starts itself again with them
+            sys.stdout = sys.stderr = open(out.name, "w", buffering=1)
+            os.dup2(sys.stdout.fileno(), 1)
+            os.dup2(sys.stdout.fileno(), 2)
+            sys.argv = [script, *args]
+            torch.set_num_threads(1)  # OpenMP's thread pool does not survive a fork: one thread, no pool
+            importlib.import_module(script.removesuffix(".py")).main(list(args))
+
+        proc = multiprocessing.get_context("fork").Process(target=child)
+        proc.start()
+        proc.join(timeout)
+        if proc.is_alive():
+            proc.kill()
+            pytest.fail(f"{script} {' '.join(args)}: no exit within {timeout} s")
+        return proc.exitcode, out.read()
 
 
 def log_records(out_dir):
@@ -227,22 +258,22 @@ def test_train_c4_end_to_end(tmp_path, c4_data):
 
 def test_c4_windows_start_with_bos():
     shard = torch.arange(1000, dtype=torch.int64).numpy().astype("uint16")
-    x, y = prepare_data.c4_batch([shard], 8, 16, torch.Generator().manual_seed(0))
-    assert (x[:, 0] == prepare_data.BOS).all() and torch.equal(x[:, 1:], y[:, :-1])
+    x, y = common.c4_batch([shard], 8, 16, torch.Generator().manual_seed(0))
+    assert (x[:, 0] == common.BOS).all() and torch.equal(x[:, 1:], y[:, :-1])
     assert (y[:, 1:] - y[:, :-1] == 1).all()
 
 
 def test_assign_task_answers_are_latest_values():
-    x, y = prepare_data.assign_batch(16, 200, torch.Generator().manual_seed(0))
+    x, y = common.assign_batch(16, 200, torch.Generator().manual_seed(0))
     assert (x[:, 0] == 0).all()
     for row_x, row_y in zip(x.tolist(), y.tolist()):
         latest = {}
         for t, (tok, target) in enumerate(zip(row_x, row_y)):
-            word = prepare_data.ASSIGN_TOKENS[tok]
+            word = common.ASSIGN_TOKENS[tok]
             if "=" in word:
                 latest[word[0]] = word[2]
             if word.endswith("?"):
-                assert prepare_data.ASSIGN_TOKENS[target] == latest[word[0]]
+                assert common.ASSIGN_TOKENS[target] == latest[word[0]]
             else:
                 assert target == -1
 
@@ -266,6 +297,28 @@ def test_resume_continues_exactly_with_one_record_per_iteration(tmp_path):
     assert evals == [0, 3, 6] and [r["resumed_at"] for r in log_records(part) if "resumed_at" in r] == [3]
     code, text = run_script("train.py", "--resume", "--n_head", "4", "--out_dir", part)
     assert code != 0 and "different model" in text and "n_head" in text
+
+
+def test_resume_survives_a_log_line_torn_by_a_kill(tmp_path):
+    """A run killed while appending to log.jsonl leaves half a line: --resume drops it and carries on exactly."""
+    flags = ["--dataset", "assign", *TINY, "--eval_interval", "2", "--lr_decay_iters", "4"]
+    whole, part = str(tmp_path / "whole"), str(tmp_path / "part")
+    assert run_script("train.py", *flags, "--max_iters", "4", "--out_dir", whole)[0] == 0
+    assert run_script("train.py", *flags, "--max_iters", "2", "--out_dir", part)[0] == 0
+    with open(os.path.join(part, "log.jsonl"), "a") as f:
+        f.write('{"iter": 3, "loss": 2.71')  # no closing brace, no newline
+    code, text = run_script("train.py", "--resume", "--max_iters", "4", "--out_dir", part)
+    assert code == 0 and "Traceback" not in text, text
+    assert step_losses(part) == step_losses(whole) and len(step_losses(part)) == 4
+
+
+def test_read_jsonl_drops_only_a_torn_last_line(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"a": 1}\n{"b": 2}\n{"c": ')
+    assert common.read_jsonl(str(path)) == [{"a": 1}, {"b": 2}]
+    path.write_text('{"a": 1}\n{"b": \n{"c": 3}\n')  # damage before the end is not a torn append: refused
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        common.read_jsonl(str(path))
 
 
 def test_resume_to_a_reached_target_stops_and_a_larger_one_extends_the_schedule(tmp_path):
@@ -388,9 +441,9 @@ def test_ddp_two_processes_match_one_with_twice_the_accumulation(tmp_path):
 def test_help_shows_every_default():
     for script, flag in (("train.py", "--learning_rate"), ("sample.py", "--temperature"),
                          ("prepare_data.py", "--val_fraction"), ("experiments.py", "--only")):
-        code, text = run_script(script, "--help")
+        code, text = run_main(script, "--help")
         assert code == 0 and "(default:" in text, script
-    assert "repeat the flag" in run_script("experiments.py", "--help")[1]
+    assert "repeat the flag" in run_main("experiments.py", "--help")[1]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -512,16 +565,16 @@ def test_explain_on_a_tiny_model_equals_selective_mask_and_pruned_visibility():
     prompt = [0] + torch.randint(1, 20, (11,)).tolist()
     budgets = [4, 6]
     layers = sample.explain(model, prompt, budgets)
-    x = model._embed(torch.tensor([prompt]))
+    x = model.transformer.wte(torch.tensor([prompt])) + model.transformer.wpe(torch.arange(12))
     for block, budget, layer in zip(model.transformer.h, budgets, layers):
-        q, k, _ = block.attn.qkv(block.ln_1(x))
+        q, k = (t.view(1, 12, 2, 8).transpose(1, 2) for t in block.attn.c_attn(block.ln_1(x)).split(16, dim=2)[:2])
         logits0 = (q[:, 0] @ k[:, 0].transpose(-2, -1)) / math.sqrt(q.size(-1))
         F = selective_mask(logits0.masked_fill(torch.ones(12, 12, dtype=torch.bool).triu(1), float("-inf")))
         torch.testing.assert_close(torch.tensor(layer["F_last"]), F[0, -1])
         assert F[0, -1].max() > 1  # the test means something: this model masks
         gone = torch.ones(12, 12, dtype=torch.bool).tril() & ~pruned_visibility(F, budget)[0]
         assert torch.equal(layer["gone"], gone) and any(t is not None for t in layer["evicted_at"])
-        x = block(x, budget=budget)
+        x = block(x, budget=budget)[0]
 
 
 def test_explain_command_prints_the_view_and_draws_the_png(assign_run, tmp_path, capsys):
@@ -575,7 +628,7 @@ def workspace(tmp_path_factory, assign_run, c4_data):
     for name in os.listdir(c4_data):
         if name.endswith(".bin") and "validation" not in name:
             shutil.copy(os.path.join(c4_data, name), short)
-    prepare_data.write_bin(str(short / "c4-validation.00000-of-00008.bin"), [prepare_data.BOS] + [11] * 99)
+    common.write_bin(str(short / "c4-validation.00000-of-00008.bin"), [common.BOS] + [11] * 99)
     (root / "notes.txt").write_text("one two three four five six seven eight nine ten " * 40)
     prepare_data.main(["--local", str(root / "notes.txt"), "--data_dir", str(root / "prepared")])
     os.makedirs(root / "empty_cache")
@@ -681,8 +734,7 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("argv, message", BAD_INPUTS, ids=[" ".join(a[1:])[-60:] for a, _ in BAD_INPUTS])
 def test_bad_input_is_refused_clearly_and_changes_nothing(workspace, argv, message):
     before = snapshot(workspace)
-    env = dict(os.environ, PYTHONPATH=HERE)
-    code, text = run_script(os.path.join(HERE, argv[0]), *argv[1:], cwd=workspace, env=env, timeout=120)
+    code, text = run_main(*argv, cwd=workspace)
     assert code not in (0, 130) and message in text, text
     assert "Traceback" not in text
     assert len(text.strip().splitlines()) <= 3, text  # a short paragraph, not the usage
