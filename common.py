@@ -61,6 +61,11 @@ non_negative = checked(float, lambda v: 0 <= v < math.inf, "must be >= 0")
 fraction = checked(float, lambda v: 0 <= v < 1, "must be in [0, 1)")
 
 
+def std_or_width(text):
+    """--init_std: a positive number, or the word width (None: GPTConfig's width rule, SPEC §10)."""
+    return None if text == "width" else positive(text)
+
+
 def add_device_flags(parser):
     """--device and --dtype, for train.py and sample.py (checked by pick_device and autocast_dtype)."""
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")

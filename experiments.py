@@ -20,6 +20,10 @@ The paper's claims (SPEC §6), checked at the scale two CPU cores allow. One com
   recipe   selective vs standard in a plain training loop (not train.py), block 128: one candidate cause of a bad
            result switched at a time (RECIPES, 600 steps), train.py's recipe over 3 seeds, and a guard that fails
            (exit 1) if selective trains worse than standard under the plain recipe with gradient clipping
+  init     the weights' std at initialisation (SPEC §10): nanoGPT's 0.02, the width rule 1/sqrt(3 n_embd), and the
+           width rule on head 0's query and key rows only, each in three plain loops (the assign task with AdamW
+           at PyTorch's defaults and no schedule; the C4 plain recipe; the C4 train.py recipe), standard and
+           selective, 3 seeds
 
 Runs go to out/experiments[-quick]/<name>, two at a time with one thread each, and are skipped once finished; a run
 cut short continues from its last checkpoint (rerun to resume). The evaluation logs of
@@ -28,6 +32,7 @@ assets/*.png (matplotlib, optional).
 """
 
 import concurrent.futures
+import contextlib
 import glob
 import json
 import math
@@ -43,8 +48,8 @@ import time
 import torch
 
 import sample
-from common import (ArgumentParser, answers_right, batch_generator, c4_batch, git_commit, load_shards, make_dir,
-                    read_jsonl, write_atomic, write_json, write_jsonl)
+from common import (ASSIGN_TOKENS, ArgumentParser, answers_right, assign_batch, batch_generator, c4_batch, git_commit,
+                    load_shards, make_dir, read_jsonl, write_atomic, write_json, write_jsonl)
 from selective_gpt import GPT, GPTConfig, future_mask, head0_logits, selective_mask
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -75,6 +80,11 @@ FULL = {
                    confirmation=[dict(recipes=["train_py"], seeds=[1, 2, 3])],
                    # the guard: the plain recipe with the clipping it needs, 2 seeds, 600 steps
                    guard=dict(recipes=["clip"], seeds=[1, 2], stop=600)),
+    # SPEC §10: each candidate in each loop; the assign loop at the sizes of the measurement that raised the question
+    "init": dict(candidates=["nanogpt", "width", "width_qk0"], seeds=[0, 1, 2], loops=["assign", "c4_plain", "c4_train_py"], n_head=4,
+                 workers=2, assign=dict(n_layer=2, block_size=64, batch_size=32, max_iters=10000, eval_iters=20,
+                                        every=250),
+                 c4=dict(n_layer=4, block_size=128, batch_size=16, max_iters=1500, eval_iters=40, stop=600)),
 }
 QUICK_RUN = dict(n_layer=2, n_embd=32, max_iters=6, eval_interval=3, eval_iters=2, warmup_iters=2)
 QUICK = {
@@ -90,8 +100,11 @@ QUICK = {
                    diagnosis=dict(recipes=["plain", "clip"], seeds=[1], stop=50),
                    confirmation=[dict(recipes=["train_py"], seeds=[1, 2])], guard=dict(recipes=["clip"], seeds=[1, 2],
                                                                                         stop=50)),
+    "init": dict(FULL["init"], seeds=[0, 1], assign=dict(n_layer=1, block_size=16, batch_size=4, max_iters=20,
+                                                         eval_iters=2, every=10),
+                 c4=dict(n_layer=1, block_size=32, batch_size=2, max_iters=100, eval_iters=2, stop=50)),
 }
-SECTIONS = ("heads", "ablations", "assign", "pruning", "recipe")
+SECTIONS = ("heads", "ablations", "assign", "pruning", "recipe", "init")
 DATA_SEED = 1337  # every run sees the same batches in the same order
 # glibc gives every freed block of over 32 MiB back to the OS, so a CPU training step page-faults its large
 # activations (the logits alone are batch x T x 50304 floats) in again at every iteration. Keeping freed memory
@@ -413,15 +426,26 @@ RECIPES |= {
     "init": dict(RECIPES["plain"], init_std=0.05),
     "untied": dict(RECIPES["plain"], tied=False),
     "lr1e-3": dict(RECIPES["plain"], lr=1e-3),
+    # the assign task's plain loop: AdamW at PyTorch's defaults (betas 0.9, 0.999; decay 0.01), a constant rate
+    "assign": dict(RECIPES["plain"], lr=1e-3, weight_decay=0.01, schedule=False, bf16=False),
 }
+INITS = {"nanogpt": 0.02, "width": None, "width_qk0": 0.02}  # GPTConfig.init_std of each candidate (SPEC §10)
 
 
 def plain_model(job):
-    """The plain loop's model and optimiser for a job's recipe (init std, tied head, decay on every parameter)."""
-    r, cfg = job["recipe"], job["cfg"]
+    """The plain loop's model and optimiser for a job's recipe (init std, tied head, decay on every parameter) and
+    initialisation candidate (INITS, SPEC §10)."""
+    r, cfg, C = job["recipe"], job["cfg"], job["recipe"]["n_embd"]
     torch.manual_seed(job["seed"])
-    model = GPT(GPTConfig(n_layer=cfg["n_layer"], n_head=job["n_head"], n_embd=r["n_embd"],
-                          block_size=cfg["block_size"], vocab_size=50304, bias=False, selective=job["selective"]))
+    model = GPT(GPTConfig(n_layer=cfg["n_layer"], n_head=job["n_head"], n_embd=C, block_size=cfg["block_size"],
+                          vocab_size=len(ASSIGN_TOKENS) if job.get("task") == "assign" else 50304, bias=False,
+                          selective=job["selective"], init_std=INITS[job.get("init", "nanogpt")]))
+    if job.get("init") == "width_qk0":  # the width rule's std on head 0's query and key rows only: the selection
+        head_dim = C // job["n_head"]
+        with torch.no_grad():
+            for block in model.transformer.h:
+                for rows in (slice(0, head_dim), slice(C, C + head_dim)):
+                    block.attn.c_attn.weight[rows].normal_(std=1 / math.sqrt(3 * C))
     if r["init_std"] != 0.02:
         for pn, p in model.named_parameters():
             if p.dim() == 2 and not pn.endswith("c_proj.weight"):
@@ -429,13 +453,15 @@ def plain_model(job):
     if not r["tied"]:
         model.lm_head.weight = torch.nn.Parameter(model.transformer.wte.weight.detach().clone().normal_(std=0.02))
     if r["decay_all"]:
-        return model, torch.optim.AdamW(model.parameters(), lr=r["lr"], betas=(0.9, r["beta2"]), weight_decay=0.1)
+        return model, torch.optim.AdamW(model.parameters(), lr=r["lr"], betas=(0.9, r["beta2"]),
+                                        weight_decay=r.get("weight_decay", 0.1))
     return model, model.configure_optimizers(0.1, r["lr"], (0.9, r["beta2"]), "cpu")
 
 
 @torch.no_grad()
 def diagnostics(model, probe, val, ctx, selective):
-    """Per layer on the probe batch: the largest F, the share of F > 5, head 0's attention entropy; the val loss."""
+    """Per layer on the probe batch: the largest F, the share of F > 5, head 0's attention entropy; the val loss,
+    and the answer accuracy where only some targets are scored (assign)."""
     model.eval()
     T = probe.size(1)
     pos = torch.arange(T)
@@ -451,11 +477,15 @@ def diagnostics(model, probe, val, ctx, selective):
         out["share_F_over_5"].append(((F > 5) & causal).sum().item() / (causal.sum().item() * x.size(0)))
         out["head0_entropy"].append(-(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean().item())
         x = block(x)[0]
-    losses = []
+    losses, right, scored = [], 0, 0
     for xv, yv in val:
         with ctx:
-            losses.append(model(xv, targets=yv)[1].item())
+            logits, loss = model(xv, targets=yv)
+        losses.append(loss.item())
+        right, scored = (a + b for a, b in zip((right, scored), answers_right(logits, yv)))
     out["val_loss"] = sum(losses) / len(losses)
+    if scored < sum(y.numel() for _, y in val):
+        out["val_accuracy"] = right / max(scored, 1)
     model.train()
     return out
 
@@ -466,19 +496,22 @@ def plain_run(job):
     if os.path.exists(log_path):
         return log_path
     torch.set_num_threads(1)
-    shards = {s: load_shards(job["data_dir"], s) for s in ("train", "validation")}
     T, B, steps = cfg["block_size"], cfg["batch_size"], cfg["max_iters"]
     stop = cfg.get("stop") or steps  # train only to here (the schedule still spans max_iters): a cheap first look
-    batch = lambda split, step, micro: c4_batch(shards[split], B, T, batch_generator(  # noqa: E731
-        DATA_SEED, "train" if split == "train" else "val", step, micro))
-    val = [batch("validation", -1, i) for i in range(cfg["eval_iters"])]
+    if job.get("task") == "assign":
+        batch = lambda split, step, micro: assign_batch(B, T, batch_generator(DATA_SEED, split, step, micro))  # noqa
+    else:
+        shards = {"train": load_shards(job["data_dir"], "train"), "val": load_shards(job["data_dir"], "validation")}
+        batch = lambda split, step, micro: c4_batch(shards[split], B, T, batch_generator(  # noqa: E731
+            DATA_SEED, split, step, micro))
+    val = [batch("val", -1, i) for i in range(cfg["eval_iters"])]
     model, opt = plain_model(job)
     params, warmup, min_lr = list(model.parameters()), 100, r["lr"] / 10
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if r.get("bf16", True) else contextlib.nullcontext()
     head_dim, C = r["n_embd"] // job["n_head"], r["n_embd"]
     records, window, started = [], [], time.time()
     for it in range(steps + 1):
-        if it % 50 == 0:
+        if it % cfg.get("every", 50) == 0:
             rec = {"iter": it, **diagnostics(model, val[0][0], val, ctx, job["selective"]),
                    "elapsed_s": round(time.time() - started, 1)}
             records.append(rec | {k: max(w[k] for w in window) if k.endswith("max") else
@@ -486,9 +519,9 @@ def plain_run(job):
             window = []
         if it == stop:
             break
-        for g in opt.param_groups:
-            g["lr"] = r["lr"] * (it + 1) / (warmup + 1) if it < warmup else \
-                min_lr + 0.5 * (1 + math.cos(math.pi * (it - warmup) / (steps - warmup))) * (r["lr"] - min_lr)
+        for g in opt.param_groups:  # warmup and cosine decay, or (schedule False) the rate throughout
+            g["lr"] = r["lr"] if not r.get("schedule", True) else r["lr"] * (it + 1) / (warmup + 1) if it < warmup \
+                else min_lr + 0.5 * (1 + math.cos(math.pi * (it - warmup) / (steps - warmup))) * (r["lr"] - min_lr)
         x, y = batch("train", it, 0)
         with ctx:
             _, loss = model(x, targets=y)
@@ -503,8 +536,9 @@ def plain_run(job):
         opt.zero_grad(set_to_none=True)
         window.append({"loss": loss.item(), "grad_norm": total, "grad_norm_max": total, "grad_norm_qk0": qk0,
                        "grad_norm_qk0_max": qk0, **adam_steps(model, opt, head_dim, C, r["beta2"])})
-    write_jsonl(log_path, [{"git_commit": git_commit(), "config": {"name": job["name"], "recipe": r, **cfg,
-                            "seed": job["seed"], "n_head": job["n_head"], "selective": job["selective"]}}] + records)
+    write_jsonl(log_path, [{"git_commit": git_commit(), "config": {
+        "name": job["name"], "recipe": r, **cfg, "seed": job["seed"], "n_head": job["n_head"],
+        "selective": job["selective"], **{k: job[k] for k in ("task", "init") if k in job}}}] + records)
     return log_path
 
 
@@ -534,8 +568,7 @@ def run_jobs(jobs, workers):
                 print(f"  done: {path}", flush=True)
     out = {}
     for j in jobs:
-        with open(j["log"]) as f:
-            out[j["name"]] = [json.loads(line) for line in f]
+        out[j["name"]] = read_jsonl(j["log"])
     return out
 
 
@@ -590,6 +623,67 @@ def recipe_experiment(cfg, data_dir, out_root, assets):
     return out
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# init: the weights' std at initialisation (SPEC §10), candidates x loops x {standard, selective} x seeds, in the
+# plain loop: the assign task (AdamW at PyTorch's defaults, no schedule, no clipping), the C4 plain recipe and the
+# C4 train.py recipe. The logs keep the diagnostics (gradient norms, largest F, share of F > 5, head 0's entropy).
+
+INIT_LOOPS = {"assign": ("assign", "assign"), "c4_plain": ("c4", "plain"), "c4_train_py": ("c4", "train_py")}
+
+
+def init_jobs(cfg, data_dir, out_root):
+    """Per loop, candidate, seed and variant, one plain_run job; seed-major within a loop, so a cut-short sweep has
+    whole seeds."""
+    jobs = []
+    for loop in cfg["loops"]:
+        task, recipe = INIT_LOOPS[loop]
+        for seed in cfg["seeds"]:
+            for init in cfg["candidates"]:
+                for selective in (False, True):
+                    name = f"init-{loop}-{init}-{'sel' if selective else 'std'}-s{seed}"
+                    jobs.append(dict(name=name, loop=loop, task=task, init=init, recipe_name=recipe,
+                                     recipe=RECIPES[recipe], cfg=cfg[task], seed=seed, n_head=cfg["n_head"],
+                                     selective=selective, data_dir=data_dir,
+                                     log=os.path.join(out_root, "init", name + ".jsonl")))
+    return jobs
+
+
+def init_experiment(cfg, data_dir, out_root, assets):
+    """The candidates' final answer accuracy (assign) or validation loss (C4), and what the diagnostics say about
+    the selection at the start: layer 0's largest F and head 0's entropy at step 0, and the share of F > 5 at the
+    end (mean over seeds)."""
+    os.makedirs(os.path.join(out_root, "init"), exist_ok=True)
+    jobs = init_jobs(cfg, data_dir, out_root)
+    logs = run_jobs(jobs, cfg["workers"])
+    for name, records in logs.items():
+        keep_log(records, name, assets)
+    rows = []
+    for loop in cfg["loops"]:
+        for init in cfg["candidates"]:
+            row = {"loop": loop, "init": init}
+            for variant in ("std", "sel"):
+                mine = [logs[j["name"]] for j in jobs if (j["loop"], j["init"], j["selective"]) ==
+                        (loop, init, variant == "sel")]
+                metric = "val_accuracy" if INIT_LOOPS[loop][0] == "assign" else "val_loss"
+                row[variant] = mean_sd([log[-1][metric] for log in mine])
+                row[f"{variant}_max_F0_at_init"] = statistics.mean(log[1]["max_F"][0] for log in mine)
+                row[f"{variant}_share_F_over_5_at_end"] = statistics.mean(
+                    statistics.mean(log[-1]["share_F_over_5"]) for log in mine)
+            rows.append(row)
+    return {"rows": rows, "seeds": cfg["seeds"]}
+
+
+def init_table(result):
+    lines = ["| loop | init | standard | selective | selective - standard | layer 0's largest F at step 0 (std / sel) "
+             "| share of F > 5 at the end (std / sel) |", "|:---|:---|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        gap = mean_sd([b - a for a, b in zip(r["std"]["values"], r["sel"]["values"])])
+        lines.append(f"| {r['loop']} ({len(r['std']['values'])} seeds) | {r['init']} | {pm(r['std'])} | "
+                     f"{pm(r['sel'])} | {pm(gap)} | {r['std_max_F0_at_init']:.2f} / {r['sel_max_F0_at_init']:.2f} | "
+                     f"{r['std_share_F_over_5_at_end']:.3f} / {r['sel_share_F_over_5_at_end']:.3f} |")
+    return lines + ["", "(assign: answer accuracy; C4: validation loss)", ""]
+
+
 def guard_holds(row):
     """The guard (docs/RESULTS.md): selective's mean validation loss is not above standard's by more than the seed
     spread."""
@@ -602,7 +696,7 @@ def guard_holds(row):
 def tables(results):
     """The results' tables, as markdown (assets/results.md)."""
     makers = {"heads": heads_tables, "ablations": ablations_table, "assign": assign_tables, "pruning": pruning_table,
-              "recipe": recipe_tables}
+              "recipe": recipe_tables, "init": init_table}
     return "\n".join(line for key, make in makers.items() if key in results for line in make(results[key]))
 
 
@@ -843,6 +937,8 @@ def run_section(what, cfg, data_dir, out_root, assets):
         return ablations_experiment(cfg["ablations"], cfg["heads"], data_dir, out_root, assets)
     if what == "recipe":
         return recipe_experiment(cfg["recipe"], data_dir, out_root, assets)
+    if what == "init":
+        return init_experiment(cfg["init"], data_dir, out_root, assets)
     if what == "assign":
         return assign_experiment(cfg["assign"], out_root, assets)
     return pruning_experiment(cfg["pruning"], cfg["heads"], data_dir, out_root, assets)
@@ -858,8 +954,8 @@ def main(argv=None):
     assets = args.assets or (os.path.join(out_root, "assets") if args.quick else os.path.join(HERE, "assets"))
     if args.plots:
         return plots(assets)
-    todo = args.only or ["assign", "heads", "ablations", "pruning", "recipe"]
-    if {"heads", "ablations", "pruning", "recipe"} & set(todo) and not glob.glob(os.path.join(args.data_dir, "*.bin")):
+    todo = args.only or ["assign", "heads", "ablations", "pruning", "recipe", "init"]
+    if {"heads", "ablations", "pruning", "recipe", "init"} & set(todo) and not glob.glob(os.path.join(args.data_dir, "*.bin")):
         raise SystemExit(f"experiments.py: no token shards in {args.data_dir}: run  python prepare_data.py --local "
                          f"PATH/TO/c4/en --data_dir {args.data_dir}  (C4-format files you have), or "
                          f"python prepare_data.py --data_dir {args.data_dir}  to download C4")

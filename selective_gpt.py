@@ -1,5 +1,4 @@
-"""
-A GPT-2 style decoder with Selective Attention (Leviathan, Kalman & Matias, ICLR 2025, arXiv 2410.02703); § cites
+"""A GPT-2 style decoder with Selective Attention (Leviathan, Kalman & Matias, ICLR 2025, arXiv 2410.02703); § cites
 docs/SPEC.md, the exact definition implemented here. Top to bottom: the config; the mechanism (`selective_mask`);
 the three ways to compute it; the transformer (nanoGPT's layout and names: selection adds no parameters); decoding
 with a KV buffer that context pruning empties.
@@ -36,6 +35,7 @@ class GPTConfig:
     attention: str = "auto"  # selective attention's implementation (§7): reference, mask, tiled; auto: the fastest
     mask_bos: bool = False  # ablation (§9): BOS (key column 0) may be masked, against §1.2
     mask_self: bool = False  # ablation (§9): a token's vote on its own key counts (S keeps its diagonal)
+    init_std: float | None = 0.02  # the weights' std at init (§10); None: the width rule 1 / sqrt(3 n_embd)
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -50,6 +50,8 @@ class GPTConfig:
         if not (0 <= self.memory_loss_weight < math.inf and 0 < self.memory_tau < math.inf):
             raise ValueError(f"memory_loss_weight must be >= 0 and memory_tau > 0, got {self.memory_loss_weight} and "
                              f"{self.memory_tau}")
+        if self.init_std is not None and not 0 < self.init_std < math.inf:
+            raise ValueError(f"init_std must be a positive number or None (the width rule), got {self.init_std}")
         if self.attention not in ("auto",) + ATTENTION_PATHS:
             raise ValueError(f"attention must be auto, {', '.join(ATTENTION_PATHS)}; got {self.attention!r}")
         ablated = self.mask_bos or self.mask_self
@@ -126,8 +128,7 @@ def future_mask(T, device):
 
 
 def attention_path(attention, q, dropout_p=0.0, ablated=False):
-    """The path GPTConfig.attention names; 'auto': 'tiled' where it applies (CPU, or CUDA with triton; no dropout,
-    no ablation of §9), else 'mask'."""
+    """The path GPTConfig.attention names; 'auto': 'tiled' where it runs, without dropout or ablation; else 'mask'."""
     if attention == "auto":
         return "tiled" if kernels.why_not_tiled(q, dropout_p) is None and not ablated else "mask"
     if attention == "tiled" and ablated:
@@ -256,18 +257,17 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
-        self.apply(self._init_weights)
+        std = config.init_std or 1 / math.sqrt(3 * config.n_embd)  # §10; nanoGPT's is 0.02
+        for module in self.modules():  # weights normal, biases zero
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
         for pn, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if pn.endswith("c_proj.weight"):
-                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                torch.nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * config.n_layer))
         self.loss_terms = {}  # the last forward's loss parts, for logging: {'ce': ..., 'mem': ...}
         self.decode_stats = {}  # the last generate's cached keys per layer: {'peak': [...], 'final': [...]}
-
-    def _init_weights(self, module):  # nanoGPT's: weights normal with std 0.02, biases zero
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            torch.nn.init.zeros_(module.bias)
 
     def run_blocks(self, idx, start=0, budgets=None, keep=False, buffers=None):
         """The one walk through the blocks, in parallel or (buffers) a decoding step: tokens idx (B, T) at positions

@@ -672,6 +672,8 @@ BAD_INPUTS = [
     ([*A, "--vocab_size", "10", "--out_dir", "new"], "smaller than the 99 tokens"),
     ([*A, "--dtype", "float16", "--out_dir", "new"], "float16 is not supported on the CPU"),
     ([*A, "--lr", "1000", "--out_dir", "new"], "unrecognized arguments: --lr 1000"),  # not --lr_decay_iters
+    ([*A, "--init_std", "-1", "--out_dir", "new"], "--init_std -1.0 must be a positive number"),
+    ([*A, "--init_std", "wide", "--out_dir", "new"], "--init_std: invalid std_or_width value"),  # a number, or width
     # sample.py
     ([*S, "--temperature", "-1"], "--temperature -1.0 must be >= 0"),
     ([*S, "--top_k", "0"], "--top_k 0 must be at least 1"),

@@ -564,6 +564,33 @@ def test_configure_optimizers_decays_matrices_only():
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
 
 
+def test_init_std_default_is_nanogpts_init_and_none_is_the_width_rule(monkeypatch):
+    """§10: init_std 0.02 draws nanoGPT's init, the same draws in the same order (what model.apply(_init_weights)
+    visits, then the residual projections), so earlier runs reproduce; None scales every draw to 1 / sqrt(3 n_embd)
+    (the residual projections to that over sqrt(2 n_layer))."""
+    cfg = dict(block_size=16, vocab_size=50, n_layer=3, n_head=2, n_embd=48, bias=True)
+    draws, normal_ = [], torch.nn.init.normal_
+    monkeypatch.setattr(torch.nn.init, "normal_", lambda p, mean=0.0, std=1.0, generator=None: draws.append(
+        (p, std)) or normal_(p, mean, std, generator))
+    torch.manual_seed(7)
+    model = GPT(GPTConfig(**cfg))
+    visited = []
+    model.apply(visited.append)  # nanoGPT's order: children before parents
+    weights = [m.weight for m in visited if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
+    c_proj = [p for name, p in model.named_parameters() if name.endswith("c_proj.weight")]
+    expected = [(id(p), 0.02) for p in weights] + [(id(p), 0.02 / math.sqrt(2 * 3)) for p in c_proj]
+    assert [(id(p), std) for p, std in draws[-len(expected):]] == expected  # before them: nn.Embedding's own
+    assert all((m.bias == 0).all() for m in visited if isinstance(m, torch.nn.Linear) and m.bias is not None)
+    torch.manual_seed(7)
+    width = GPT(GPTConfig(**cfg, init_std=None))
+    rule = 1 / math.sqrt(3 * 48)
+    for (name, a), b in zip(width.named_parameters(), model.parameters()):
+        scale = rule / 0.02 if a.dim() == 2 else 1.0  # the same draws, scaled; LayerNorm gains and biases as they were
+        torch.testing.assert_close(a, b * scale, rtol=1e-6, atol=1e-7, msg=name)
+    with pytest.raises(ValueError, match="init_std"):
+        GPTConfig(init_std=0.0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The Triton kernel, through Triton's interpreter on the CPU. Marked `triton`: python -m pytest -m triton (.ci/run
 # runs them after the default run); only a change to the kernel needs them.

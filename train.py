@@ -26,7 +26,7 @@ import torch
 
 from common import (ASSIGN_TOKENS, BOS, ArgumentParser, CheckpointError, add_device_flags, answers_right, at_least,
                     autocast, autocast_dtype, fraction, get_batch, git_commit, load_checkpoint, load_shards, make_dir,
-                    measure_peak_flops, non_negative, pick_device, positive, append_jsonl, read_jsonl,
+                    measure_peak_flops, non_negative, pick_device, positive, append_jsonl, read_jsonl, std_or_width,
                     strip_compile_prefix, synchronize, write_atomic, write_jsonl)
 from selective_gpt import GPT, GPTConfig, attention_path
 
@@ -44,11 +44,11 @@ def add_model_flags(p):
     a("--selective", action="store_true", help="selective attention (default: a standard transformer)")
     a("--memory_loss_weight", type=float, default=0.0, help="epsilon of the memory loss (SPEC §5)")
     a("--memory_tau", type=float, default=1.0, help="tau of the memory loss (SPEC §5)")
-    a("--attention", choices=["auto", "reference", "mask", "tiled"], default="auto",
-      help="how selective attention is computed (docs/SPEC.md §7): auto picks tiled where it applies")
+    a("--attention", choices=["auto", "reference", "mask", "tiled"], default="auto", help="the path, SPEC §7")
     a("--mask_bos", action="store_true", help="ablation (docs/SPEC.md §9): BOS may be masked")
     a("--mask_self", action="store_true", help="ablation (docs/SPEC.md §9): a token's vote on its own key counts")
     a("--vocab_size", type=int, default=None, help="None: 50304 for c4 (GPT-2's 50257 padded), the task's for assign")
+    a("--init_std", type=std_or_width, default=0.02, help="weights' std at init (SPEC §10); width: 1/sqrt(3 n_embd)")
 
 
 def get_parser():
@@ -63,8 +63,7 @@ def get_parser():
     o("--learning_rate", type=positive, default=1e-3, help="peak learning rate")
     o("--min_lr", type=non_negative, default=None, help="final learning rate (None: learning_rate / 10)")
     o("--warmup_iters", type=at_least(0), default=100, help="linear warmup iterations")
-    o("--lr_decay_iters", type=at_least(1), default=None, help="cosine decay length (None: max_iters, also when "
-      "--resume extends max_iters)")
+    o("--lr_decay_iters", type=at_least(1), default=None, help="cosine decay length (None: max_iters, resumed too)")
     o("--max_iters", type=at_least(1), default=2000)
     o("--weight_decay", type=non_negative, default=0.1)
     o("--beta1", type=fraction, default=0.9)
