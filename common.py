@@ -70,7 +70,7 @@ def add_device_flags(parser):
     """--device and --dtype, for train.py and sample.py (checked by pick_device and autocast_dtype)."""
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="autocast dtype (None: bfloat16 where supported, else float32)")
+                        help="autocast dtype (None: bfloat16 on a GPU or a CPU that has it natively, else float32)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -153,7 +153,8 @@ def pick_device(name):
 def autocast_dtype(device_type, name):
     """The autocast dtype's name, checked against what the device can do (None: the best one there)."""
     if name is None:
-        bf16 = device_type == "cpu" or (device_type == "cuda" and torch.cuda.is_bf16_supported())
+        bf16 = cpu_has_native_bf16() if device_type == "cpu" else \
+            device_type == "cuda" and torch.cuda.is_bf16_supported()
         name = "bfloat16" if bf16 else "float32"
     if device_type == "cpu" and name == "float16":
         raise ValueError("--dtype float16 is not supported on the CPU; use --dtype bfloat16 or float32")
@@ -162,6 +163,13 @@ def autocast_dtype(device_type, name):
     if device_type == "mps" and name == "bfloat16":
         raise ValueError("--dtype bfloat16 is not supported on MPS; use --dtype float16 or float32")
     return name
+
+
+def cpu_has_native_bf16():
+    """AVX512-BF16 or AMX: without either, bfloat16 is emulated, and a matmul takes about 100x float32's time (docs/
+    PERFORMANCE.md, CPU dtype)."""
+    return any(getattr(torch.cpu, check, lambda: False)() for check in ("_is_avx512_bf16_supported",
+                                                                         "_is_amx_tile_supported"))
 
 
 def autocast(device_type, dtype_name):

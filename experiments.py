@@ -4,7 +4,7 @@ The paper's claims (SPEC §6), checked at the scale two CPU cores allow. One com
     python prepare_data.py --local PATH/TO/c4/en --data_dir data/c4_sample   # C4-format files you have (or real C4)
     python experiments.py                  # full run: hours on 2 CPU cores
     python experiments.py --quick          # the same pipeline on tiny settings, minutes (a slow test runs it)
-    python experiments.py --plots          # only redraw assets/*.png from the logs in assets/logs
+    python experiments.py --plots          # only redraw assets/*.png from assets/results.json
 
   heads    validation loss vs n_head in {1, 2, 4, 8}, selective and standard, 3 seeds, 3.1M tokens per run, same
            data order, one initialisation seed per pair; the learning rate is the standard model's best of three

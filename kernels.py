@@ -419,8 +419,8 @@ if triton is not None:
         dq = tl.dot(tl.permute(dzt, (0, 2, 1)).to(k.dtype), k, input_precision=DOT) * scale
         dFt = -tl.sum(dzt, axis=0)  # this group's share of dF, transposed
         # dS[k, j] = sum_{i > k} dF[i, j]. For bf16/fp16 inputs, in the tile: dF^T times strictly upper-triangular
-        # ones on the tensor cores (about 40 instructions per warp where tl.cumsum's scan across lanes and warps
-        # took 320), dF rounded to the inputs' dtype first, as FlashAttention rounds dS before its dq and dk dots.
+        # ones on the tensor cores (about 40 instructions per warp, a tl.cumsum scan across lanes and warps about
+        # 320: docs/PERFORMANCE.md), dF rounded to the inputs' dtype first, as FlashAttention rounds dS.
         # float32 inputs keep the exact scan (their matmul would be tf32x3: dearer). S and F, which the softmax
         # sees, keep float32 running sums either way.
         if q.dtype == tl.float32:

@@ -1,7 +1,7 @@
 """
 Sample from a trained model, prune its context (SPEC §4), and measure what pruning costs and saves.
 
-    python sample.py --out_dir out --start "The meaning of life"      # generate (KV cache)
+    python sample.py --out_dir out-c4 --start "The meaning of life"   # generate (KV cache)
     python sample.py --prune --budget 64                               # every layer keeps at most 64 keys
     python sample.py --prune --budgets 96,64,32,32                     # one budget per layer
     python sample.py --eval_ppl --budgets 96,64,32,32                  # validation perplexity, pruned vs not
@@ -36,12 +36,12 @@ def get_parser():
                    f"{' and '.join(DEFAULT_RUNS)} holds a checkpoint, if only one does)")
     p.add_argument("--ckpt", default="ckpt.pt", help="checkpoint file in out_dir (ckpt.pt or ckpt_best.pt)")
     p.add_argument("--start", default="", help="prompt text, or FILE:path to read it from a file (BOS is prepended)")
-    p.add_argument("--num_samples", type=at_least(1), default=1)
-    p.add_argument("--max_new_tokens", type=at_least(1), default=200)
+    p.add_argument("--num_samples", type=at_least(1), default=1, help="continuations of the prompt")
+    p.add_argument("--max_new_tokens", type=at_least(1), default=200, help="tokens generated per sample")
     p.add_argument("--temperature", type=checked(float, lambda v: 0 <= v < math.inf, "must be >= 0 (0: greedy)"),
                    default=0.8, help="softmax temperature; 0: greedy (like --top_k 1)")
     p.add_argument("--top_k", type=at_least(1), default=200, help="sample from the k likeliest tokens (1: greedy)")
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--seed", type=int, default=1337, help="of the sampling")
     add_device_flags(p)
     p.add_argument("--prune", action="store_true", help="generate with pruned buffers and report the memory saved")
     p.add_argument("--budget", type=at_least(2), default=None, help="keys every layer may keep (BOS, current included)")
@@ -159,7 +159,7 @@ def check_args(parser, args):
         print(f"sample.py: using the run in {args.out_dir}")
 
 
-def saved_budgets(model, run, out_dir):
+def saved_budgets(model, out_dir):
     """The budgets of out_dir/budgets.json, if they were searched for this very model; else None, said why."""
     path = os.path.join(out_dir, "budgets.json")
     if not os.path.exists(path):
@@ -277,14 +277,14 @@ def explain_png(path, words, layers, budgets):
     return True
 
 
-def budgets_of(parser, args, model, run):
+def budgets_of(parser, args, model):
     """The budgets --budget(s) give, or out_dir/budgets.json's for --prune and --eval_ppl; None for none."""
     try:
         if args.find_budgets:
             model.layer_budgets(2)  # a clear error for a standard model
         if args.budget is not None or args.budgets is not None:
             return model.layer_budgets(args.budget if args.budget is not None else args.budgets)
-        budgets = saved_budgets(model, run, args.out_dir) if args.prune or args.eval_ppl else None
+        budgets = saved_budgets(model, args.out_dir) if args.prune or args.eval_ppl else None
     except ValueError as e:
         parser.error(str(e))
     if (args.prune or args.eval_ppl) and budgets is None:
@@ -359,7 +359,7 @@ def main(argv=None):
         parser.error(str(e))
     torch.manual_seed(args.seed)
     model, run = load_model(args.out_dir, args.ckpt, device)
-    budgets = budgets_of(parser, args, model, run)
+    budgets = budgets_of(parser, args, model)
     if args.find_budgets or args.eval_ppl:
         try:
             batches = list(validation_batches(run, args.eval_iters or run["eval_iters"],

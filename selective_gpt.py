@@ -73,8 +73,8 @@ def selective_mask(logits, mask_bos=False, mask_self=False):
     """F from head 0's attention logits, exactly §1.
 
     logits: (..., T, T), already scaled by 1/sqrt(head_dim) and causally masked (-inf above the diagonal).
-    Returns F, same shape, in float32 (float64 stays float64, for gradient checks). F[i, j] is how much every
-    later query i has learned to ignore key j; the model subtracts it from every head's logits.
+    Returns F, same shape, in float32 (float64 stays float64, for gradient checks). F[i, j] is how much query i
+    ignores key j, the votes of the queries before it; every head subtracts it from query i's logits.
     mask_bos, mask_self: the ablations of §9 (each drops one half of §1.2); off, this is §1 exactly.
     """
     T = logits.size(-1)
@@ -83,10 +83,10 @@ def selective_mask(logits, mask_bos=False, mask_self=False):
     S = torch.relu(logits.to(torch.promote_types(logits.dtype, torch.float32)))
     # §1.2 never mask BOS (key column 0), a token never masks itself (the diagonal): keep S strictly below the
     # diagonal and right of column 0.
-    votes = torch.ones(T, T, dtype=torch.bool, device=logits.device).tril(0 if mask_self else -1)
+    may_vote = torch.ones(T, T, dtype=torch.bool, device=logits.device).tril(0 if mask_self else -1)
     if not mask_bos:
-        votes[:, 0] = False
-    S = S.masked_fill(~votes, 0.0)
+        may_vote[:, 0] = False
+    S = S.masked_fill(~may_vote, 0.0)
     # §1.3 F[i, j] = sum_{k < i} S[k, j], the exclusive sum down the queries: shift S down one row, then cumsum.
     # (Not cumsum(S) - S: that can round F[i+1, j] below F[i, j]. Sums of non-negatives never decrease.)
     return torch.cumsum(nnf.pad(S[..., :-1, :], (0, 0, 1, 0)), dim=-2)
@@ -419,9 +419,9 @@ class KVBuffer:
         """The buffer after the parallel pass over a prompt (B, H, T, head_dim): the keys the last query saw, with
         f_j = F[T-1, j] updated by the last query (§3.3). F, visible: None for a standard layer."""
         B, H, T, head_dim = k.shape
-        keep = torch.ones(B, T, dtype=torch.bool, device=k.device) if visible is None else \
+        seen = torch.ones(B, T, dtype=torch.bool, device=k.device) if visible is None else \
             visible[..., -1, :].expand(B, T)
-        pos = torch.arange(T, device=k.device).expand(B, T)[keep].view(B, -1)  # ascending, same count per row
+        pos = torch.arange(T, device=k.device).expand(B, T)[seen].view(B, -1)  # ascending, same count per row
         take = pos[:, None, :, None].expand(B, H, pos.size(1), head_dim)
         kept_k, kept_v = k.gather(2, take), v.gather(2, take)
         f = None

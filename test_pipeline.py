@@ -438,6 +438,15 @@ def test_ddp_two_processes_match_one_with_twice_the_accumulation(tmp_path):
     assert code != 0 and text.count("--grad_accum (3) must be a multiple of the 2 processes") == 1
 
 
+def test_default_dtype_is_bfloat16_only_on_a_cpu_that_has_it(monkeypatch):
+    """Emulated bfloat16 (AVX2 CPUs) makes a matmul ~100x slower than float32: the default there is float32."""
+    for avx512_bf16, amx, expected in ((False, False, "float32"), (True, False, "bfloat16"), (False, True, "bfloat16")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+        assert common.autocast_dtype("cpu", None) == expected
+        assert common.autocast_dtype("cpu", "bfloat16") == "bfloat16"  # asked for, it is given
+
+
 def test_help_shows_every_default():
     for script, flag in (("train.py", "--learning_rate"), ("sample.py", "--temperature"),
                          ("prepare_data.py", "--val_fraction"), ("experiments.py", "--only")):

@@ -3,6 +3,7 @@
 Run: python -m pytest -q          (the slow end-to-end ones: python -m pytest -m slow)
 """
 
+import inspect
 import itertools
 import json
 import math
@@ -857,11 +858,21 @@ def test_spec_sections_cited_in_the_code_exist():
     with open(os.path.join(here, "docs", "SPEC.md")) as f:
         sections = set(re.findall(r"^#{2,3} (\d+(?:\.\d+)?)\.? ", f.read(), flags=re.M))
     cited = set()
-    for name in sorted(os.listdir(here)):
+    docs = [os.path.join("docs", name) for name in sorted(os.listdir(os.path.join(here, "docs")))]
+    for name in sorted(os.listdir(here)) + docs:
         if name.endswith((".py", ".md")):
             with open(os.path.join(here, name), encoding="utf-8") as f:
                 cited |= set(re.findall(r"§ ?(\d+(?:\.\d+)?)", f.read()))
-    assert {"1", "1.3", "4"} <= cited and cited <= sections, cited - sections
+    assert {"1", "1.3", "4", "10"} <= cited and cited <= sections, cited - sections
+
+
+def test_readme_shows_selective_mask_as_it_is():
+    """The README's excerpt of the mechanism is selective_gpt.selective_mask's code, docstring left out."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = inspect.getsource(selective_mask)
+    code = re.sub(r'    """.*?"""\n', "", code, count=1, flags=re.S)
+    with open(os.path.join(here, "README.md"), encoding="utf-8") as f:
+        assert code.strip() in f.read()
 
 
 def test_selective_model_warns_about_an_unguarded_optimiser():

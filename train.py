@@ -3,7 +3,7 @@ Train a standard or selective GPT (selective_gpt.py): nanoGPT's train.py, driven
 
     python train.py --dataset assign --selective             # offline quick start: a synthetic task, minutes on a CPU
     python prepare_data.py && python train.py --selective --n_head 8              # C4
-    torchrun --standalone --nproc_per_node=4 train.py --selective ...              # data parallel (DDP)
+    torchrun --standalone --nproc_per_node=4 train.py --selective --grad_accum 4   # data parallel (DDP)
     python train.py --resume                                  # carry on from out_dir/ckpt.pt, exactly
 
 Every training and evaluation window starts with BOS (SPEC §2). Each batch comes from a generator seeded by (seed,
@@ -35,11 +35,11 @@ from selective_gpt import GPT, GPTConfig, attention_path
 
 def add_model_flags(p):
     a = p.add_argument_group("model (GPTConfig)").add_argument
-    a("--n_layer", type=int, default=4)
-    a("--n_head", type=int, default=4)
-    a("--n_embd", type=int, default=128)
+    a("--n_layer", type=int, default=4, help="transformer blocks")
+    a("--n_head", type=int, default=4, help="attention heads; head 0 also selects (SPEC §1)")
+    a("--n_embd", type=int, default=128, help="width")
     a("--block_size", type=int, default=None, help="context length (None: 256 for c4, 96 for assign)")
-    a("--dropout", type=float, default=0.0)
+    a("--dropout", type=float, default=0.0, help="dropout (the tiled path has none: auto takes mask)")
     a("--bias", action=argparse.BooleanOptionalAction, default=False, help="biases in Linears and LayerNorms")
     a("--selective", action="store_true", help="selective attention (default: a standard transformer)")
     a("--memory_loss_weight", type=float, default=0.0, help="epsilon of the memory loss (SPEC §5)")
@@ -55,7 +55,7 @@ def get_parser():
     p = ArgumentParser(description=__doc__)
     add_model_flags(p)
     d = p.add_argument_group("data").add_argument
-    d("--dataset", choices=["c4", "assign"], default="c4")
+    d("--dataset", choices=["c4", "assign"], default="c4", help="C4 shards, or the synthetic assign task")
     d("--data_dir", default="data/c4", help="token shards from prepare_data.py (--dataset c4)")
     d("--batch_size", type=at_least(1), default=16, help="sequences per micro-step (per process)")
     d("--grad_accum", type=at_least(1), default=1, help="micro-steps per iteration, over all processes")
@@ -64,18 +64,18 @@ def get_parser():
     o("--min_lr", type=non_negative, default=None, help="final learning rate (None: learning_rate / 10)")
     o("--warmup_iters", type=at_least(0), default=100, help="linear warmup iterations")
     o("--lr_decay_iters", type=at_least(1), default=None, help="cosine decay length (None: max_iters, resumed too)")
-    o("--max_iters", type=at_least(1), default=2000)
-    o("--weight_decay", type=non_negative, default=0.1)
-    o("--beta1", type=fraction, default=0.9)
-    o("--beta2", type=fraction, default=0.95)
+    o("--max_iters", type=at_least(1), default=2000, help="iterations to train")
+    o("--weight_decay", type=non_negative, default=0.1, help="AdamW weight decay on matrices and embeddings")
+    o("--beta1", type=fraction, default=0.9, help="AdamW beta1")
+    o("--beta2", type=fraction, default=0.95, help="AdamW beta2 (selective attention: <= 0.99, or clip; SPEC §8)")
     o("--grad_clip", type=non_negative, default=1.0, help="clip the gradient norm at this (0: off)")
     r = p.add_argument_group("running")
     add_device_flags(r)
     r = r.add_argument
     r("--out_dir", default=None, help="checkpoints and the JSON-lines log (None: out-<dataset>)")
-    r("--eval_interval", type=at_least(1), default=200)
+    r("--eval_interval", type=at_least(1), default=200, help="iterations between evaluations and checkpoints")
     r("--eval_iters", type=at_least(1), default=20, help="batches per evaluation")
-    r("--log_interval", type=at_least(1), default=10)
+    r("--log_interval", type=at_least(1), default=10, help="iterations between progress lines")
     r("--compile", action="store_true", help="torch.compile the model")
     r("--seed", type=at_least(0), default=1337, help="initialisation, dropout and (by default) data order")
     r("--data_seed", type=at_least(0), default=None, help="data order only (None: --seed): another init, same data")
@@ -274,9 +274,9 @@ def start_run(args, ckpt, raw, device, world, peak_flops):
     make_dir(args.out_dir, "--out_dir")
     for name in RUN_FILES if args.overwrite else ():
         pathlib.Path(args.out_dir, name).unlink(missing_ok=True)
-    path = attention_path(args.attention, torch.empty(0, device=device), args.dropout,
-                          ablated=args.mask_bos or args.mask_self) if args.selective else None
     dtype = autocast_dtype(device.split(":")[0], args.dtype)
+    q = torch.empty(1, args.n_head, 1, args.n_embd // args.n_head, device=device, dtype=getattr(torch, dtype))
+    path = attention_path(args.attention, q, args.dropout, args.mask_bos or args.mask_self) if args.selective else None
     tokens_per_iter = args.grad_accum * args.batch_size * args.block_size
     start_log(args, ckpt, os.path.join(args.out_dir, "log.jsonl"), {
         "config": vars(args), "model": model_args(args), "git_commit": git_commit(), "device": device,
