@@ -138,6 +138,13 @@ def check_args(parser, args):
     if (args.budget is not None or args.budgets is not None) and not (args.prune or args.eval_ppl or args.explain):
         parser.error("--budget/--budgets set the buffers of --prune (generation), --eval_ppl (perplexity) or "
                      "--explain: add one of them (without, nothing would use the budgets)")
+    needless = [f"--{name}" for name in ("eval_iters", "batch_size", "data_dir", "target_ppl")
+                if getattr(args, name) is not None]
+    if needless and not (args.eval_ppl or args.find_budgets):
+        parser.error(f"{', '.join(needless)} set the validation data of --eval_ppl or --find_budgets: add one of "
+                     f"them (without, nothing would use it)")
+    if args.target_ppl is not None and not args.find_budgets:
+        parser.error("--target_ppl is what --find_budgets searches for: add --find_budgets")
     if args.explain_png is not None and not args.explain:
         parser.error("--explain_png draws what --explain shows: add --explain")
     if args.explain_png is not None and os.path.isdir(args.explain_png):

@@ -704,7 +704,9 @@ BAD_INPUTS = [
     ([*S, "--eval_ppl", "--budget", "4", "--eval_iters", "0"], "--eval_iters 0 must be at least 1"),
     ([*S, "--eval_ppl", "--budget", "4", "--batch_size", "0"], "--batch_size 0 must be at least 1"),
     ([*S, "--device", "foo"], "--device foo: no such device here"),
-    ([*S, "--temp", "0"], "unrecognized arguments: --temp 0"),  # flags are taken whole, not abbreviated
+    ([*S, "--temp", "0"], "unrecognized arguments: --temp 0"),
+    ([*S, "--eval_iters", "3"], "--eval_iters set the validation data of --eval_ppl or --find_budgets"),
+    ([*S, "--eval_ppl", "--budget", "4", "--target_ppl", "2"], "--target_ppl is what --find_budgets searches for"),  # flags are taken whole, not abbreviated
     ([*S, "--explain_png", "x.png"], "--explain_png draws what --explain shows: add --explain"),
     ([*S, "--explain", "--explain_png", "nowhere/x.png"], "--explain_png nowhere/x.png: its folder does not exist"),
     ([*S, "--explain", "--explain_png", "folder"], "--explain_png folder is a directory"),
