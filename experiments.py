@@ -72,6 +72,10 @@ FULL = {
     # (block 1024, batch 2, weight 0.1 is the paper's 25x case; not run here: docs/RESULTS.md, Context pruning)
     "pruning": dict(C4_RUN, n_head=4, runs=[dict(block_size=512, batch_size=4, weights=[0.0, 0.1])],
                     search_batches=10, shrink=0.7),
+    # the block-512 selective models of the pruning runs, trained the same way but in float32 (a CPU without
+    # AVX512-BF16 or AMX emulates bf16 ~100x slower: docs/PERFORMANCE.md), at the heads sweep's chosen rate
+    "tiles": dict(C4_RUN, n_head=4, block_size=512, batch_size=4, learning_rate=2e-3, dtype="float32",
+                  weights=[0.0, 0.1], tile=64, thresholds=[10, 20, 30], batches=10),
     "recipe": dict(train=dict(n_layer=4, block_size=128, batch_size=16, max_iters=1500, eval_iters=40), n_head=4,
                    workers=2,
                    # one candidate cause at a time: 600 steps of the 1500-step schedule, seed 1
@@ -98,6 +102,7 @@ QUICK = {
                    eval_iters=2, warmup_iters=5, budgets=[2, 4, 24]),
     "pruning": dict(FULL["pruning"], **QUICK_RUN, runs=[dict(block_size=32, batch_size=8, weights=[0.0, 0.1])],
                     search_batches=2, shrink=0.5),
+    "tiles": dict(FULL["tiles"], **QUICK_RUN, block_size=32, batch_size=2, tile=8, batches=2),
     "recipe": dict(FULL["recipe"], train=dict(n_layer=1, block_size=32, batch_size=2, max_iters=100, eval_iters=2),
                    diagnosis=dict(recipes=["plain", "clip"], seeds=[1], stop=50),
                    confirmation=[dict(recipes=["train_py"], seeds=[1, 2])], guard=dict(recipes=["clip"], seeds=[1, 2],
@@ -106,7 +111,7 @@ QUICK = {
                                                          eval_iters=2, every=10),
                  c4=dict(n_layer=1, block_size=32, batch_size=2, max_iters=100, eval_iters=2, stop=50)),
 }
-SECTIONS = ("heads", "ablations", "assign", "pruning", "recipe", "init")
+SECTIONS = ("heads", "ablations", "assign", "pruning", "tiles", "recipe", "init")
 DATA_SEED = 1337  # every run sees the same batches in the same order
 # glibc gives every freed block of over 32 MiB back to the OS, so a CPU training step page-faults its large
 # activations (the logits alone are batch x T x 50304 floats) in again at every iteration. Keeping freed memory
@@ -414,6 +419,53 @@ def search(model, batches, ctx, target, cfg, path_json):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# tiles: may the kernels one day skip masked tiles in training? A (query tile, key tile) pair below the diagonal
+# whose every entry has F >= 10 scales each of its softmax weights by exp(-F) <= 4.5e-5 (SPEC §1.4): skipping it
+# changes little. F never decreases down the queries (§1.3), so a key tile masked for a query tile's first row stays
+# masked for all its rows, and a kernel can decide from that row alone.
+
+def masked_tile_shares(F, tile, thresholds):
+    """{threshold: the share of (query tile, key tile) pairs strictly below the diagonal whose every entry has
+    F >= threshold}; F (B, T, T) of one layer, T a multiple of tile. Each tile's smallest F is on its first row."""
+    B, T, _ = F.shape
+    n = T // tile
+    smallest = F[:, ::tile, :].reshape(B, n, n, tile).amin(-1)  # (B, query tile, key tile)
+    below = torch.ones(n, n, dtype=torch.bool).tril(-1)
+    return {str(t): (smallest[:, below] >= t).float().mean().item() for t in thresholds}
+
+
+def tiles_experiment(cfg, data_dir, out_root, assets):
+    """Train the selective models (one at a time, one thread), then per model and layer the shares of masked
+    tiles over cfg['batches'] validation batches (each batch has as many pairs, so the mean is the pooled share)."""
+    T, rows = cfg["block_size"], []
+    for weight in cfg["weights"]:
+        name = f"tiles-sel-T{T}-eps{weight}-lr{cfg['learning_rate']:g}-{cfg['dtype']}"
+        flags = train_flags(cfg, dataset="c4", data_dir=data_dir, seed=1, selective=True, memory_loss_weight=weight)
+        keep_log(train(name, out_root, flags, cfg["max_iters"], threads=1), name, assets)
+        model, run = sample.load_model(os.path.join(out_root, name), "ckpt.pt", "cpu")
+        per_layer = [[] for _ in range(model.config.n_layer)]
+        for x, _ in sample.validation_batches(run, cfg["batches"], cfg["batch_size"], "cpu"):
+            for layer, (F, _) in enumerate(model.selective_masks(x)):
+                per_layer[layer].append(masked_tile_shares(F, cfg["tile"], cfg["thresholds"]))
+        rows.append({"memory_loss_weight": weight, "val_loss": evals(read_jsonl(
+            os.path.join(out_root, name, "log.jsonl")))[-1]["val_loss"], "layers": [
+            {t: statistics.mean(s[t] for s in shares) for t in shares[0]} for shares in per_layer]})
+    return {"tile": cfg["tile"], "block_size": T, "dtype": cfg["dtype"], "rows": rows}
+
+
+def tiles_table(result):
+    thresholds = list(result["rows"][0]["layers"][0])
+    lines = ["| memory loss weight | val loss | layer | " + " | ".join(f"F >= {t}" for t in thresholds) + " |",
+             "|---:|---:|---:|" + "---:|" * len(thresholds)]
+    for r in result["rows"]:
+        for layer, shares in enumerate(r["layers"]):
+            lines.append(f"| {r['memory_loss_weight']} | {r['val_loss']:.3f} | {layer} | " +
+                         " | ".join(f"{shares[t]:.3f}" for t in thresholds) + " |")
+    return lines + ["", f"(block {result['block_size']}, {result['dtype']}: the share of {result['tile']} x "
+                        f"{result['tile']} tile pairs below the diagonal whose every entry has F >= the threshold)", ""]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # recipe: selective vs standard under a plain training loop, where selective can train worse than standard (SPEC §8).
 # The loop is deliberately not train.py: it is what a user writes (AdamW, warmup + cosine, optionally no clipping),
 # with each candidate cause switched one at a time. Every 50 steps it logs the diagnostics that tell the causes apart.
@@ -698,7 +750,7 @@ def guard_holds(row):
 def tables(results):
     """The results' tables, as markdown (assets/results.md)."""
     makers = {"heads": heads_tables, "ablations": ablations_table, "assign": assign_tables, "pruning": pruning_table,
-              "recipe": recipe_tables, "init": init_table}
+              "tiles": tiles_table, "recipe": recipe_tables, "init": init_table}
     return "\n".join(line for key, make in makers.items() if key in results for line in make(results[key]))
 
 
@@ -941,6 +993,8 @@ def run_section(what, cfg, data_dir, out_root, assets):
         return recipe_experiment(cfg["recipe"], data_dir, out_root, assets)
     if what == "init":
         return init_experiment(cfg["init"], data_dir, out_root, assets)
+    if what == "tiles":
+        return tiles_experiment(cfg["tiles"], data_dir, out_root, assets)
     if what == "assign":
         return assign_experiment(cfg["assign"], out_root, assets)
     return pruning_experiment(cfg["pruning"], cfg["heads"], data_dir, out_root, assets)
@@ -956,8 +1010,8 @@ def main(argv=None):
     assets = args.assets or (os.path.join(out_root, "assets") if args.quick else os.path.join(HERE, "assets"))
     if args.plots:
         return plots(assets)
-    todo = args.only or ["assign", "heads", "ablations", "pruning", "recipe", "init"]
-    if {"heads", "ablations", "pruning", "recipe", "init"} & set(todo) and not glob.glob(os.path.join(args.data_dir, "*.bin")):
+    todo = args.only or ["assign", "heads", "ablations", "pruning", "tiles", "recipe", "init"]
+    if {"heads", "ablations", "pruning", "tiles", "recipe", "init"} & set(todo) and not glob.glob(os.path.join(args.data_dir, "*.bin")):
         raise SystemExit(f"experiments.py: no token shards in {args.data_dir}: run  python prepare_data.py --local "
                          f"PATH/TO/c4/en --data_dir {args.data_dir}  (C4-format files you have), or "
                          f"python prepare_data.py --data_dir {args.data_dir}  to download C4")

@@ -399,6 +399,24 @@ def test_experiments_tables_pair_by_seed_and_runs_keep_their_names():
     assert experiments.c4_run(cfg, "d", 4, 2, True, 0.002, mask_bos=True)[0] == "heads-sel-mask_bos-h4-s2-lr0.002"
 
 
+@pytest.mark.parametrize("B, T, tile", [(2, 16, 4), (1, 40, 8), (3, 32, 8)])
+def test_masked_tile_shares_match_every_entry_of_every_tile(B, T, tile):
+    """experiments.masked_tile_shares reads only each tile's first row (F never decreases down the queries); here
+    every entry of every tile below the diagonal is checked, at thresholds that split the tiles."""
+    g = torch.Generator().manual_seed(T)
+    logits = (3 * torch.randn(B, T, T, generator=g)).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1),
+                                                                   float("-inf"))
+    F, n = selective_mask(logits), T // tile
+    smallest = [F[b, i * tile:(i + 1) * tile, j * tile:(j + 1) * tile].min().item()
+                for b in range(B) for i in range(n) for j in range(i)]
+    positive = sorted(s for s in smallest if s > 0)  # key tile 0 (BOS) and the tiles next to the diagonal have 0
+    thresholds = [positive[len(positive) // 2], 0.5 * max(smallest), max(smallest) + 1]
+    shares = experiments.masked_tile_shares(F, tile, thresholds)
+    for t in thresholds:
+        assert shares[str(t)] == pytest.approx(sum(s >= t for s in smallest) / len(smallest), abs=1e-6)
+    assert 0 < shares[str(thresholds[0])] < 1 and shares[str(thresholds[2])] == 0
+
+
 def test_experiments_runs_resume_exactly_after_a_kill_and_are_checked_against_their_settings(tmp_path):
     """experiments.train: a run killed mid-way continues from its checkpoint to the same result as one never
     stopped; a finished run is reused only with the settings asked for."""
