@@ -245,6 +245,15 @@ def test_train_assign_end_to_end(assign_run):
         os.path.join(assign_run, "ckpt_best.pt"))
 
 
+def test_the_logged_attention_path_is_the_one_that_runs(assign_run, tmp_path):
+    """With the memory loss on, every layer keeps F, so the mask path runs: the log says so (else 'auto')."""
+    assert log_records(assign_run)[0]["attention_path"] == "tiled"
+    code, text = run_main("train.py", "--dataset", "assign", "--selective", *TINY, "--max_iters", "1",
+                          "--memory_loss_weight", "0.1", "--out_dir", str(tmp_path / "out"))
+    assert code == 0, text
+    assert log_records(tmp_path / "out")[0]["attention_path"] == "mask"
+
+
 def test_train_c4_end_to_end(tmp_path, c4_data):
     code, text = run_script("train.py", "--dataset", "c4", "--data_dir", c4_data, "--selective", *TINY,
                             "--max_iters", "4", "--eval_interval", "2", "--log_interval", "2",
