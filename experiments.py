@@ -48,8 +48,9 @@ import time
 import torch
 
 import sample
-from common import (ASSIGN_TOKENS, ArgumentParser, answers_right, assign_batch, batch_generator, c4_batch, git_commit,
-                    load_shards, make_dir, read_jsonl, write_atomic, write_json, write_jsonl)
+from common import (ASSIGN_TOKENS, ArgumentParser, answers_right, assign_batch, batch_generator, c4_batch,
+                    cpu_has_native_bf16, git_commit, load_shards, make_dir, read_jsonl, write_atomic, write_json,
+                    write_jsonl)
 from selective_gpt import GPT, GPTConfig, future_mask, head0_logits, selective_mask
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -85,11 +86,12 @@ FULL = {
                    # the guard: the plain recipe with the clipping it needs, 2 seeds, 600 steps
                    guard=dict(recipes=["clip"], seeds=[1, 2], stop=600)),
     # SPEC §10: each candidate in each loop; the assign loop at the sizes of the measurement that raised the question
-    "init": dict(candidates=["nanogpt", "width", "width_qk0"], seeds=[0, 1, 2], loops=["assign", "c4_plain", "c4_train_py"], n_head=4,
+    "init": dict(candidates=["nanogpt", "width", "width_qk0"], seeds=[0, 1, 2],
+                 loops=["assign", "c4_plain", "c4_train_py"], n_head=4,
                  # 2,500 steps, not the 10k of that measurement: on this task both variants have flattened by then
                  # (docs/RESULTS.md, Initialisation: the 10k-step runs of seed 0)
                  workers=2, assign=dict(n_layer=2, block_size=64, batch_size=32, max_iters=2500, eval_iters=20,
-                                        every=250),
+                                        every=250, early=[250, 500]),
                  c4=dict(n_layer=4, block_size=128, batch_size=16, max_iters=1500, eval_iters=40, stop=600)),
 }
 QUICK_RUN = dict(n_layer=2, n_embd=32, max_iters=6, eval_interval=3, eval_iters=2, warmup_iters=2)
@@ -108,7 +110,7 @@ QUICK = {
                    confirmation=[dict(recipes=["train_py"], seeds=[1, 2])], guard=dict(recipes=["clip"], seeds=[1, 2],
                                                                                         stop=50)),
     "init": dict(FULL["init"], seeds=[0, 1], assign=dict(n_layer=1, block_size=16, batch_size=4, max_iters=20,
-                                                         eval_iters=2, every=10),
+                                                         eval_iters=2, every=10, early=[10, 20]),
                  c4=dict(n_layer=1, block_size=32, batch_size=2, max_iters=100, eval_iters=2, stop=50)),
 }
 SECTIONS = ("heads", "ablations", "assign", "pruning", "tiles", "recipe", "init")
@@ -616,6 +618,10 @@ def run_jobs(jobs, workers):
     todo = [j for j in jobs if not os.path.exists(j["log"])]
     for j in jobs:
         print(f"  {j['name']}: {'finished already' if j not in todo else 'to run'}", flush=True)
+    if any(j["recipe"].get("bf16", True) for j in todo) and not cpu_has_native_bf16():
+        print("  note: the C4 runs autocast to bfloat16, which this CPU emulates (it has neither AVX512-BF16 nor AMX):"
+              " each step takes many times longer than on one that has them (docs/PERFORMANCE.md, CPU dtype)",
+              flush=True)
     if todo:
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             for path in pool.imap_unordered(plain_run, todo):
@@ -703,39 +709,63 @@ def init_jobs(cfg, data_dir, out_root):
 
 
 def init_experiment(cfg, data_dir, out_root, assets):
-    """The candidates' final answer accuracy (assign) or validation loss (C4), and what the diagnostics say about
-    the selection at the start: layer 0's largest F and head 0's entropy at step 0, and the share of F > 5 at the
-    end (mean over seeds)."""
     os.makedirs(os.path.join(out_root, "init"), exist_ok=True)
     jobs = init_jobs(cfg, data_dir, out_root)
     logs = run_jobs(jobs, cfg["workers"])
     for name, records in logs.items():
         keep_log(records, name, assets)
+    return init_results(jobs, logs)
+
+
+def init_results(jobs, logs):
+    """Per loop and candidate, each variant over the seeds: the final answer accuracy (assign) or validation loss
+    (C4); on assign also the accuracy at its two `early` steps and the first logged step at 0.9. And what the
+    diagnostics say about the start: layer 0's largest F and head 0's entropy at step 0, the largest gradient norm
+    (all weights, head 0's q/k) before the first logged step, and the share of F > 5 at the end (means over seeds)."""
     rows = []
-    for loop in cfg["loops"]:
-        for init in cfg["candidates"]:
-            row = {"loop": loop, "init": init}
-            for variant in ("std", "sel"):
-                mine = [logs[j["name"]] for j in jobs if (j["loop"], j["init"], j["selective"]) ==
-                        (loop, init, variant == "sel")]
-                metric = "val_accuracy" if INIT_LOOPS[loop][0] == "assign" else "val_loss"
-                row[variant] = mean_sd([log[-1][metric] for log in mine])
-                row[f"{variant}_max_F0_at_init"] = statistics.mean(log[1]["max_F"][0] for log in mine)
-                row[f"{variant}_share_F_over_5_at_end"] = statistics.mean(
-                    statistics.mean(log[-1]["share_F_over_5"]) for log in mine)
-            rows.append(row)
-    return {"rows": rows, "seeds": cfg["seeds"]}
+    for loop, init in dict.fromkeys((j["loop"], j["init"]) for j in jobs):
+        row, assign = {"loop": loop, "init": init}, INIT_LOOPS[loop][0] == "assign"
+        cfg = next(j["cfg"] for j in jobs if j["loop"] == loop)
+        first_logged = cfg.get("every", 50)
+        for variant in ("std", "sel"):
+            mine = [logs[j["name"]] for j in jobs if (j["loop"], j["init"], j["selective"]) ==
+                    (loop, init, variant == "sel")]
+            evals = [{r["iter"]: r for r in log[1:]} for log in mine]
+            row[variant] = mean_sd([log[-1]["val_accuracy" if assign else "val_loss"] for log in mine])
+            if assign:
+                row[f"{variant}_early"] = {str(s): mean_sd([e[s]["val_accuracy"] for e in evals]) for s in cfg["early"]}
+                row[f"{variant}_step_to_0.9"] = [min((s for s, r in e.items() if r["val_accuracy"] >= 0.9),
+                                                     default=None) for e in evals]
+            first = [[r for r in log[1:] if r["iter"] <= first_logged and "grad_norm_max" in r] for log in mine]
+            row[f"{variant}_grad_norm_max_first"] = statistics.mean(max(r["grad_norm_max"] for r in f)
+                                                                        for f in first)
+            row[f"{variant}_qk0_grad_norm_max_first"] = statistics.mean(max(r["grad_norm_qk0_max"] for r in f)
+                                                                            for f in first)
+            row[f"{variant}_max_F0_at_init"] = statistics.mean(log[1]["max_F"][0] for log in mine)
+            row[f"{variant}_entropy0_at_init"] = statistics.mean(log[1]["head0_entropy"][0] for log in mine)
+            row[f"{variant}_share_F_over_5_at_end"] = statistics.mean(
+                statistics.mean(log[-1]["share_F_over_5"]) for log in mine)
+        rows.append(row)
+    return {"rows": rows, "seeds": sorted({j["seed"] for j in jobs})}
 
 
 def init_table(result):
-    lines = ["| loop | init | standard | selective | selective - standard | layer 0's largest F at step 0 (std / sel) "
-             "| share of F > 5 at the end (std / sel) |", "|:---|:---|---:|---:|---:|---:|---:|"]
+    lines = ["| loop | init | standard | selective | selective - standard | early (std / sel) | first step at 0.9 "
+             "(std / sel) | largest grad norm before the first log (std / sel) | layer 0's largest F at step 0 | "
+             "share of F > 5 at the end (std / sel) |", "|:---|:---|" + "---:|" * 8]
     for r in result["rows"]:
         gap = mean_sd([b - a for a, b in zip(r["std"]["values"], r["sel"]["values"])])
+        early = "; ".join(f"step {s}: {pm(r['std_early'][s])} / {pm(r['sel_early'][s])}"
+                          for s in r.get("std_early", {})) or "-"
+        to_09 = (" / ".join(", ".join(str(s) if s is not None else "never" for s in r[f"{v}_step_to_0.9"])
+                            for v in ("std", "sel")) if "std_step_to_0.9" in r else "-")
         lines.append(f"| {r['loop']} ({len(r['std']['values'])} seeds) | {r['init']} | {pm(r['std'])} | "
-                     f"{pm(r['sel'])} | {pm(gap)} | {r['std_max_F0_at_init']:.2f} / {r['sel_max_F0_at_init']:.2f} | "
+                     f"{pm(r['sel'])} | {pm(gap)} | {early} | {to_09} | "
+                     f"{r['std_grad_norm_max_first']:.1f} / {r['sel_grad_norm_max_first']:.1f} | "
+                     f"{r['std_max_F0_at_init']:.2f} | "
                      f"{r['std_share_F_over_5_at_end']:.3f} / {r['sel_share_F_over_5_at_end']:.3f} |")
-    return lines + ["", "(assign: answer accuracy; C4: validation loss)", ""]
+    return lines + ["", "(assign: answer accuracy; C4: validation loss; mean +- sd over the seeds; layer 0's F at "
+                        "step 0 is the same for both variants, which share their initialisation)", ""]
 
 
 def guard_holds(row):
@@ -1011,7 +1041,8 @@ def main(argv=None):
     if args.plots:
         return plots(assets)
     todo = args.only or ["assign", "heads", "ablations", "pruning", "tiles", "recipe", "init"]
-    if {"heads", "ablations", "pruning", "tiles", "recipe", "init"} & set(todo) and not glob.glob(os.path.join(args.data_dir, "*.bin")):
+    needs_c4 = {"heads", "ablations", "pruning", "tiles", "recipe", "init"} & set(todo)
+    if needs_c4 and not glob.glob(os.path.join(args.data_dir, "*.bin")):
         raise SystemExit(f"experiments.py: no token shards in {args.data_dir}: run  python prepare_data.py --local "
                          f"PATH/TO/c4/en --data_dir {args.data_dir}  (C4-format files you have), or "
                          f"python prepare_data.py --data_dir {args.data_dir}  to download C4")

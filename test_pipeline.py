@@ -733,7 +733,8 @@ BAD_INPUTS = [
     ([*S, "--device", "foo"], "--device foo: no such device here"),
     ([*S, "--temp", "0"], "unrecognized arguments: --temp 0"),
     ([*S, "--eval_iters", "3"], "--eval_iters set the validation data of --eval_ppl or --find_budgets"),
-    ([*S, "--eval_ppl", "--budget", "4", "--target_ppl", "2"], "--target_ppl is what --find_budgets searches for"),  # flags are taken whole, not abbreviated
+    # flags are taken whole, not abbreviated
+    ([*S, "--eval_ppl", "--budget", "4", "--target_ppl", "2"], "--target_ppl is what --find_budgets searches for"),
     ([*S, "--explain_png", "x.png"], "--explain_png draws what --explain shows: add --explain"),
     ([*S, "--explain", "--explain_png", "nowhere/x.png"], "--explain_png nowhere/x.png: its folder does not exist"),
     ([*S, "--explain", "--explain_png", "folder"], "--explain_png folder is a directory"),
@@ -816,8 +817,12 @@ def test_experiments_quick(tmp_path):
                             timeout=3000)
     assert code == 0, text
     results = json.load(open(tmp_path / "runs" / "assets" / "results.json"))
-    assert {"heads", "ablations", "assign", "pruning", "recipe", "wall_seconds", "commit", "machine"} <= results.keys()
+    assert {"heads", "ablations", "assign", "pruning", "tiles", "recipe", "init", "wall_seconds", "commit",
+            "machine"} <= results.keys()
     assert len(results["heads"]["rows"]) == 2 and len(results["pruning"]) == 2
+    assert [len(r["layers"]) for r in results["tiles"]["rows"]] == [2, 2]  # memory loss 0 and 0.1, 2 layers each
+    assert [(r["loop"], r["init"]) for r in results["init"]["rows"]][:2] == [("assign", "nanogpt"), ("assign", "width")]
+    assert len(results["init"]["rows"]) == 9 and set(results["init"]["rows"][0]["sel_early"]) == {"10", "20"}
     check = results["heads"]["rate_check"]  # the standard model at a larger rate; both variants there if it wins
     assert set(check["val_loss"]) == {"0.001", "0.002", "0.004"} and ("gap" in check) == (check["best"] != 0.002)
     variants = [r["variant"] for r in results["ablations"]["rows"]]
