@@ -73,10 +73,10 @@ FULL = {
     # (block 1024, batch 2, weight 0.1 is the paper's 25x case; not run here: docs/RESULTS.md, Context pruning)
     "pruning": dict(C4_RUN, n_head=4, runs=[dict(block_size=512, batch_size=4, weights=[0.0, 0.1])],
                     search_batches=10, shrink=0.7),
-    # the block-512 selective models of the pruning runs, trained the same way but in float32 (a CPU without
-    # AVX512-BF16 or AMX emulates bf16 ~100x slower: docs/PERFORMANCE.md), at the heads sweep's chosen rate
+    # the block-512 selective model of the pruning runs (memory loss weights: add 0.1 for its other one), trained
+    # the same way but in float32 (a CPU without AVX512-BF16 or AMX emulates bf16 ~100x slower: docs/PERFORMANCE.md)
     "tiles": dict(C4_RUN, n_head=4, block_size=512, batch_size=4, learning_rate=2e-3, dtype="float32",
-                  weights=[0.0, 0.1], tile=64, thresholds=[10, 20, 30], batches=10),
+                  weights=[0.0], tile=64, thresholds=[10, 20, 30], batches=10),
     "recipe": dict(train=dict(n_layer=4, block_size=128, batch_size=16, max_iters=1500, eval_iters=40), n_head=4,
                    workers=2,
                    # one candidate cause at a time: 600 steps of the 1500-step schedule, seed 1
@@ -104,7 +104,7 @@ QUICK = {
                    eval_iters=2, warmup_iters=5, budgets=[2, 4, 24]),
     "pruning": dict(FULL["pruning"], **QUICK_RUN, runs=[dict(block_size=32, batch_size=8, weights=[0.0, 0.1])],
                     search_batches=2, shrink=0.5),
-    "tiles": dict(FULL["tiles"], **QUICK_RUN, block_size=32, batch_size=2, tile=8, batches=2),
+    "tiles": dict(FULL["tiles"], **QUICK_RUN, block_size=32, batch_size=2, weights=[0.0, 0.1], tile=8, batches=2),
     "recipe": dict(FULL["recipe"], train=dict(n_layer=1, block_size=32, batch_size=2, max_iters=100, eval_iters=2),
                    diagnosis=dict(recipes=["plain", "clip"], seeds=[1], stop=50),
                    confirmation=[dict(recipes=["train_py"], seeds=[1, 2])], guard=dict(recipes=["clip"], seeds=[1, 2],
