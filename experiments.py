@@ -17,6 +17,8 @@ The paper's claims (SPEC §6), checked at the scale two CPU cores allow. One com
   pruning  selective models trained like the heads runs with memory loss weight 0 and 0.1 at block 512; the greedy
            per-layer budgets (sample.find_budgets) that keep pruned val ppl <= the standard model's and <= its own
            + 1%; L*T/sum(K); the no-context control (2 keys per layer). More blocks: add them to FULL["pruning"]
+  tiles    the pruning section's block-512 selective model, trained in float32: per layer the share of 64 x 64
+           tile pairs below the diagonal that are masked throughout (F >= 10, 20, 30): could kernels skip them?
   recipe   selective vs standard in a plain training loop (not train.py), block 128: one candidate cause of a bad
            result switched at a time (RECIPES, 600 steps), train.py's recipe over 3 seeds, and a guard that fails
            (exit 1) if selective trains worse than standard under the plain recipe with gradient clipping
@@ -24,6 +26,8 @@ The paper's claims (SPEC §6), checked at the scale two CPU cores allow. One com
            width rule on head 0's query and key rows only, each in three plain loops (the assign task with AdamW
            at PyTorch's defaults and no schedule; the C4 plain recipe; the C4 train.py recipe), standard and
            selective, 3 seeds
+  guard    init's assign loop with the default initialisation, 3 seeds: exit 1 unless selective reaches 0.9 answer
+           accuracy with at most a fifth of standard's errors in every seed (minutes; no data needed)
 
 Runs go to out/experiments[-quick]/<name>, two at a time with one thread each, and are skipped once finished; a run
 cut short continues from its last checkpoint (rerun to resume). The evaluation logs of
@@ -94,6 +98,8 @@ FULL = {
                                         every=250, early=[250, 500]),
                  c4=dict(n_layer=4, block_size=128, batch_size=16, max_iters=1500, eval_iters=40, stop=600)),
 }
+# the assign plain loop with the default initialisation (GPTConfig.init_std, SPEC §10): init's runs, shared with it
+FULL["guard"] = dict(init="nanogpt", seeds=FULL["init"]["seeds"], min_accuracy=0.9, error_share=0.2)
 QUICK_RUN = dict(n_layer=2, n_embd=32, max_iters=6, eval_interval=3, eval_iters=2, warmup_iters=2)
 QUICK = {
     "heads": dict(FULL["heads"], **QUICK_RUN, block_size=32, batch_size=8, heads=[1, 2], seeds=[1, 2],
@@ -113,7 +119,8 @@ QUICK = {
                                                          eval_iters=2, every=10, early=[10, 20]),
                  c4=dict(n_layer=1, block_size=32, batch_size=2, max_iters=100, eval_iters=2, stop=50)),
 }
-SECTIONS = ("heads", "ablations", "assign", "pruning", "tiles", "recipe", "init")
+QUICK["guard"] = dict(FULL["guard"], seeds=QUICK["init"]["seeds"])
+SECTIONS = ("heads", "ablations", "assign", "pruning", "tiles", "recipe", "init", "guard")
 DATA_SEED = 1337  # every run sees the same batches in the same order
 # glibc gives every freed block of over 32 MiB back to the OS, so a CPU training step page-faults its large
 # activations (the logits alone are batch x T x 50304 floats) in again at every iteration. Keeping freed memory
@@ -768,6 +775,29 @@ def init_table(result):
                         "step 0 is the same for both variants, which share their initialisation)", ""]
 
 
+# guard: a check cheap enough to run after any change (minutes on 2 cores, float32, no data): the init section's
+# assign plain loop with the default initialisation. In every seed selective must reach min_accuracy and leave at most
+# error_share of the standard model's errors (1 - answer accuracy) after the last step; else exit 1.
+
+def guard_experiment(cfg, init_cfg, out_root, assets):
+    runs = dict(init_cfg, loops=["assign"], candidates=[cfg["init"]], seeds=cfg["seeds"])
+    row = init_experiment(runs, None, out_root, assets)["rows"][0]
+    return {"row": row, "holds": assign_guard_holds(row, cfg), "settings": cfg}
+
+
+def assign_guard_holds(row, cfg):
+    return all(sel >= cfg["min_accuracy"] and 1 - sel <= cfg["error_share"] * (1 - std)
+               for std, sel in zip(row["std"]["values"], row["sel"]["values"]))
+
+
+def guard_table(result):
+    r, cfg = result["row"], result["settings"]
+    pairs = ", ".join(f"{a:.4f} / {b:.4f}" for a, b in zip(r["std"]["values"], r["sel"]["values"]))
+    return [f"Assign guard (init {r['init']}, answer accuracy standard / selective per seed: {pairs}): "
+            f"{'holds' if result['holds'] else 'FAILS'} (selective >= {cfg['min_accuracy']} with at most "
+            f"{cfg['error_share']:g} of standard's errors, every seed)", ""]
+
+
 def guard_holds(row):
     """The guard (docs/RESULTS.md): selective's mean validation loss is not above standard's by more than the seed
     spread."""
@@ -780,7 +810,7 @@ def guard_holds(row):
 def tables(results):
     """The results' tables, as markdown (assets/results.md)."""
     makers = {"heads": heads_tables, "ablations": ablations_table, "assign": assign_tables, "pruning": pruning_table,
-              "tiles": tiles_table, "recipe": recipe_tables, "init": init_table}
+              "tiles": tiles_table, "recipe": recipe_tables, "init": init_table, "guard": guard_table}
     return "\n".join(line for key, make in makers.items() if key in results for line in make(results[key]))
 
 
@@ -1023,6 +1053,8 @@ def run_section(what, cfg, data_dir, out_root, assets):
         return recipe_experiment(cfg["recipe"], data_dir, out_root, assets)
     if what == "init":
         return init_experiment(cfg["init"], data_dir, out_root, assets)
+    if what == "guard":
+        return guard_experiment(cfg["guard"], cfg["init"], out_root, assets)
     if what == "tiles":
         return tiles_experiment(cfg["tiles"], data_dir, out_root, assets)
     if what == "assign":
@@ -1040,7 +1072,7 @@ def main(argv=None):
     assets = args.assets or (os.path.join(out_root, "assets") if args.quick else os.path.join(HERE, "assets"))
     if args.plots:
         return plots(assets)
-    todo = args.only or ["assign", "heads", "ablations", "pruning", "tiles", "recipe", "init"]
+    todo = args.only or ["guard", "assign", "heads", "ablations", "pruning", "tiles", "recipe", "init"]
     needs_c4 = {"heads", "ablations", "pruning", "tiles", "recipe", "init"} & set(todo)
     if needs_c4 and not glob.glob(os.path.join(args.data_dir, "*.bin")):
         raise SystemExit(f"experiments.py: no token shards in {args.data_dir}: run  python prepare_data.py --local "
@@ -1068,9 +1100,14 @@ def main(argv=None):
     write_atomic(os.path.join(assets, "results.md"), lambda tmp: pathlib.Path(tmp).write_text(tables(results) + "\n"))
     print(tables(results))
     plots(assets)
+    if args.quick:  # the quick settings check the pipeline: too small for the guards to mean anything
+        return
     if "recipe" in todo and not all(guard_holds(r)[0] for r in results["recipe"]["guard"]):
         raise SystemExit("experiments.py: the guard failed: selective attention trains worse than standard under "
                          "the plain recipe with clipping (docs/RESULTS.md, The training recipe)")
+    if "guard" in todo and not results["guard"]["holds"]:
+        raise SystemExit("experiments.py: the assign guard failed: selective attention does not learn the assign "
+                         "task far better than standard in the plain loop (docs/RESULTS.md, Initialisation)")
 
 
 if __name__ == "__main__":

@@ -408,6 +408,18 @@ def test_experiments_tables_pair_by_seed_and_runs_keep_their_names():
     assert experiments.c4_run(cfg, "d", 4, 2, True, 0.002, mask_bos=True)[0] == "heads-sel-mask_bos-h4-s2-lr0.002"
 
 
+def test_assign_guard_needs_every_seed_to_learn_and_to_leave_few_of_standards_errors():
+    cfg = experiments.FULL["guard"]
+    assert experiments.INITS[cfg["init"]] == GPTConfig.init_std, "the guard runs the default initialisation"
+    row = lambda std, sel: {"std": experiments.mean_sd(std), "sel": experiments.mean_sd(sel)}  # noqa: E731
+    assert experiments.assign_guard_holds(row([0.98, 0.95, 0.99], [0.999, 0.99, 0.998]), cfg)
+    assert not experiments.assign_guard_holds(row([0.98, 0.95, 0.99], [0.999, 0.99, 0.997]), cfg)  # 0.3 of 0.01
+    assert not experiments.assign_guard_holds(row([0.5, 0.5, 0.5], [0.89, 0.95, 0.95]), cfg)  # one seed below 0.9
+    text = "\n".join(experiments.guard_table({"row": row([0.98], [0.999]) | {"init": "nanogpt"}, "holds": True,
+                                               "settings": cfg}))
+    assert "standard / selective per seed: 0.9800 / 0.9990): holds" in text
+
+
 @pytest.mark.parametrize("B, T, tile", [(2, 16, 4), (1, 40, 8), (3, 32, 8)])
 def test_masked_tile_shares_match_every_entry_of_every_tile(B, T, tile):
     """experiments.masked_tile_shares reads only each tile's first row (F never decreases down the queries); here
@@ -817,7 +829,7 @@ def test_experiments_quick(tmp_path):
                             timeout=3000)
     assert code == 0, text
     results = json.load(open(tmp_path / "runs" / "assets" / "results.json"))
-    assert {"heads", "ablations", "assign", "pruning", "tiles", "recipe", "init", "wall_seconds", "commit",
+    assert {"heads", "ablations", "assign", "pruning", "tiles", "recipe", "init", "guard", "wall_seconds", "commit",
             "machine"} <= results.keys()
     assert len(results["heads"]["rows"]) == 2 and len(results["pruning"]) == 2
     assert [len(r["layers"]) for r in results["tiles"]["rows"]] == [2, 2]  # memory loss 0 and 0.1, 2 layers each
