@@ -27,10 +27,12 @@ The paper's claims (SPEC §6), checked at the scale two CPU cores allow. One com
            at PyTorch's defaults and no schedule; the C4 plain recipe; the C4 train.py recipe), standard and
            selective, 3 seeds
   guard    init's assign loop with the default initialisation, 3 seeds: exit 1 unless selective reaches 0.9 answer
-           accuracy with at most a fifth of standard's errors in every seed (minutes; no data needed)
+           accuracy with at most a fifth of standard's errors in every seed (under half an hour on 2 cores; no data)
 
-Runs go to out/experiments[-quick]/<name>, two at a time with one thread each, and are skipped once finished; a run
-cut short continues from its last checkpoint (rerun to resume). The evaluation logs of
+Runs go to out/experiments[-quick]/<name>, two at a time with one thread each, and are skipped once finished (a
+finished run with other settings than this file's is refused); a train.py run cut short continues from its last
+checkpoint (rerun to resume), a plain-loop run (recipe, init, guard) starts again. A guard that fails exits 1 once
+its section is written; --quick checks the pipeline and exits 0 whatever its guards say. The evaluation logs of
 the runs are copied to assets/logs/, the numbers to assets/results.json and assets/results.md, plots to
 assets/*.png (matplotlib, optional).
 """
@@ -95,7 +97,8 @@ FULL = {
                  # 2,500 steps, not the 10k of that measurement: on this task both variants have flattened by then
                  # (docs/RESULTS.md, Initialisation: the 10k-step runs of seed 0)
                  workers=2, assign=dict(n_layer=2, block_size=64, batch_size=32, max_iters=2500, eval_iters=20,
-                                        every=250, early=[250, 500]),
+                                        every=250),
+                 early=[250, 500],  # the steps at which the table gives the assign loop's accuracy
                  c4=dict(n_layer=4, block_size=128, batch_size=16, max_iters=1500, eval_iters=40, stop=600)),
 }
 # the assign plain loop with the default initialisation (GPTConfig.init_std, SPEC §10): init's runs, shared with it
@@ -115,8 +118,8 @@ QUICK = {
                    diagnosis=dict(recipes=["plain", "clip"], seeds=[1], stop=50),
                    confirmation=[dict(recipes=["train_py"], seeds=[1, 2])], guard=dict(recipes=["clip"], seeds=[1, 2],
                                                                                         stop=50)),
-    "init": dict(FULL["init"], seeds=[0, 1], assign=dict(n_layer=1, block_size=16, batch_size=4, max_iters=20,
-                                                         eval_iters=2, every=10, early=[10, 20]),
+    "init": dict(FULL["init"], seeds=[0, 1], early=[10, 20],
+                 assign=dict(n_layer=1, block_size=16, batch_size=4, max_iters=20, eval_iters=2, every=10),
                  c4=dict(n_layer=1, block_size=32, batch_size=2, max_iters=100, eval_iters=2, stop=50)),
 }
 QUICK["guard"] = dict(FULL["guard"], seeds=QUICK["init"]["seeds"])
@@ -437,6 +440,8 @@ def masked_tile_shares(F, tile, thresholds):
     """{threshold: the share of (query tile, key tile) pairs strictly below the diagonal whose every entry has
     F >= threshold}; F (B, T, T) of one layer, T a multiple of tile. Each tile's smallest F is on its first row."""
     B, T, _ = F.shape
+    if T % tile:
+        raise ValueError(f"the tile ({tile}) must divide the block ({T})")
     n = T // tile
     smallest = F[:, ::tile, :].reshape(B, n, n, tile).amin(-1)  # (B, query tile, key tile)
     below = torch.ones(n, n, dtype=torch.bool).tril(-1)
@@ -553,6 +558,9 @@ def diagnostics(model, probe, val, ctx, selective):
     return out
 
 
+PLAIN_LOG_EVERY = 50  # steps between a plain-loop run's logged records, unless its settings give `every`
+
+
 def plain_run(job):
     """One plain-loop training run (a worker process, 1 thread); writes out/<name>.jsonl, returns its path."""
     r, cfg, log_path = job["recipe"], job["cfg"], job["log"]
@@ -574,7 +582,7 @@ def plain_run(job):
     head_dim, C = r["n_embd"] // job["n_head"], r["n_embd"]
     records, window, started = [], [], time.time()
     for it in range(steps + 1):
-        if it % cfg.get("every", 50) == 0:
+        if it % cfg.get("every", PLAIN_LOG_EVERY) == 0:
             rec = {"iter": it, **diagnostics(model, val[0][0], val, ctx, job["selective"]),
                    "elapsed_s": round(time.time() - started, 1)}
             records.append(rec | {k: max(w[k] for w in window) if k.endswith("max") else
@@ -599,10 +607,15 @@ def plain_run(job):
         opt.zero_grad(set_to_none=True)
         window.append({"loss": loss.item(), "grad_norm": total, "grad_norm_max": total, "grad_norm_qk0": qk0,
                        "grad_norm_qk0_max": qk0, **adam_steps(model, opt, head_dim, C, r["beta2"])})
-    write_jsonl(log_path, [{"git_commit": git_commit(), "config": {
-        "name": job["name"], "recipe": r, **cfg, "seed": job["seed"], "n_head": job["n_head"],
-        "selective": job["selective"], **{k: job[k] for k in ("task", "init") if k in job}}}] + records)
+    write_jsonl(log_path, [{"git_commit": git_commit(), "config": plain_config(job)}] + records)
     return log_path
+
+
+def plain_config(job):
+    """A plain-loop run's settings, as its log's header keeps them (JSON's types)."""
+    return json.loads(json.dumps({"name": job["name"], "recipe": job["recipe"], **job["cfg"], "seed": job["seed"],
+                                  "n_head": job["n_head"], "selective": job["selective"],
+                                  **{k: job[k] for k in ("task", "init") if k in job}}))
 
 
 def adam_steps(model, opt, head_dim, C, beta2):
@@ -625,6 +638,9 @@ def run_jobs(jobs, workers):
     todo = [j for j in jobs if not os.path.exists(j["log"])]
     for j in jobs:
         print(f"  {j['name']}: {'finished already' if j not in todo else 'to run'}", flush=True)
+        if j not in todo and read_jsonl(j["log"])[0]["config"] != plain_config(j):  # a changed setting in this file
+            raise SystemExit(f"experiments.py: {j['log']} is a run with other settings than {j['name']} has now: "
+                             f"delete it, or give another --out_dir")
     if any(j["recipe"].get("bf16", True) for j in todo) and not cpu_has_native_bf16():
         print("  note: the C4 runs autocast to bfloat16, which this CPU emulates (it has neither AVX512-BF16 nor AMX):"
               " each step takes many times longer than on one that has them (docs/PERFORMANCE.md, CPU dtype)",
@@ -716,33 +732,34 @@ def init_jobs(cfg, data_dir, out_root):
 
 
 def init_experiment(cfg, data_dir, out_root, assets):
+    """Every init job (init_jobs), then the table's numbers (init_results)."""
     os.makedirs(os.path.join(out_root, "init"), exist_ok=True)
     jobs = init_jobs(cfg, data_dir, out_root)
     logs = run_jobs(jobs, cfg["workers"])
     for name, records in logs.items():
         keep_log(records, name, assets)
-    return init_results(jobs, logs)
+    return init_results(jobs, logs, cfg["early"])
 
 
-def init_results(jobs, logs):
+def init_results(jobs, logs, early):
     """Per loop and candidate, each variant over the seeds: the final answer accuracy (assign) or validation loss
-    (C4); on assign also the accuracy at its two `early` steps and the first logged step at 0.9. And what the
+    (C4); on assign also the accuracy at the `early` steps and the first logged step at 0.9. And what the
     diagnostics say about the start: layer 0's largest F and head 0's entropy at step 0, the largest gradient norm
     (all weights, head 0's q/k) before the first logged step, and the share of F > 5 at the end (means over seeds)."""
     rows = []
     for loop, init in dict.fromkeys((j["loop"], j["init"]) for j in jobs):
         row, assign = {"loop": loop, "init": init}, INIT_LOOPS[loop][0] == "assign"
         cfg = next(j["cfg"] for j in jobs if j["loop"] == loop)
-        first_logged = cfg.get("every", 50)
+        first_logged = cfg.get("every", PLAIN_LOG_EVERY)
         for variant in ("std", "sel"):
             mine = [logs[j["name"]] for j in jobs if (j["loop"], j["init"], j["selective"]) ==
                     (loop, init, variant == "sel")]
-            evals = [{r["iter"]: r for r in log[1:]} for log in mine]
+            by_step = [{r["iter"]: r for r in log[1:]} for log in mine]
             row[variant] = mean_sd([log[-1]["val_accuracy" if assign else "val_loss"] for log in mine])
             if assign:
-                row[f"{variant}_early"] = {str(s): mean_sd([e[s]["val_accuracy"] for e in evals]) for s in cfg["early"]}
+                row[f"{variant}_early"] = {str(s): mean_sd([e[s]["val_accuracy"] for e in by_step]) for s in early}
                 row[f"{variant}_step_to_0.9"] = [min((s for s, r in e.items() if r["val_accuracy"] >= 0.9),
-                                                     default=None) for e in evals]
+                                                     default=None) for e in by_step]
             first = [[r for r in log[1:] if r["iter"] <= first_logged and "grad_norm_max" in r] for log in mine]
             row[f"{variant}_grad_norm_max_first"] = statistics.mean(max(r["grad_norm_max"] for r in f)
                                                                         for f in first)
@@ -775,19 +792,23 @@ def init_table(result):
                         "step 0 is the same for both variants, which share their initialisation)", ""]
 
 
-# guard: a check cheap enough to run after any change (minutes on 2 cores, float32, no data): the init section's
+# guard: a check cheap enough to run after any change (under half an hour on 2 cores, float32, no data): init's
 # assign plain loop with the default initialisation. In every seed selective must reach min_accuracy and leave at most
 # error_share of the standard model's errors (1 - answer accuracy) after the last step; else exit 1.
 
 def guard_experiment(cfg, init_cfg, out_root, assets):
+    """init's assign-loop runs of cfg['init'] over cfg['seeds'] (run here if init has not), and the verdict."""
     runs = dict(init_cfg, loops=["assign"], candidates=[cfg["init"]], seeds=cfg["seeds"])
     row = init_experiment(runs, None, out_root, assets)["rows"][0]
     return {"row": row, "holds": assign_guard_holds(row, cfg), "settings": cfg}
 
 
 def assign_guard_holds(row, cfg):
-    return all(sel >= cfg["min_accuracy"] and 1 - sel <= cfg["error_share"] * (1 - std)
-               for std, sel in zip(row["std"]["values"], row["sel"]["values"]))
+    """Every seed ran, and in each selective's final answer accuracy >= min_accuracy and its errors <= error_share
+    of standard's (so a standard model with no errors leaves selective none)."""
+    stds, sels = row["std"]["values"], row["sel"]["values"]
+    return len(stds) == len(sels) == len(cfg["seeds"]) > 0 and all(
+        sel >= cfg["min_accuracy"] and 1 - sel <= cfg["error_share"] * (1 - std) for std, sel in zip(stds, sels))
 
 
 def guard_table(result):
@@ -1062,6 +1083,16 @@ def run_section(what, cfg, data_dir, out_root, assets):
     return pruning_experiment(cfg["pruning"], cfg["heads"], data_dir, out_root, assets)
 
 
+def check_guard(what, result):
+    """Exit 1 (after the section's results are written) if the section's guard fails."""
+    if what == "recipe" and not all(guard_holds(r)[0] for r in result["guard"]):
+        raise SystemExit("experiments.py: the guard failed: selective attention trains worse than standard under "
+                         "the plain recipe with clipping (docs/RESULTS.md, The training recipe)")
+    if what == "guard" and not result["holds"]:
+        raise SystemExit("experiments.py: the assign guard failed: selective attention does not learn the assign "
+                         "task far better than standard in the plain loop (docs/RESULTS.md, Initialisation)")
+
+
 def main(argv=None):
     if sys.platform.startswith("linux") and any(os.environ.get(k) != v for k, v in KEEP_FREED_MEMORY.items()):
         # glibc reads these at start: run again with them (they pass on to the train.py runs)
@@ -1097,17 +1128,12 @@ def main(argv=None):
         results["command"] = "python experiments.py" + (" --quick" if args.quick else "")
         results["commit"] = (git_commit() or "")[:7] or None
         write_json(results_path, results)
+        if not args.quick:  # the quick settings check the pipeline: too small for a guard to mean anything
+            check_guard(what, results[what])
     write_atomic(os.path.join(assets, "results.md"), lambda tmp: pathlib.Path(tmp).write_text(tables(results) + "\n"))
     print(tables(results))
     plots(assets)
-    if args.quick:  # the quick settings check the pipeline: too small for the guards to mean anything
-        return
-    if "recipe" in todo and not all(guard_holds(r)[0] for r in results["recipe"]["guard"]):
-        raise SystemExit("experiments.py: the guard failed: selective attention trains worse than standard under "
-                         "the plain recipe with clipping (docs/RESULTS.md, The training recipe)")
-    if "guard" in todo and not results["guard"]["holds"]:
-        raise SystemExit("experiments.py: the assign guard failed: selective attention does not learn the assign "
-                         "task far better than standard in the plain loop (docs/RESULTS.md, Initialisation)")
+
 
 
 if __name__ == "__main__":

@@ -246,7 +246,8 @@ def test_train_assign_end_to_end(assign_run):
 
 
 def test_the_logged_attention_path_is_the_one_that_runs(assign_run, tmp_path):
-    """With the memory loss on, every layer keeps F, so the mask path runs: the log says so (else 'auto')."""
+    """With the memory loss on, every layer keeps F, so the mask path runs: the log says so (else what 'auto' picks:
+    tiled here)."""
     assert log_records(assign_run)[0]["attention_path"] == "tiled"
     code, text = run_main("train.py", "--dataset", "assign", "--selective", *TINY, "--max_iters", "1",
                           "--memory_loss_weight", "0.1", "--out_dir", str(tmp_path / "out"))
@@ -412,12 +413,41 @@ def test_assign_guard_needs_every_seed_to_learn_and_to_leave_few_of_standards_er
     cfg = experiments.FULL["guard"]
     assert experiments.INITS[cfg["init"]] == GPTConfig.init_std, "the guard runs the default initialisation"
     row = lambda std, sel: {"std": experiments.mean_sd(std), "sel": experiments.mean_sd(sel)}  # noqa: E731
-    assert experiments.assign_guard_holds(row([0.98, 0.95, 0.99], [0.999, 0.99, 0.998]), cfg)
-    assert not experiments.assign_guard_holds(row([0.98, 0.95, 0.99], [0.999, 0.99, 0.997]), cfg)  # 0.3 of 0.01
+    assert experiments.assign_guard_holds(row([0.98, 0.95, 0.99], [0.999, 0.995, 0.999]), cfg)
+    assert not experiments.assign_guard_holds(row([0.98, 0.95, 0.99], [0.999, 0.995, 0.997]), cfg)  # 0.3 of 0.01
     assert not experiments.assign_guard_holds(row([0.5, 0.5, 0.5], [0.89, 0.95, 0.95]), cfg)  # one seed below 0.9
+    assert not experiments.assign_guard_holds(row([0.98, 0.95], [0.999, 0.995]), cfg)  # a seed missing
     text = "\n".join(experiments.guard_table({"row": row([0.98], [0.999]) | {"init": "nanogpt"}, "holds": True,
                                                "settings": cfg}))
     assert "standard / selective per seed: 0.9800 / 0.9990): holds" in text
+    experiments.check_guard("guard", {"holds": True})
+    with pytest.raises(SystemExit, match="the assign guard failed"):
+        experiments.check_guard("guard", {"holds": False})
+
+
+def test_a_failing_guard_exits_1_once_its_section_is_written_but_not_in_a_quick_run(tmp_path, monkeypatch):
+    for key, value in experiments.KEEP_FREED_MEMORY.items():
+        monkeypatch.setenv(key, value)  # else main starts itself again with them
+    row = {"init": "nanogpt", "std": experiments.mean_sd([0.98]), "sel": experiments.mean_sd([0.95])}
+    monkeypatch.setattr(experiments, "run_section", lambda *args: {"holds": False, "row": row,
+                                                                   "settings": experiments.FULL["guard"]})
+    flags = ["--only", "guard", "--out_dir", str(tmp_path / "runs"), "--assets", str(tmp_path / "assets")]
+    with pytest.raises(SystemExit, match="the assign guard failed"):
+        experiments.main(flags)
+    assert json.load(open(tmp_path / "assets" / "results.json"))["guard"]["holds"] is False
+    experiments.main(["--quick", *flags])  # the pipeline check: no exit
+
+
+def test_plain_runs_on_disk_are_reused_only_with_the_same_settings(tmp_path):
+    cfg = dict(experiments.QUICK["init"], loops=["assign"], candidates=["nanogpt"], seeds=[0])
+    job = experiments.init_jobs(cfg, None, str(tmp_path))[0]
+    os.makedirs(os.path.dirname(job["log"]))
+    common.write_jsonl(job["log"], [{"config": experiments.plain_config(job)}, {"iter": 0}])
+    assert experiments.run_jobs([job], 1)[job["name"]][1] == {"iter": 0}  # finished already: not trained again
+    longer = dict(job, cfg=dict(job["cfg"], max_iters=40))  # as a run made before a change of max_iters
+    common.write_jsonl(job["log"], [{"config": experiments.plain_config(longer)}, {"iter": 0}])
+    with pytest.raises(SystemExit, match="is a run with other settings"):
+        experiments.run_jobs([job], 1)
 
 
 @pytest.mark.parametrize("B, T, tile", [(2, 16, 4), (1, 40, 8), (3, 32, 8)])
@@ -833,6 +863,8 @@ def test_experiments_quick(tmp_path):
             "machine"} <= results.keys()
     assert len(results["heads"]["rows"]) == 2 and len(results["pruning"]) == 2
     assert [len(r["layers"]) for r in results["tiles"]["rows"]] == [2, 2]  # memory loss 0 and 0.1, 2 layers each
+    assert all(0 <= share <= 1 for r in results["tiles"]["rows"] for layer in r["layers"] for share in layer.values())
+    assert results["guard"]["holds"] in (True, False) and len(results["guard"]["row"]["sel"]["values"]) == 2
     assert [(r["loop"], r["init"]) for r in results["init"]["rows"]][:2] == [("assign", "nanogpt"), ("assign", "width")]
     assert len(results["init"]["rows"]) == 9 and set(results["init"]["rows"][0]["sel_early"]) == {"10", "20"}
     check = results["heads"]["rate_check"]  # the standard model at a larger rate; both variants there if it wins

@@ -276,8 +276,8 @@ def start_run(args, ckpt, raw, device, world, peak_flops):
         pathlib.Path(args.out_dir, name).unlink(missing_ok=True)
     dtype = autocast_dtype(device.split(":")[0], args.dtype)
     q = torch.empty(1, args.n_head, 1, args.n_embd // args.n_head, device=device, dtype=getattr(torch, dtype))
-    path = None if not args.selective else "mask" if args.memory_loss_weight > 0 else attention_path(  # the loss
-        args.attention, q, args.dropout, args.mask_bos or args.mask_self)  # needs F, which the mask path keeps (§7)
+    path = attention_path(args.attention, q, args.dropout, args.mask_bos or args.mask_self) if args.selective else None
+    path = "mask" if args.memory_loss_weight > 0 else path  # the memory loss keeps every layer's F: mask (SPEC §7)
     tokens_per_iter = args.grad_accum * args.batch_size * args.block_size
     start_log(args, ckpt, os.path.join(args.out_dir, "log.jsonl"), {
         "config": vars(args), "model": model_args(args), "git_commit": git_commit(), "device": device,
