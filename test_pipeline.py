@@ -375,7 +375,10 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
     out = tmp_path / "o"
     proc = subprocess.Popen([sys.executable, "train.py", "--dataset", "assign", *TINY, "--max_iters", "100000",
                              "--eval_interval", "5", "--log_interval", "100", "--out_dir", str(out)],
-                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a shell without job control starts background commands (a test run with `&`) with
+                            # Ctrl-C ignored, and children inherit that: give train.py a terminal's Ctrl-C
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (out / "ckpt.pt").exists() and time.time() < deadline:
         time.sleep(0.2)
