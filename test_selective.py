@@ -875,6 +875,17 @@ def test_readme_shows_selective_mask_as_it_is():
         assert code.strip() in f.read()
 
 
+def test_ci_runs_the_readmes_test_commands_as_written():
+    """Every `python -m pytest` line of the README's command blocks is a command .ci/run runs, word for word."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "README.md"), encoding="utf-8") as f:
+        blocks = "".join(re.findall(r"```bash\n(.*?)```", f.read(), flags=re.S))
+    with open(os.path.join(here, ".ci", "run"), encoding="utf-8") as f:
+        ci = [line.split(" || ")[0].strip() for line in f]
+    readme = [line.strip() for line in blocks.splitlines() if line.startswith("python -m pytest")]
+    assert readme and all(line in ci for line in readme), (readme, ci)
+
+
 def test_selective_model_warns_about_an_unguarded_optimiser():
     """§8: beta2 > 0.99 without gradient clipping is named at training time; either guard silences it."""
     model = tiny_model(dtype=torch.float32)
