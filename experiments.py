@@ -99,7 +99,11 @@ FULL = {
                  workers=2, assign=dict(n_layer=2, block_size=64, batch_size=32, max_iters=2500, eval_iters=20,
                                         every=250),
                  early=[250, 500],  # the steps at which the table gives the assign loop's accuracy
-                 c4=dict(n_layer=4, block_size=128, batch_size=16, max_iters=1500, eval_iters=40, stop=600)),
+                 # C4: only the candidates the assign loop left in contention (width_qk0 learned later there, and
+                 # one seed stalled); float32, as a CPU without AVX512-BF16 or AMX emulates bf16 (docs/PERFORMANCE.md)
+                 c4_candidates=["nanogpt", "width"],
+                 c4=dict(n_layer=4, block_size=128, batch_size=16, max_iters=1500, eval_iters=40, stop=600,
+                         every=100, dtype="float32")),
 }
 # the assign plain loop with the default initialisation (GPTConfig.init_std, SPEC §10): init's runs, shared with it
 FULL["guard"] = dict(init="nanogpt", seeds=FULL["init"]["seeds"], min_accuracy=0.9, error_share=0.2)
@@ -120,7 +124,8 @@ QUICK = {
                                                                                         stop=50)),
     "init": dict(FULL["init"], seeds=[0, 1], early=[10, 20],
                  assign=dict(n_layer=1, block_size=16, batch_size=4, max_iters=20, eval_iters=2, every=10),
-                 c4=dict(n_layer=1, block_size=32, batch_size=2, max_iters=100, eval_iters=2, stop=50)),
+                 c4=dict(n_layer=1, block_size=32, batch_size=2, max_iters=100, eval_iters=2, stop=50, every=25,
+                         dtype="float32")),
 }
 QUICK["guard"] = dict(FULL["guard"], seeds=QUICK["init"]["seeds"])
 SECTIONS = ("heads", "ablations", "assign", "pruning", "tiles", "recipe", "init", "guard")
@@ -578,7 +583,8 @@ def plain_run(job):
     val = [batch("val", -1, i) for i in range(cfg["eval_iters"])]
     model, opt = plain_model(job)
     params, warmup, min_lr = list(model.parameters()), 100, r["lr"] / 10
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if r.get("bf16", True) else contextlib.nullcontext()
+    bf16 = r.get("bf16", True) and cfg.get("dtype", "bfloat16") == "bfloat16"  # the recipe's, unless cfg says
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     head_dim, C = r["n_embd"] // job["n_head"], r["n_embd"]
     records, window, started = [], [], time.time()
     for it in range(steps + 1):
@@ -607,7 +613,8 @@ def plain_run(job):
         opt.zero_grad(set_to_none=True)
         window.append({"loss": loss.item(), "grad_norm": total, "grad_norm_max": total, "grad_norm_qk0": qk0,
                        "grad_norm_qk0_max": qk0, **adam_steps(model, opt, head_dim, C, r["beta2"])})
-    write_jsonl(log_path, [{"git_commit": git_commit(), "config": plain_config(job)}] + records)
+    write_jsonl(log_path, [{"git_commit": git_commit(), "config": plain_config(job),
+                            "dtype": "bfloat16" if bf16 else "float32"}] + records)
     return log_path
 
 
@@ -715,13 +722,12 @@ INIT_LOOPS = {"assign": ("assign", "assign"), "c4_plain": ("c4", "plain"), "c4_t
 
 
 def init_jobs(cfg, data_dir, out_root):
-    """Per loop, candidate, seed and variant, one plain_run job; seed-major within a loop, so a cut-short sweep has
-    whole seeds."""
+    """Per seed, loop, candidate and variant, one plain_run job: seed-major, so a cut-short sweep has whole seeds."""
     jobs = []
-    for loop in cfg["loops"]:
-        task, recipe = INIT_LOOPS[loop]
-        for seed in cfg["seeds"]:
-            for init in cfg["candidates"]:
+    for seed in cfg["seeds"]:
+        for loop in cfg["loops"]:
+            task, recipe = INIT_LOOPS[loop]
+            for init in cfg["candidates"] if task == "assign" else cfg["c4_candidates"]:
                 for selective in (False, True):
                     name = f"init-{loop}-{init}-{'sel' if selective else 'std'}-s{seed}"
                     jobs.append(dict(name=name, loop=loop, task=task, init=init, recipe_name=recipe,

@@ -453,6 +453,26 @@ def test_plain_runs_on_disk_are_reused_only_with_the_same_settings(tmp_path):
         experiments.run_jobs([job], 1)
 
 
+def test_init_runs_each_seed_whole_and_c4_in_the_dtype_its_settings_give(tmp_path, c4_data):
+    cfg = dict(experiments.QUICK["init"], seeds=[0, 1])
+    jobs = experiments.init_jobs(cfg, c4_data, str(tmp_path))
+    assert [(j["seed"], j["loop"], j["init"]) for j in jobs[:8:2]] == [
+        (0, "assign", "nanogpt"), (0, "assign", "width"), (0, "assign", "width_qk0"), (0, "c4_plain", "nanogpt")]
+    assert [j["seed"] for j in jobs] == [0] * (len(jobs) // 2) + [1] * (len(jobs) // 2)
+    assert {j["init"] for j in jobs if j["task"] == "c4"} == set(cfg["c4_candidates"])
+    job, threads = next(j for j in jobs if j["task"] == "c4"), torch.get_num_threads()
+    os.makedirs(os.path.dirname(job["log"]))
+    try:  # plain_run sets 1 thread, as in its worker process
+        for dtype in ("float32", "bfloat16"):
+            log = experiments.plain_run(dict(job, cfg=dict(job["cfg"], dtype=dtype, stop=1), log=job["log"] + dtype))
+            assert common.read_jsonl(log)[0]["dtype"] == dtype
+        log = experiments.plain_run(dict(job, recipe=experiments.RECIPES["assign"], cfg=dict(job["cfg"], stop=1,
+                                                                                             dtype="bfloat16")))
+        assert common.read_jsonl(log)[0]["dtype"] == "float32"  # a recipe without bf16 stays in float32
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("B, T, tile", [(2, 16, 4), (1, 40, 8), (3, 32, 8)])
 def test_masked_tile_shares_match_every_entry_of_every_tile(B, T, tile):
     """experiments.masked_tile_shares reads only each tile's first row (F never decreases down the queries); here
@@ -869,7 +889,7 @@ def test_experiments_quick(tmp_path):
     assert all(0 <= share <= 1 for r in results["tiles"]["rows"] for layer in r["layers"] for share in layer.values())
     assert results["guard"]["holds"] in (True, False) and len(results["guard"]["row"]["sel"]["values"]) == 2
     assert [(r["loop"], r["init"]) for r in results["init"]["rows"]][:2] == [("assign", "nanogpt"), ("assign", "width")]
-    assert len(results["init"]["rows"]) == 9 and set(results["init"]["rows"][0]["sel_early"]) == {"10", "20"}
+    assert len(results["init"]["rows"]) == 7 and set(results["init"]["rows"][0]["sel_early"]) == {"10", "20"}
     check = results["heads"]["rate_check"]  # the standard model at a larger rate; both variants there if it wins
     assert set(check["val_loss"]) == {"0.001", "0.002", "0.004"} and ("gap" in check) == (check["best"] != 0.002)
     variants = [r["variant"] for r in results["ablations"]["rows"]]
