@@ -583,7 +583,7 @@ def plain_run(job):
     val = [batch("val", -1, i) for i in range(cfg["eval_iters"])]
     model, opt = plain_model(job)
     params, warmup, min_lr = list(model.parameters()), 100, r["lr"] / 10
-    bf16 = r.get("bf16", True) and cfg.get("dtype", "bfloat16") == "bfloat16"  # the recipe's, unless cfg says
+    bf16 = autocasts_bf16(job)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     head_dim, C = r["n_embd"] // job["n_head"], r["n_embd"]
     records, window, started = [], [], time.time()
@@ -618,6 +618,11 @@ def plain_run(job):
     return log_path
 
 
+def autocasts_bf16(job):
+    """Whether a plain-loop run autocasts to bfloat16: its recipe's choice, unless its settings say float32."""
+    return job["recipe"].get("bf16", True) and job["cfg"].get("dtype", "bfloat16") == "bfloat16"
+
+
 def plain_config(job):
     """A plain-loop run's settings, as its log's header keeps them (JSON's types)."""
     return json.loads(json.dumps({"name": job["name"], "recipe": job["recipe"], **job["cfg"], "seed": job["seed"],
@@ -648,7 +653,7 @@ def run_jobs(jobs, workers):
         if j not in todo and read_jsonl(j["log"])[0]["config"] != plain_config(j):  # a changed setting in this file
             raise SystemExit(f"experiments.py: {j['log']} is a run with other settings than {j['name']} has now: "
                              f"delete it, or give another --out_dir")
-    if any(j["recipe"].get("bf16", True) for j in todo) and not cpu_has_native_bf16():
+    if any(autocasts_bf16(j) for j in todo) and not cpu_has_native_bf16():
         print("  note: the C4 runs autocast to bfloat16, which this CPU emulates (it has neither AVX512-BF16 nor AMX):"
               " each step takes many times longer than on one that has them (docs/PERFORMANCE.md, CPU dtype)",
               flush=True)
