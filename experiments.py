@@ -23,9 +23,9 @@ The paper's claims (SPEC §6), checked at the scale two CPU cores allow. One com
            result switched at a time (RECIPES, 600 steps), train.py's recipe over 3 seeds, and a guard that fails
            (exit 1) if selective trains worse than standard under the plain recipe with gradient clipping
   init     the weights' std at initialisation (SPEC §10): nanoGPT's 0.02, the width rule 1/sqrt(3 n_embd), and the
-           width rule on head 0's query and key rows only, each in three plain loops (the assign task with AdamW
-           at PyTorch's defaults and no schedule; the C4 plain recipe; the C4 train.py recipe), standard and
-           selective, 3 seeds
+           width rule on head 0's query and key rows only, in the assign task's plain loop (AdamW at PyTorch's
+           defaults, no schedule); the candidates left in contention also in two C4 plain loops (the plain recipe,
+           train.py's recipe; float32, 600 steps), standard and selective, 3 seeds
   guard    init's assign loop with the default initialisation, 3 seeds: exit 1 unless selective reaches 0.9 answer
            accuracy with at most a fifth of standard's errors in every seed (under half an hour on 2 cores; no data)
 
@@ -91,16 +91,17 @@ FULL = {
                    confirmation=[dict(recipes=["train_py"], seeds=[1, 2, 3])],
                    # the guard: the plain recipe with the clipping it needs, 2 seeds, 600 steps
                    guard=dict(recipes=["clip"], seeds=[1, 2], stop=600)),
-    # SPEC §10: each candidate in each loop; the assign loop at the sizes of the measurement that raised the question
+    # SPEC §10; the assign loop at the sizes of a 10k-step key-value recall measurement with std 0.02 (2 layers, 128
+    # wide, block 64, batch 32; docs/RESULTS.md, Initialisation), but 2,500 steps: on this task both variants have
+    # flattened by then (the 10k-step runs of seed 0, same place)
     "init": dict(candidates=["nanogpt", "width", "width_qk0"], seeds=[0, 1, 2],
                  loops=["assign", "c4_plain", "c4_train_py"], n_head=4,
-                 # 2,500 steps, not the 10k of that measurement: on this task both variants have flattened by then
-                 # (docs/RESULTS.md, Initialisation: the 10k-step runs of seed 0)
                  workers=2, assign=dict(n_layer=2, block_size=64, batch_size=32, max_iters=2500, eval_iters=20,
                                         every=250),
-                 early=[250, 500],  # the steps at which the table gives the assign loop's accuracy
-                 # C4: only the candidates the assign loop left in contention (width_qk0 learned later there, and
-                 # one seed stalled); float32, as a CPU without AVX512-BF16 or AMX emulates bf16 (docs/PERFORMANCE.md)
+                 # the steps at which the table gives each task's accuracy (assign) or validation loss (C4)
+                 early=dict(assign=[250, 500], c4=[200, 400]),
+                 # C4: the 0.02 baseline and the assign loop's winner (SPEC §10; docs/RESULTS.md, Initialisation),
+                 # in float32, as a CPU without AVX512-BF16 or AMX emulates bf16 (docs/PERFORMANCE.md, CPU dtype)
                  c4_candidates=["nanogpt", "width"],
                  c4=dict(n_layer=4, block_size=128, batch_size=16, max_iters=1500, eval_iters=40, stop=600,
                          every=100, dtype="float32")),
@@ -122,7 +123,7 @@ QUICK = {
                    diagnosis=dict(recipes=["plain", "clip"], seeds=[1], stop=50),
                    confirmation=[dict(recipes=["train_py"], seeds=[1, 2])], guard=dict(recipes=["clip"], seeds=[1, 2],
                                                                                         stop=50)),
-    "init": dict(FULL["init"], seeds=[0, 1], early=[10, 20],
+    "init": dict(FULL["init"], seeds=[0, 1], early=dict(assign=[10, 20], c4=[25]),
                  assign=dict(n_layer=1, block_size=16, batch_size=4, max_iters=20, eval_iters=2, every=10),
                  c4=dict(n_layer=1, block_size=32, batch_size=2, max_iters=100, eval_iters=2, stop=50, every=25,
                          dtype="float32")),
@@ -485,9 +486,11 @@ def tiles_table(result):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# recipe: selective vs standard under a plain training loop, where selective can train worse than standard (SPEC §8).
-# The loop is deliberately not train.py: it is what a user writes (AdamW, warmup + cosine, optionally no clipping),
-# with each candidate cause switched one at a time. Every 50 steps it logs the diagnostics that tell the causes apart.
+# The plain loop (plain_run, shared by the sections recipe, init and guard): deliberately not train.py, but what a
+# user writes (AdamW, warmup + cosine, optionally no clipping). Every `every` steps (PLAIN_LOG_EVERY unless the
+# settings say) it logs the diagnostics that tell the causes of a bad result apart; `stop` ends a run early.
+# recipe: selective vs standard under that loop, where selective can train worse than standard (SPEC §8), with each
+# candidate cause switched one at a time.
 
 RECIPES = {  # the plain recipe, then one change each; "train_py" is train.py's optimiser defaults
     "plain": dict(lr=2e-3, beta2=0.999, clip=0.0, decay_all=True, init_std=0.02, n_embd=128, tied=True),
@@ -588,7 +591,7 @@ def plain_run(job):
     head_dim, C = r["n_embd"] // job["n_head"], r["n_embd"]
     records, window, started = [], [], time.time()
     for it in range(steps + 1):
-        if it % cfg.get("every", PLAIN_LOG_EVERY) == 0:
+        if it % cfg.get("every", PLAIN_LOG_EVERY) == 0 or it == stop:
             rec = {"iter": it, **diagnostics(model, val[0][0], val, ctx, job["selective"]),
                    "elapsed_s": round(time.time() - started, 1)}
             records.append(rec | {k: max(w[k] for w in window) if k.endswith("max") else
@@ -620,7 +623,10 @@ def plain_run(job):
 
 def autocasts_bf16(job):
     """Whether a plain-loop run autocasts to bfloat16: its recipe's choice, unless its settings say float32."""
-    return job["recipe"].get("bf16", True) and job["cfg"].get("dtype", "bfloat16") == "bfloat16"
+    dtype = job["cfg"].get("dtype", "bfloat16")
+    if dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"a plain run's dtype is bfloat16 or float32, not {dtype!r}")
+    return job["recipe"].get("bf16", True) and dtype == "bfloat16"
 
 
 def plain_config(job):
@@ -719,15 +725,18 @@ def recipe_experiment(cfg, data_dir, out_root, assets):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# init: the weights' std at initialisation (SPEC §10), candidates x loops x {standard, selective} x seeds, in the
-# plain loop: the assign task (AdamW at PyTorch's defaults, no schedule, no clipping), the C4 plain recipe and the
-# C4 train.py recipe. The logs keep the diagnostics (gradient norms, largest F, share of F > 5, head 0's entropy).
+# init: the weights' std at initialisation (SPEC §10), seeds x loops x candidates x {standard, selective}, all in the
+# plain loop: the assign task (AdamW at PyTorch's defaults, no schedule, no clipping; `candidates`), then C4 with the
+# plain recipe and with train.py's recipe (`c4_candidates`). The logs keep the diagnostics (gradient norms, largest
+# F, share of F > 5, head 0's entropy).
 
+# loop: (task, RECIPES key); every loop is plain_run, c4_train_py too (train.py's optimiser settings, not train.py)
 INIT_LOOPS = {"assign": ("assign", "assign"), "c4_plain": ("c4", "plain"), "c4_train_py": ("c4", "train_py")}
 
 
 def init_jobs(cfg, data_dir, out_root):
-    """Per seed, loop, candidate and variant, one plain_run job: seed-major, so a cut-short sweep has whole seeds."""
+    """Per seed, loop, candidate and variant, one plain_run job: seed-major, so a sweep cut short has whole seeds
+    (and on a fresh start the cheap assign runs of later seeds wait behind the C4 runs of the first)."""
     jobs = []
     for seed in cfg["seeds"]:
         for loop in cfg["loops"]:
@@ -753,22 +762,25 @@ def init_experiment(cfg, data_dir, out_root, assets):
 
 
 def init_results(jobs, logs, early):
-    """Per loop and candidate, each variant over the seeds: the final answer accuracy (assign) or validation loss
-    (C4); on assign also the accuracy at the `early` steps and the first logged step at 0.9. And what the
+    """Per loop and candidate, each variant over the seeds: the answer accuracy (assign) or validation loss (C4) at
+    the last step and at the task's `early` steps, and on assign the first logged step at 0.9. And what the
     diagnostics say about the start: layer 0's largest F and head 0's entropy at step 0, the largest gradient norm
     (all weights, head 0's q/k) before the first logged step, and the share of F > 5 at the end (means over seeds)."""
     rows = []
     for loop, init in dict.fromkeys((j["loop"], j["init"]) for j in jobs):
-        row, assign = {"loop": loop, "init": init}, INIT_LOOPS[loop][0] == "assign"
-        cfg = next(j["cfg"] for j in jobs if j["loop"] == loop)
-        first_logged = cfg.get("every", PLAIN_LOG_EVERY)
+        task, job = INIT_LOOPS[loop][0], next(j for j in jobs if j["loop"] == loop)
+        metric = "val_accuracy" if task == "assign" else "val_loss"
+        first_logged = job["cfg"].get("every", PLAIN_LOG_EVERY)
+        row = {"loop": loop, "init": init, "dtype": "bfloat16" if autocasts_bf16(job) else "float32",
+               "first_logged": first_logged}
         for variant in ("std", "sel"):
             mine = [logs[j["name"]] for j in jobs if (j["loop"], j["init"], j["selective"]) ==
                     (loop, init, variant == "sel")]
             by_step = [{r["iter"]: r for r in log[1:]} for log in mine]
-            row[variant] = mean_sd([log[-1]["val_accuracy" if assign else "val_loss"] for log in mine])
-            if assign:
-                row[f"{variant}_early"] = {str(s): mean_sd([e[s]["val_accuracy"] for e in by_step]) for s in early}
+            row[variant] = mean_sd([log[-1][metric] for log in mine])
+            row["steps"] = mine[0][-1]["iter"]
+            row[f"{variant}_early"] = {str(s): mean_sd([e[s][metric] for e in by_step]) for s in early[task]}
+            if task == "assign":
                 row[f"{variant}_step_to_0.9"] = [min((s for s, r in e.items() if r["val_accuracy"] >= 0.9),
                                                      default=None) for e in by_step]
             first = [[r for r in log[1:] if r["iter"] <= first_logged and "grad_norm_max" in r] for log in mine]
@@ -790,13 +802,13 @@ def init_table(result):
              "share of F > 5 at the end (std / sel) |", "|:---|:---|" + "---:|" * 8]
     for r in result["rows"]:
         gap = mean_sd([b - a for a, b in zip(r["std"]["values"], r["sel"]["values"])])
-        early = "; ".join(f"step {s}: {pm(r['std_early'][s])} / {pm(r['sel_early'][s])}"
-                          for s in r.get("std_early", {})) or "-"
+        early = "; ".join(f"step {s}: {pm(r['std_early'][s])} / {pm(r['sel_early'][s])}" for s in r["std_early"])
         to_09 = (" / ".join(", ".join(str(s) if s is not None else "never" for s in r[f"{v}_step_to_0.9"])
                             for v in ("std", "sel")) if "std_step_to_0.9" in r else "-")
-        lines.append(f"| {r['loop']} ({len(r['std']['values'])} seeds) | {r['init']} | {pm(r['std'])} | "
-                     f"{pm(r['sel'])} | {pm(gap)} | {early} | {to_09} | "
-                     f"{r['std_grad_norm_max_first']:.1f} / {r['sel_grad_norm_max_first']:.1f} | "
+        lines.append(f"| {r['loop']} ({len(r['std']['values'])} seeds, {r['steps']} steps, {r['dtype']}) | "
+                     f"{r['init']} | {pm(r['std'])} | {pm(r['sel'])} | {pm(gap)} | {early} | {to_09} | "
+                     f"{r['std_grad_norm_max_first']:.1f} / {r['sel_grad_norm_max_first']:.1f} (steps 0-"
+                     f"{r['first_logged'] - 1}) | "
                      f"{r['std_max_F0_at_init']:.2f} | "
                      f"{r['std_share_F_over_5_at_end']:.3f} / {r['sel_share_F_over_5_at_end']:.3f} |")
     return lines + ["", "(assign: answer accuracy; C4: validation loss; mean +- sd over the seeds; layer 0's F at "
@@ -1133,7 +1145,7 @@ def main(argv=None):
         started = time.time()
         results[what] = run_section(what, cfg, args.data_dir, out_root, assets)
         wall[what] = time.time() - started
-        results["settings"] = {k: cfg[k] for k in SECTIONS}
+        results.setdefault("settings", {})[what] = cfg[what]  # the settings of the code that ran it
         results["machine"] = f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, " \
                              f"torch {torch.__version__}"
         results["command"] = "python experiments.py" + (" --quick" if args.quick else "")

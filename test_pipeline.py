@@ -453,24 +453,50 @@ def test_plain_runs_on_disk_are_reused_only_with_the_same_settings(tmp_path):
         experiments.run_jobs([job], 1)
 
 
-def test_init_runs_each_seed_whole_and_c4_in_the_dtype_its_settings_give(tmp_path, c4_data):
+def test_init_runs_each_seed_whole_and_c4_in_the_dtype_its_settings_give(tmp_path, c4_data, capsys, monkeypatch):
     cfg = dict(experiments.QUICK["init"], seeds=[0, 1])
     jobs = experiments.init_jobs(cfg, c4_data, str(tmp_path))
     assert [(j["seed"], j["loop"], j["init"]) for j in jobs[:8:2]] == [
         (0, "assign", "nanogpt"), (0, "assign", "width"), (0, "assign", "width_qk0"), (0, "c4_plain", "nanogpt")]
     assert [j["seed"] for j in jobs] == [0] * (len(jobs) // 2) + [1] * (len(jobs) // 2)
     assert {j["init"] for j in jobs if j["task"] == "c4"} == set(cfg["c4_candidates"])
-    job, threads = next(j for j in jobs if j["task"] == "c4"), torch.get_num_threads()
-    os.makedirs(os.path.dirname(job["log"]))
-    try:  # plain_run sets 1 thread, as in its worker process
-        for dtype in ("float32", "bfloat16"):
-            log = experiments.plain_run(dict(job, cfg=dict(job["cfg"], dtype=dtype, stop=1), log=job["log"] + dtype))
-            assert common.read_jsonl(log)[0]["dtype"] == dtype
-        log = experiments.plain_run(dict(job, recipe=experiments.RECIPES["assign"], cfg=dict(job["cfg"], stop=1,
-                                                                                             dtype="bfloat16")))
-        assert common.read_jsonl(log)[0]["dtype"] == "float32"  # a recipe without bf16 stays in float32
-    finally:
-        torch.set_num_threads(threads)
+    c4 = next(j for j in jobs if j["task"] == "c4")
+    os.makedirs(os.path.dirname(c4["log"]))
+    monkeypatch.setattr(experiments, "cpu_has_native_bf16", lambda: False)
+    for dtype, recipe, autocast in [("float32", "plain", "float32"), ("bfloat16", "plain", "bfloat16"),
+                                    ("bfloat16", "assign", "float32")]:  # a recipe without bf16 stays in float32
+        job = dict(c4, recipe=experiments.RECIPES[recipe], cfg=dict(c4["cfg"], dtype=dtype, stop=3, every=2),
+                   log=c4["log"].replace(".jsonl", f"-{dtype}-{recipe}.jsonl"))
+        log = experiments.run_jobs([job], 1)[job["name"]]
+        assert log[0]["dtype"] == autocast and [r["iter"] for r in log[1:]] == [0, 2, 3]  # and the last step
+        assert ("note: the C4 runs autocast to bfloat16" in capsys.readouterr().out) == (autocast == "bfloat16")
+    with pytest.raises(ValueError, match="bfloat16 or float32"):
+        experiments.autocasts_bf16(dict(c4, cfg=dict(c4["cfg"], dtype="float16")))
+
+
+def test_init_table_gives_each_loop_its_measure_at_the_steps_asked_over_the_seeds():
+    def log(metric, values, grad):  # records at steps 0, 10, 20 (every 10), as plain_run writes them
+        return [{"config": {}}] + [{"iter": 10 * i, metric: v, "max_F": [2.0 + i], "head0_entropy": [1.0],
+                                    "share_F_over_5": [0.1 * i]} | ({"grad_norm_max": grad * i,
+                                                                     "grad_norm_qk0_max": grad} if i else {})
+                                   for i, v in enumerate(values)]
+    cfg = dict(experiments.QUICK["init"], seeds=[0, 1], candidates=["nanogpt"], c4_candidates=["width"],
+               loops=["assign", "c4_plain"], assign=dict(every=10), c4=dict(every=10), early=dict(assign=[10],
+                                                                                                   c4=[10, 20]))
+    jobs = experiments.init_jobs(cfg, None, "runs")
+    logs = {j["name"]: log("val_accuracy", [0.1, 0.95 if j["selective"] else 0.5, 0.99 - 0.01 * j["seed"]], 3.0)
+            if j["task"] == "assign" else log("val_loss", [10.0, 7.0 - j["selective"], 6.0 - j["seed"]], 5.0 + j["seed"])
+            for j in jobs}
+    assign, c4 = experiments.init_results(jobs, logs, cfg["early"])["rows"]
+    assert assign["sel"]["values"] == [0.99, 0.98] and assign["sel_early"]["10"]["mean"] == 0.95
+    assert assign["sel_step_to_0.9"] == [10, 10] and assign["std_step_to_0.9"] == [20, 20]
+    assert c4["std"]["values"] == [6.0, 5.0] and c4["sel_early"]["10"]["mean"] == 6.0 and "std_step_to_0.9" not in c4
+    assert c4["std_grad_norm_max_first"] == 5.5 and c4["std_max_F0_at_init"] == 2.0  # only steps before 10 count
+    text = "\n".join(experiments.init_table({"rows": [assign, c4]}))
+    assert "| assign (2 seeds, 20 steps, float32) | nanogpt | 0.985 +- 0.007 | 0.985 +- 0.007 |" in text
+    assert "| c4_plain (2 seeds, 20 steps, bfloat16) | width | 5.500 +- 0.707 | 5.500 +- 0.707 | 0.000 +- 0.000 | " \
+           "step 10: 7.000 +- 0.000 / 6.000 +- 0.000; step 20: 5.500 +- 0.707 / 5.500 +- 0.707 | - | " \
+           "5.5 / 5.5 (steps 0-9) | 2.00 | 0.200 / 0.200 |" in text
 
 
 @pytest.mark.parametrize("B, T, tile", [(2, 16, 4), (1, 40, 8), (3, 32, 8)])
