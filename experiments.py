@@ -793,7 +793,27 @@ def init_results(jobs, logs, early):
             row[f"{variant}_share_F_over_5_at_end"] = statistics.mean(
                 statistics.mean(log[-1]["share_F_over_5"]) for log in mine)
         rows.append(row)
-    return {"rows": rows, "seeds": sorted({j["seed"] for j in jobs})}
+    return {"rows": rows, "seeds": sorted({j["seed"] for j in jobs}), "decision": init_decision(rows)}
+
+
+def init_decision(rows, baseline="nanogpt"):
+    """SPEC §10's rule on init_results' rows. Per loop: the candidates that leave the standard model worse than the
+    baseline does by more than the seed spread (at the last step), and the candidate whose selective model learns
+    fastest (its mean over the seeds, averaged over the early steps and the last). The default: the candidate that
+    is fastest in every loop and hurts in none; else the baseline."""
+    loops = {}
+    for loop in dict.fromkeys(r["loop"] for r in rows):
+        mine, better = {r["init"]: r for r in rows if r["loop"] == loop}, 1 if INIT_LOOPS[loop][0] == "assign" else -1
+        base = mine[baseline]["std"]
+        spread = {i: max(max(v["values"]) - min(v["values"]) for v in (r["std"], base)) for i, r in mine.items()}
+        learned = {i: better * statistics.mean([e["mean"] for e in r["sel_early"].values()] + [r["sel"]["mean"]])
+                   for i, r in mine.items()}
+        loops[loop] = {"fastest": max(learned, key=learned.get),
+                       "hurts_standard": [i for i, r in mine.items() if better * (base["mean"] - r["std"]["mean"]) >
+                                          spread[i]]}
+    fastest = {verdict["fastest"] for verdict in loops.values()}
+    passes = len(fastest) == 1 and not any(fastest & set(verdict["hurts_standard"]) for verdict in loops.values())
+    return {"loops": loops, "default": fastest.pop() if passes else baseline}
 
 
 def init_table(result):
@@ -811,8 +831,12 @@ def init_table(result):
                      f"{r['first_logged'] - 1}) | "
                      f"{r['std_max_F0_at_init']:.2f} | "
                      f"{r['std_share_F_over_5_at_end']:.3f} / {r['sel_share_F_over_5_at_end']:.3f} |")
+    d = result["decision"]
+    verdicts = "; ".join(f"{loop}: fastest {v['fastest']}, hurts standard: {', '.join(v['hurts_standard']) or 'none'}"
+                         for loop, v in d["loops"].items())
     return lines + ["", "(assign: answer accuracy; C4: validation loss; mean +- sd over the seeds; layer 0's F at "
-                        "step 0 is the same for both variants, which share their initialisation)", ""]
+                        "step 0 is the same for both variants, which share their initialisation)", "",
+                    f"SPEC §10's rule on these runs ({verdicts}): the default is {d['default']}", ""]
 
 
 # guard: a check cheap enough to run after any change (under half an hour on 2 cores, float32, no data): init's

@@ -480,23 +480,47 @@ def test_init_table_gives_each_loop_its_measure_at_the_steps_asked_over_the_seed
                                     "share_F_over_5": [0.1 * i]} | ({"grad_norm_max": grad * i,
                                                                      "grad_norm_qk0_max": grad} if i else {})
                                    for i, v in enumerate(values)]
-    cfg = dict(experiments.QUICK["init"], seeds=[0, 1], candidates=["nanogpt"], c4_candidates=["width"],
+    cfg = dict(experiments.QUICK["init"], seeds=[0, 1], candidates=["nanogpt"], c4_candidates=["nanogpt"],
                loops=["assign", "c4_plain"], assign=dict(every=10), c4=dict(every=10), early=dict(assign=[10],
                                                                                                    c4=[10, 20]))
     jobs = experiments.init_jobs(cfg, None, "runs")
     logs = {j["name"]: log("val_accuracy", [0.1, 0.95 if j["selective"] else 0.5, 0.99 - 0.01 * j["seed"]], 3.0)
             if j["task"] == "assign" else log("val_loss", [10.0, 7.0 - j["selective"], 6.0 - j["seed"]], 5.0 + j["seed"])
             for j in jobs}
-    assign, c4 = experiments.init_results(jobs, logs, cfg["early"])["rows"]
+    result = experiments.init_results(jobs, logs, cfg["early"])
+    assign, c4 = result["rows"]
     assert assign["sel"]["values"] == [0.99, 0.98] and assign["sel_early"]["10"]["mean"] == 0.95
     assert assign["sel_step_to_0.9"] == [10, 10] and assign["std_step_to_0.9"] == [20, 20]
     assert c4["std"]["values"] == [6.0, 5.0] and c4["sel_early"]["10"]["mean"] == 6.0 and "std_step_to_0.9" not in c4
     assert c4["std_grad_norm_max_first"] == 5.5 and c4["std_max_F0_at_init"] == 2.0  # only steps before 10 count
-    text = "\n".join(experiments.init_table({"rows": [assign, c4]}))
+    text = "\n".join(experiments.init_table(result))
     assert "| assign (2 seeds, 20 steps, float32) | nanogpt | 0.985 +- 0.007 | 0.985 +- 0.007 |" in text
-    assert "| c4_plain (2 seeds, 20 steps, bfloat16) | width | 5.500 +- 0.707 | 5.500 +- 0.707 | 0.000 +- 0.000 | " \
+    assert "| c4_plain (2 seeds, 20 steps, bfloat16) | nanogpt | 5.500 +- 0.707 | 5.500 +- 0.707 | 0.000 +- 0.000 | " \
            "step 10: 7.000 +- 0.000 / 6.000 +- 0.000; step 20: 5.500 +- 0.707 / 5.500 +- 0.707 | - | " \
            "5.5 / 5.5 (steps 0-9) | 2.00 | 0.200 / 0.200 |" in text
+    assert "(assign: fastest nanogpt, hurts standard: none; c4_plain: fastest nanogpt, hurts standard: none): the " \
+           "default is nanogpt" in text
+
+
+def test_init_decision_takes_the_candidate_fastest_in_every_loop_unless_it_hurts_standard():
+    def row(loop, init, std, sel_curve):  # sel_curve: selective's mean at the early steps, then its seeds at the end
+        *early, last = sel_curve
+        return {"loop": loop, "init": init, "std": experiments.mean_sd(std), "sel": experiments.mean_sd(last),
+                "sel_early": {str(i): experiments.mean_sd([v]) for i, v in enumerate(early)}}
+    assign = [row("assign", "nanogpt", [0.98, 0.99], [0.2, 0.9, [1.0, 1.0]]),
+              row("assign", "width", [0.97, 0.98], [0.9, 1.0, [1.0, 1.0]])]  # standard 0.01 worse: the spread
+    c4 = [row("c4_plain", "nanogpt", [5.8, 5.9], [6.5, 6.0, [5.7, 5.8]]),
+          row("c4_plain", "width", [5.7, 5.8], [6.2, 5.8, [5.6, 5.6]])]  # lower loss learns faster
+    decide = experiments.init_decision
+    assert decide(assign + c4)["default"] == "width"
+    assert decide(assign + c4)["loops"]["c4_plain"] == {"fastest": "width", "hurts_standard": []}
+    hurt = [row("c4_plain", "width", [6.1, 6.2], [6.2, 5.8, [5.6, 5.6]])]  # standard 0.3 worse, spread 0.1
+    assert decide(assign + c4[:1] + hurt) == {"loops": {"assign": {"fastest": "width", "hurts_standard": []},
+                                                        "c4_plain": {"fastest": "width",
+                                                                     "hurts_standard": ["width"]}},
+                                              "default": "nanogpt"}
+    slow = [row("c4_plain", "width", [5.7, 5.8], [6.6, 6.1, [5.8, 5.8]])]  # the loops disagree: 0.02 stays
+    assert decide(assign + c4[:1] + slow)["default"] == "nanogpt"
 
 
 @pytest.mark.parametrize("B, T, tile", [(2, 16, 4), (1, 40, 8), (3, 32, 8)])
