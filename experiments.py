@@ -836,7 +836,7 @@ def init_table(result):
                          for loop, v in d["loops"].items())
     return lines + ["", "(assign: answer accuracy; C4: validation loss; mean +- sd over the seeds; layer 0's F at "
                         "step 0 is the same for both variants, which share their initialisation)", "",
-                    f"SPEC §10's rule on these runs ({verdicts}): the default is {d['default']}", ""]
+                    f"SPEC §10's rule on these runs ({verdicts}) picks {d['default']}", ""]
 
 
 # guard: a check cheap enough to run after any change (under half an hour on 2 cores, float32, no data): init's

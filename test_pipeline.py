@@ -498,8 +498,8 @@ def test_init_table_gives_each_loop_its_measure_at_the_steps_asked_over_the_seed
     assert "| c4_plain (2 seeds, 20 steps, bfloat16) | nanogpt | 5.500 +- 0.707 | 5.500 +- 0.707 | 0.000 +- 0.000 | " \
            "step 10: 7.000 +- 0.000 / 6.000 +- 0.000; step 20: 5.500 +- 0.707 / 5.500 +- 0.707 | - | " \
            "5.5 / 5.5 (steps 0-9) | 2.00 | 0.200 / 0.200 |" in text
-    assert "(assign: fastest nanogpt, hurts standard: none; c4_plain: fastest nanogpt, hurts standard: none): the " \
-           "default is nanogpt" in text
+    assert "(assign: fastest nanogpt, hurts standard: none; c4_plain: fastest nanogpt, hurts standard: none) picks " \
+           "nanogpt" in text
 
 
 def test_init_decision_takes_the_candidate_fastest_in_every_loop_unless_it_hurts_standard():
