@@ -804,6 +804,8 @@ def init_decision(rows, baseline="nanogpt"):
     loops = {}
     for loop in dict.fromkeys(r["loop"] for r in rows):
         mine, better = {r["init"]: r for r in rows if r["loop"] == loop}, 1 if INIT_LOOPS[loop][0] == "assign" else -1
+        if baseline not in mine:
+            raise ValueError(f"init: the {loop} loop has no {baseline} runs to compare with (SPEC §10): add it")
         base = mine[baseline]["std"]
         spread = {i: max(max(v["values"]) - min(v["values"]) for v in (r["std"], base)) for i, r in mine.items()}
         learned = {i: better * statistics.mean([e["mean"] for e in r["sel_early"].values()] + [r["sel"]["mean"]])

@@ -521,6 +521,8 @@ def test_init_decision_takes_the_candidate_fastest_in_every_loop_unless_it_hurts
                                               "default": "nanogpt"}
     slow = [row("c4_plain", "width", [5.7, 5.8], [6.6, 6.1, [5.8, 5.8]])]  # the loops disagree: 0.02 stays
     assert decide(assign + c4[:1] + slow)["default"] == "nanogpt"
+    with pytest.raises(ValueError, match="no nanogpt runs"):
+        decide(assign + c4[1:])
 
 
 @pytest.mark.parametrize("B, T, tile", [(2, 16, 4), (1, 40, 8), (3, 32, 8)])
