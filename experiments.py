@@ -9,7 +9,9 @@ The paper's claims (SPEC §6), checked at the scale two CPU cores allow. One com
   heads    validation loss vs n_head in {1, 2, 4, 8}, selective and standard, 3 seeds, 3.1M tokens per run, same
            data order, one initialisation seed per pair; the learning rate is the standard model's best of three
            (one seed). Does selective attention beat standard, and does it with H heads reach standard with 2H?
-           Rate check: the standard model at larger rates; if one is better, both variants there with 3 seeds
+           Rate check: the standard model at larger rates; if one is better, both variants there with 3 seeds.
+           nanoGPT's initialisation (std 0.02), bf16
+  heads_width  the same with the width rule's initialisation (SPEC §10), in float32
   ablations  the selection rule without BOS protection, and with self-masking (SPEC §9), H = 4, 2 seeds, trained
            like the heads runs, beside selective and standard, and selective on the mask path the ablations take
   assign   the variable-assignment task: answer accuracy vs steps, selective vs standard (same config and seed);
@@ -20,8 +22,9 @@ The paper's claims (SPEC §6), checked at the scale two CPU cores allow. One com
   tiles    the pruning section's block-512 selective model, trained in float32: per layer the share of 64 x 64
            tile pairs below the diagonal that are masked throughout (F >= 10, 20, 30): could kernels skip them?
   recipe   selective vs standard in a plain training loop (not train.py), block 128: one candidate cause of a bad
-           result switched at a time (RECIPES, 600 steps), train.py's recipe over 3 seeds, and a guard that fails
-           (exit 1) if selective trains worse than standard under the plain recipe with gradient clipping
+           result switched at a time (RECIPES, 600 steps), train.py's recipe over 3 seeds (with the width rule's
+           initialisation: it and the plain recipe, float32), and a guard that fails (exit 1) if selective
+           trains worse than standard under the plain recipe with gradient clipping
   init     the weights' std at initialisation (SPEC §10): nanoGPT's 0.02, the width rule 1/sqrt(3 n_embd), and the
            width rule on head 0's query and key rows only, in the assign task's plain loop (AdamW at PyTorch's
            defaults, no schedule); the candidates left in contention also in two C4 plain loops (the plain recipe,
@@ -58,12 +61,14 @@ from common import (ASSIGN_TOKENS, ArgumentParser, answers_right, assign_batch, 
                     cpu_has_native_bf16, git_commit, load_shards, make_dir, read_jsonl, write_atomic, write_json,
                     write_jsonl)
 from selective_gpt import GPT, GPTConfig, future_mask, head0_logits, selective_mask
+from train import get_parser as train_parser
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The C4 runs share one model and schedule: 4 layers, 128 wide, 1,500 steps of 2,048 tokens (3.1M tokens per run),
-# bf16, validation on a fixed 40 batches every 250 steps (the checkpoints a resumed run continues from).
+# bf16, nanoGPT's initialisation (std 0.02, SPEC §10), validation on a fixed 40 batches every 250 steps (the
+# checkpoints a resumed run continues from).
 C4_RUN = dict(n_layer=4, n_embd=128, max_iters=1500, eval_interval=250, eval_iters=40, warmup_iters=100,
-              dtype="bfloat16")
+              dtype="bfloat16", init_std=0.02)
 FULL = {
     # the learning rate: the best of `learning_rates` for the standard model (`lr_sweep`), then used for every run
     "heads": dict(C4_RUN, block_size=128, batch_size=16, heads=[1, 2, 4, 8], seeds=[1, 2, 3],
@@ -73,7 +78,7 @@ FULL = {
                   check_rates=[4e-3, 8e-3], check_seeds=[1, 2, 3]),
     "ablations": dict(rules=["mask_bos", "mask_self"], n_head=4, seeds=[1, 2]),  # trained like heads
     "assign": dict(n_layer=4, n_embd=128, n_head=4, block_size=96, batch_size=16, max_iters=1500, eval_interval=100,
-                   eval_iters=20, learning_rate=1e-3, warmup_iters=100,
+                   eval_iters=20, learning_rate=1e-3, warmup_iters=100, init_std=0.02,
                    budgets=[2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64, 96]),
     # per block size: the batch that keeps 2,048 tokens per step, and the memory loss weights of its selective models
     # (block 1024, batch 2, weight 0.1 is the paper's 25x case; not run here: docs/RESULTS.md, Context pruning)
@@ -87,8 +92,10 @@ FULL = {
                    workers=2,
                    # one candidate cause at a time: 600 steps of the 1500-step schedule, seed 1
                    diagnosis=dict(recipes=["plain", "clip", "beta2", "init", "untied", "lr1e-3"], seeds=[1], stop=600),
-                   # the whole schedule: train.py's recipe, 3 seeds
-                   confirmation=[dict(recipes=["train_py"], seeds=[1, 2, 3])],
+                   # the whole schedule, 3 seeds: train.py's recipe; then it and the plain recipe with the width
+                   # rule (SPEC §10) in float32 (a CPU without AVX512-BF16 or AMX emulates bf16)
+                   confirmation=[dict(recipes=["train_py"], seeds=[1, 2, 3]),
+                                 dict(recipes=["train_py", "plain"], seeds=[1, 2, 3], init="width", dtype="float32")],
                    # the guard: the plain recipe with the clipping it needs, 2 seeds, 600 steps
                    guard=dict(recipes=["clip"], seeds=[1, 2], stop=600)),
     # SPEC §10; the assign loop at the sizes of a 10k-step key-value recall measurement with std 0.02 (2 layers, 128
@@ -106,6 +113,8 @@ FULL = {
                  c4=dict(n_layer=4, block_size=128, batch_size=16, max_iters=1500, eval_iters=40, stop=600,
                          every=100, dtype="float32")),
 }
+# the heads table again with the width rule (SPEC §10), in float32 (as tiles); run names end in -<tag>
+FULL["heads_width"] = dict(FULL["heads"], init_std="width", dtype="float32", tag="width-float32")
 # the assign plain loop with the default initialisation (GPTConfig.init_std, SPEC §10): init's runs, shared with it
 FULL["guard"] = dict(init="nanogpt", seeds=FULL["init"]["seeds"], min_accuracy=0.9, error_share=0.2)
 QUICK_RUN = dict(n_layer=2, n_embd=32, max_iters=6, eval_interval=3, eval_iters=2, warmup_iters=2)
@@ -121,15 +130,17 @@ QUICK = {
     "tiles": dict(FULL["tiles"], **QUICK_RUN, block_size=32, batch_size=2, weights=[0.0, 0.1], tile=8, batches=2),
     "recipe": dict(FULL["recipe"], train=dict(n_layer=1, block_size=32, batch_size=2, max_iters=100, eval_iters=2),
                    diagnosis=dict(recipes=["plain", "clip"], seeds=[1], stop=50),
-                   confirmation=[dict(recipes=["train_py"], seeds=[1, 2])], guard=dict(recipes=["clip"], seeds=[1, 2],
-                                                                                        stop=50)),
+                   confirmation=[dict(recipes=["train_py"], seeds=[1, 2]),
+                                 dict(recipes=["train_py"], seeds=[1, 2], init="width", dtype="float32")],
+                   guard=dict(recipes=["clip"], seeds=[1, 2], stop=50)),
     "init": dict(FULL["init"], seeds=[0, 1], early=dict(assign=[10, 20], c4=[25]),
                  assign=dict(n_layer=1, block_size=16, batch_size=4, max_iters=20, eval_iters=2, every=10),
                  c4=dict(n_layer=1, block_size=32, batch_size=2, max_iters=100, eval_iters=2, stop=50, every=25,
                          dtype="float32")),
 }
+QUICK["heads_width"] = dict(QUICK["heads"], init_std="width", dtype="float32", tag="width-float32")
 QUICK["guard"] = dict(FULL["guard"], seeds=QUICK["init"]["seeds"])
-SECTIONS = ("heads", "ablations", "assign", "pruning", "tiles", "recipe", "init", "guard")
+SECTIONS = ("heads", "heads_width", "ablations", "assign", "pruning", "tiles", "recipe", "init", "guard")
 DATA_SEED = 1337  # every run sees the same batches in the same order
 # glibc gives every freed block of over 32 MiB back to the OS, so a CPU training step page-faults its large
 # activations (the logits alone are batch x T x 50304 floats) in again at every iteration. Keeping freed memory
@@ -168,17 +179,11 @@ def finished(log, max_iters):
 
 
 def check_settings(log, flags):
-    """A run found in out_dir must be the run asked for: every flag as its log's header says (a changed setting in
-    this file must not reuse old runs)."""
-    config = read_jsonl(log)[0]["config"]
-    i, differ = 0, []
-    while i < len(flags):
-        key = flags[i][2:]
-        value = True if i + 1 == len(flags) or flags[i + 1].startswith("--") else flags[i + 1]
-        i += 1 if value is True else 2
-        if key in config and str(config[key]) != str(value) and not (
-                isinstance(config[key], float) and float(value) == config[key]):
-            differ.append(f"--{key} {config[key]} (asked: {value})")
+    """A run found in out_dir must be the run asked for: every flag, as train.py reads it, as its log's header says
+    (a changed setting in this file must not reuse old runs)."""
+    config, asked = read_jsonl(log)[0]["config"], vars(train_parser().parse_args(flags))
+    differ = [f"--{key} {config[key]} (asked: {value})" for key, value in asked.items()
+              if f"--{key}" in flags and key in config and config[key] != value]
     if differ:
         raise SystemExit(f"experiments.py: {os.path.dirname(log)} is a run with other settings: {', '.join(differ)}."
                          f" Delete it, or give another --out_dir")
@@ -200,7 +205,7 @@ def train_all(jobs, out_root, workers=1):
 
 
 TRAIN_FLAGS = ("n_layer", "n_embd", "n_head", "block_size", "batch_size", "eval_interval", "eval_iters",
-               "learning_rate", "warmup_iters", "dtype")
+               "learning_rate", "warmup_iters", "dtype", "init_std")
 
 
 def train_flags(cfg, **extra):
@@ -256,7 +261,8 @@ def mean_sd(values):
 def c4_run(cfg, data_dir, n_head, seed, selective, learning_rate, **extra):
     """(name, flags, max_iters) of one C4 run with the heads settings."""
     rules = "".join(f"-{key}" if value is True else f"-{key}_{value}" for key, value in extra.items() if value)
-    name = f"heads-{'sel' if selective else 'std'}{rules}-h{n_head}-s{seed}-lr{learning_rate:g}"
+    name = f"heads-{'sel' if selective else 'std'}{rules}-h{n_head}-s{seed}-lr{learning_rate:g}" + \
+        (f"-{cfg['tag']}" if "tag" in cfg else "")
     flags = train_flags(cfg, n_head=n_head, seed=seed, dataset="c4", data_dir=data_dir, selective=selective,
                         learning_rate=learning_rate, **extra)
     return name, flags, cfg["max_iters"]
@@ -297,7 +303,7 @@ def heads_experiment(cfg, data_dir, out_root, assets):
             row["gap_2H"] = mean_sd([a - b for a, b in zip(std2, sel)])  # standard 2H - selective H, same seed
         rows.append(row)
     tokens = cfg["max_iters"] * cfg["batch_size"] * cfg["block_size"]
-    return {"lr_sweep": sweep, "learning_rate": lr, "rows": rows, "tokens_per_run": tokens,
+    return {"init_std": cfg["init_std"], "dtype": cfg["dtype"], "lr_sweep": sweep, "learning_rate": lr, "rows": rows, "tokens_per_run": tokens,
             "run_seconds": sum(map(run_seconds, logs.values())),
             "rate_check": rate_check(cfg, data_dir, out_root, assets, sweep, loss)}
 
@@ -682,10 +688,12 @@ def recipe_jobs(cfg, stage, data_dir, out_root):
                 name = f"recipe-{recipe}-{'sel' if selective else 'std'}-s{seed}"
                 if stage.get("stop"):
                     name += f"-stop{stage['stop']}"
-                jobs.append(dict(name=name, recipe_name=recipe, recipe=RECIPES[recipe],
-                                 cfg=dict(cfg["train"], stop=stage.get("stop")), seed=seed, n_head=cfg["n_head"],
-                                 selective=selective, data_dir=data_dir,
-                                 log=os.path.join(out_root, "recipe", name + ".jsonl")))
+                job = dict(recipe_name=recipe, recipe=RECIPES[recipe], cfg=dict(cfg["train"], stop=stage.get("stop")),
+                           seed=seed, n_head=cfg["n_head"], selective=selective, data_dir=data_dir)
+                if "init" in stage:  # another initialisation than 0.02 (INITS), in the stage's dtype
+                    name += f"-{stage['init']}"
+                    job |= dict(init=stage["init"], cfg=dict(job["cfg"], dtype=stage["dtype"]))
+                jobs.append(dict(job, name=name, log=os.path.join(out_root, "recipe", name + ".jsonl")))
     return jobs
 
 
@@ -693,11 +701,12 @@ def recipe_rows(jobs, logs):
     """Per recipe: each variant's final validation losses over the seeds, and what the diagnostics say about the
     first 100 steps (the largest gradient norms) and the steps after (Adam's update size on head 0's q/k rows)."""
     rows = []
-    for recipe in dict.fromkeys(j["recipe_name"] for j in jobs):
-        row = {"recipe": recipe, "settings": RECIPES[recipe]}
+    for recipe, init in dict.fromkeys((j["recipe_name"], j.get("init", "nanogpt")) for j in jobs):
+        group = [j for j in jobs if (j["recipe_name"], j.get("init", "nanogpt")) == (recipe, init)]
+        row = {"recipe": recipe, "settings": RECIPES[recipe], "init": init,
+               "dtype": "bfloat16" if autocasts_bf16(group[0]) else "float32"}
         for variant in ("std", "sel"):
-            mine = [logs[j["name"]] for j in jobs
-                    if j["recipe_name"] == recipe and j["selective"] == (variant == "sel")]
+            mine = [logs[j["name"]] for j in group if j["selective"] == (variant == "sel")]
             row[variant] = [log[-1]["val_loss"] for log in mine]
             row[f"{variant}_step"] = mine[0][-1]["iter"]
             early = [r for log in mine for r in log[1:] if "grad_norm_max" in r and r["iter"] <= 100]
@@ -879,14 +888,14 @@ def guard_holds(row):
 
 def tables(results):
     """The results' tables, as markdown (assets/results.md)."""
-    makers = {"heads": heads_tables, "ablations": ablations_table, "assign": assign_tables, "pruning": pruning_table,
-              "tiles": tiles_table, "recipe": recipe_tables, "init": init_table, "guard": guard_table}
+    makers = {"heads": heads_tables, "heads_width": heads_tables, "ablations": ablations_table,
+              "assign": assign_tables, "pruning": pruning_table, "tiles": tiles_table, "recipe": recipe_tables, "init": init_table, "guard": guard_table}
     return "\n".join(line for key, make in makers.items() if key in results for line in make(results[key]))
 
 
 def heads_tables(h):
-    sweep = h["lr_sweep"]
-    lines = [f"Learning rate (standard, {sweep['n_head']} heads, seed {sweep['seed']}): " + ", ".join(
+    sweep, init = h["lr_sweep"], "the width rule" if h["init_std"] == "width" else f"std {h['init_std']}"
+    lines = [f"Initialisation: {init} (SPEC §10); {h['dtype']}.", "", f"Learning rate (standard, {sweep['n_head']} heads, seed {sweep['seed']}): " + ", ".join(
         f"{lr}: {v:.3f}" for lr, v in sweep["val_loss"].items()) + f"; chosen {h['learning_rate']:g}", "",
         "| n_head | standard | selective | standard - selective (same seed) | per seed |",
         "|---:|---:|---:|---:|:---|"]
@@ -967,7 +976,7 @@ ABLATION_NAMES = {"standard": "standard", "selective": "selective (SPEC §1)",
                   "selective_mask": "selective (SPEC §1) on the mask path (`--attention mask`)",
                   "mask_bos": "selective, BOS may be masked (`--mask_bos`)",
                   "mask_self": "selective, self-masking allowed (`--mask_self`)"}
-RECIPE_CHANGES = {"plain": "none: AdamW lr 2e-3, betas (0.9, 0.999), no clipping, init std 0.02",
+RECIPE_CHANGES = {"plain": "none: AdamW lr 2e-3, betas (0.9, 0.999), no clipping",
                   "clip": "gradient norm clipped at 1.0", "beta2": "beta2 0.95", "init": "init std 0.05 (not 0.02)",
                   "untied": "lm_head not tied to the embedding", "lr1e-3": "learning rate 1e-3",
                   "train_py": "train.py's: lr 1e-3, beta2 0.95, clipping 1.0, no decay on gains and biases"}
@@ -983,14 +992,15 @@ def recipe_tables(recipe):
         return "-" if row[f"{v}_adam_step_qk0"] is None else \
             f"{row[f'{v}_adam_step_qk0']:.2f} / {row[f'{v}_adam_step_rest']:.2f}"
 
-    lines = ["| recipe | change from plain | step | standard | selective | std - sel | largest gradient norm, steps "
+    lines = ["| recipe | init, dtype | change from plain | step | standard | selective | std - sel | largest gradient norm, steps "
              "1-100 (std / sel) | head 0 q/k gradient norm, same (std / sel) | Adam step, head 0 q/k / other q/k, "
-             "steps 100-600 (std; sel) |", "|:---|:---|---:|---:|---:|---:|---:|---:|:---|"]
+             "steps 100-600 (std; sel) |", "|:---|:---|:---|---:|---:|---:|---:|---:|---:|:---|"]
     for stage in ("diagnosis", "confirmation", "guard"):
         for r in recipe.get(stage, []):
             gap = [a - b for a, b in zip(r["std"], r["sel"])]
+            init = "width rule" if r["init"] == "width" else f"std {r['settings']['init_std']}"
             lines.append(f"| {r['recipe']} ({stage}, {len(r['std'])} seed{'s' * (len(r['std']) > 1)}) | "
-                         f"{RECIPE_CHANGES[r['recipe']]} | {r['std_step']} | {cell(r['std'])} | {cell(r['sel'])} | "
+                         f"{init}, {r['dtype']} | {RECIPE_CHANGES[r['recipe']]} | {r['std_step']} | {cell(r['std'])} | {cell(r['sel'])} | "
                          f"{cell(gap)} | {r['std_grad_norm_max_first_100']:.0f} / "
                          f"{r['sel_grad_norm_max_first_100']:.0f} | {r['std_qk0_grad_norm_max_first_100']:.1f} / "
                          f"{r['sel_qk0_grad_norm_max_first_100']:.1f} | {adam(r, 'std')}; {adam(r, 'sel')} |")
@@ -1115,8 +1125,8 @@ def get_parser():
 
 
 def run_section(what, cfg, data_dir, out_root, assets):
-    if what == "heads":
-        return heads_experiment(cfg["heads"], data_dir, out_root, assets)
+    if what in ("heads", "heads_width"):
+        return heads_experiment(cfg[what], data_dir, out_root, assets)
     if what == "ablations":
         return ablations_experiment(cfg["ablations"], cfg["heads"], data_dir, out_root, assets)
     if what == "recipe":
@@ -1152,8 +1162,8 @@ def main(argv=None):
     assets = args.assets or (os.path.join(out_root, "assets") if args.quick else os.path.join(HERE, "assets"))
     if args.plots:
         return plots(assets)
-    todo = args.only or ["guard", "assign", "heads", "ablations", "pruning", "tiles", "recipe", "init"]
-    needs_c4 = {"heads", "ablations", "pruning", "tiles", "recipe", "init"} & set(todo)
+    todo = args.only or ["guard", "assign", "heads", "heads_width", "ablations", "pruning", "tiles", "recipe", "init"]
+    needs_c4 = {"heads", "heads_width", "ablations", "pruning", "tiles", "recipe", "init"} & set(todo)
     if needs_c4 and not glob.glob(os.path.join(args.data_dir, "*.bin")):
         raise SystemExit(f"experiments.py: no token shards in {args.data_dir}: run  python prepare_data.py --local "
                          f"PATH/TO/c4/en --data_dir {args.data_dir}  (C4-format files you have), or "

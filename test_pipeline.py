@@ -397,7 +397,8 @@ def test_experiments_tables_pair_by_seed_and_runs_keep_their_names():
     results = {"ablations": {"n_head": 4, "rows": [
         {"variant": "selective", **sd(4.8, 4.9)}, {"variant": "selective_mask", **sd(4.81, 4.88)},
         {"variant": "mask_bos", **sd(4.85, 4.92)}]},
-        "heads": {"lr_sweep": {"n_head": 4, "seed": 1, "val_loss": {"0.002": 5.0}}, "learning_rate": 0.002,
+        "heads": {"init_std": "width", "dtype": "float32", "learning_rate": 0.002,
+                  "lr_sweep": {"n_head": 4, "seed": 1, "val_loss": {"0.002": 5.0}},
                   "rows": [], "rate_check": {"n_head": 4, "seed": 1, "val_loss": {"0.002": 5.0, "0.004": 4.9},
                                              "best": 0.004, "standard": sd(4.9, 4.8), "selective": sd(4.7, 4.7),
                                              "gap": sd(0.2, 0.1), "gap_chosen_selective": sd(0.1, -0.1)}}}
@@ -406,10 +407,38 @@ def test_experiments_tables_pair_by_seed_and_runs_keep_their_names():
     assert "| 4.885 +- 0.049 | 4.850, 4.920 | 0.035 +- 0.021 | 0.040 +- 0.000 |" in text
     assert "| both at 0.004 | 4.850 +- 0.071 | 4.700 +- 0.000 | 0.150 +- 0.071 | +0.200, +0.100 |" in text
     assert "Rate check (standard, 4 heads, seed 1): 0.002: 5.000, 0.004: 4.900; best 0.004" in text
+    assert "Initialisation: the width rule (SPEC §10); float32." in text
     cfg = experiments.FULL["heads"]
     assert experiments.c4_run(cfg, "d", 4, 1, True, 0.002, attention="mask")[0] == \
         "heads-sel-attention_mask-h4-s1-lr0.002"
     assert experiments.c4_run(cfg, "d", 4, 2, True, 0.002, mask_bos=True)[0] == "heads-sel-mask_bos-h4-s2-lr0.002"
+    name, flags, _ = experiments.c4_run(experiments.FULL["heads_width"], "d", 4, 1, False, 0.002)
+    assert name == "heads-std-h4-s1-lr0.002-width-float32", "the width rule's runs are not the 0.02 runs"
+    assert flags[flags.index("--init_std") + 1] == "width" and flags[flags.index("--dtype") + 1] == "float32"
+    flags = experiments.c4_run(cfg, "d", 4, 1, False, 0.002)[1]
+    assert flags[flags.index("--init_std") + 1] == "0.02", "the 0.02 runs say so (SPEC §10)"
+
+
+def test_recipe_stages_with_another_init_run_apart_and_have_rows_of_their_own(tmp_path):
+    """A recipe stage with init (SPEC §10) names its runs apart and runs them in its dtype; its rows are apart from
+    the 0.02 rows of the same recipe and say their init. The 0.02 stages' jobs have no init key, as their logs on
+    disk were made (run_jobs compares a log's settings with the job's)."""
+    cfg = experiments.FULL["recipe"]
+    old, width = (experiments.recipe_jobs(cfg, stage, "d", str(tmp_path)) for stage in cfg["confirmation"])
+    assert "init" not in old[0] and old[0]["name"] == "recipe-train_py-std-s1"
+    assert width[0]["name"] == "recipe-train_py-std-s1-width" and width[0]["init"] == "width"
+    assert experiments.autocasts_bf16(old[0]) and not experiments.autocasts_bf16(width[0])
+    jobs = old + width
+    logs = {j["name"]: [{"config": {}}, {"iter": 100, "grad_norm_max": 2.0, "grad_norm_qk0_max": 1.0,
+                                         "adam_step_qk0": 0.1, "adam_step_qk_rest": 0.2},
+                        {"iter": 1500, "val_loss": 5.0 + 0.1 * i}] for i, j in enumerate(jobs)}
+    rows = experiments.recipe_rows(jobs, logs)
+    assert [(r["recipe"], r["init"], r["dtype"]) for r in rows] == [
+        ("train_py", "nanogpt", "bfloat16"), ("train_py", "width", "float32"), ("plain", "width", "float32")]
+    assert rows[1]["sel"] == [logs[j["name"]][-1]["val_loss"] for j in width[:6] if j["selective"]]
+    text = "\n".join(experiments.recipe_tables({"confirmation": rows}))
+    assert "| train_py (confirmation, 3 seeds) | std 0.02, bfloat16 |" in text
+    assert "| plain (confirmation, 3 seeds) | width rule, float32 |" in text
 
 
 def test_assign_guard_needs_every_seed_to_learn_and_to_leave_few_of_standards_errors():
@@ -563,6 +592,17 @@ def test_experiments_runs_resume_exactly_after_a_kill_and_are_checked_against_th
     assert [r["resumed_at"] for r in resumed if "resumed_at" in r] in ([i] for i in range(0, 24, 4)), "not resumed"
     with pytest.raises(SystemExit, match="other settings: --learning_rate 0.001 \\(asked: 0.002\\)"):
         experiments.train("whole", str(tmp_path), flags + ["--learning_rate", "0.002"], 24)
+
+
+def test_runs_on_disk_are_compared_with_the_flags_as_train_py_reads_them(tmp_path):
+    """--init_std width is None in a log's header; a log from before a flag existed does not know it."""
+    log = tmp_path / "log.jsonl"
+    common.write_jsonl(str(log), [{"config": vars(train.get_parser().parse_args(["--init_std", "width"]))}])
+    experiments.check_settings(str(log), ["--init_std", "width", "--learning_rate", "1e-3"])
+    with pytest.raises(SystemExit, match="other settings: --init_std None \\(asked: 0.02\\)"):
+        experiments.check_settings(str(log), ["--init_std", "0.02"])
+    common.write_jsonl(str(log), [{"config": {"learning_rate": 0.001}}])
+    experiments.check_settings(str(log), ["--init_std", "0.02", "--learning_rate", "0.001"])
 
 
 def test_ddp_two_processes_match_one_with_twice_the_accumulation(tmp_path):
