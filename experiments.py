@@ -303,8 +303,8 @@ def heads_experiment(cfg, data_dir, out_root, assets):
             row["gap_2H"] = mean_sd([a - b for a, b in zip(std2, sel)])  # standard 2H - selective H, same seed
         rows.append(row)
     tokens = cfg["max_iters"] * cfg["batch_size"] * cfg["block_size"]
-    return {"init_std": cfg["init_std"], "dtype": cfg["dtype"], "lr_sweep": sweep, "learning_rate": lr, "rows": rows, "tokens_per_run": tokens,
-            "run_seconds": sum(map(run_seconds, logs.values())),
+    return {"init_std": cfg["init_std"], "dtype": cfg["dtype"], "lr_sweep": sweep, "learning_rate": lr, "rows": rows,
+            "tokens_per_run": tokens, "run_seconds": sum(map(run_seconds, logs.values())),
             "rate_check": rate_check(cfg, data_dir, out_root, assets, sweep, loss)}
 
 
@@ -889,16 +889,17 @@ def guard_holds(row):
 def tables(results):
     """The results' tables, as markdown (assets/results.md)."""
     makers = {"heads": heads_tables, "heads_width": heads_tables, "ablations": ablations_table,
-              "assign": assign_tables, "pruning": pruning_table, "tiles": tiles_table, "recipe": recipe_tables, "init": init_table, "guard": guard_table}
+              "assign": assign_tables, "pruning": pruning_table, "tiles": tiles_table, "recipe": recipe_tables,
+              "init": init_table, "guard": guard_table}
     return "\n".join(line for key, make in makers.items() if key in results for line in make(results[key]))
 
 
 def heads_tables(h):
     sweep, init = h["lr_sweep"], "the width rule" if h["init_std"] == "width" else f"std {h['init_std']}"
-    lines = [f"Initialisation: {init} (SPEC §10); {h['dtype']}.", "", f"Learning rate (standard, {sweep['n_head']} heads, seed {sweep['seed']}): " + ", ".join(
-        f"{lr}: {v:.3f}" for lr, v in sweep["val_loss"].items()) + f"; chosen {h['learning_rate']:g}", "",
-        "| n_head | standard | selective | standard - selective (same seed) | per seed |",
-        "|---:|---:|---:|---:|:---|"]
+    lines = [f"Initialisation: {init} (SPEC §10); {h['dtype']}.", "",
+             f"Learning rate (standard, {sweep['n_head']} heads, seed {sweep['seed']}): " + ", ".join(
+                 f"{lr}: {v:.3f}" for lr, v in sweep["val_loss"].items()) + f"; chosen {h['learning_rate']:g}", "",
+             "| n_head | standard | selective | standard - selective (same seed) | per seed |", "|---:|---:|---:|---:|:---|"]
     for r in h["rows"]:
         lines.append(f"| {r['n_head']} | {pm(r['standard'])} | {pm(r['selective'])} | {pm(r['gap'])} | "
                      + ", ".join(f"{g:+.3f}" for g in r["gap"]["values"]) + " |")
@@ -992,18 +993,19 @@ def recipe_tables(recipe):
         return "-" if row[f"{v}_adam_step_qk0"] is None else \
             f"{row[f'{v}_adam_step_qk0']:.2f} / {row[f'{v}_adam_step_rest']:.2f}"
 
-    lines = ["| recipe | init, dtype | change from plain | step | standard | selective | std - sel | largest gradient norm, steps "
-             "1-100 (std / sel) | head 0 q/k gradient norm, same (std / sel) | Adam step, head 0 q/k / other q/k, "
-             "steps 100-600 (std; sel) |", "|:---|:---|:---|---:|---:|---:|---:|---:|---:|:---|"]
+    lines = ["| recipe | init, dtype | change from plain | step | standard | selective | std - sel | largest gradient "
+             "norm, steps 1-100 (std / sel) | head 0 q/k gradient norm, same (std / sel) | Adam step, head 0 q/k / "
+             "other q/k, steps 100-600 (std; sel) |", "|:---|:---|:---|---:|---:|---:|---:|---:|---:|:---|"]
     for stage in ("diagnosis", "confirmation", "guard"):
         for r in recipe.get(stage, []):
             gap = [a - b for a, b in zip(r["std"], r["sel"])]
             init = "width rule" if r["init"] == "width" else f"std {r['settings']['init_std']}"
             lines.append(f"| {r['recipe']} ({stage}, {len(r['std'])} seed{'s' * (len(r['std']) > 1)}) | "
-                         f"{init}, {r['dtype']} | {RECIPE_CHANGES[r['recipe']]} | {r['std_step']} | {cell(r['std'])} | {cell(r['sel'])} | "
-                         f"{cell(gap)} | {r['std_grad_norm_max_first_100']:.0f} / "
-                         f"{r['sel_grad_norm_max_first_100']:.0f} | {r['std_qk0_grad_norm_max_first_100']:.1f} / "
-                         f"{r['sel_qk0_grad_norm_max_first_100']:.1f} | {adam(r, 'std')}; {adam(r, 'sel')} |")
+                         f"{init}, {r['dtype']} | {RECIPE_CHANGES[r['recipe']]} | {r['std_step']} | "
+                         f"{cell(r['std'])} | {cell(r['sel'])} | {cell(gap)} | "
+                         f"{r['std_grad_norm_max_first_100']:.0f} / {r['sel_grad_norm_max_first_100']:.0f} | "
+                         f"{r['std_qk0_grad_norm_max_first_100']:.1f} / {r['sel_qk0_grad_norm_max_first_100']:.1f} | "
+                         f"{adam(r, 'std')}; {adam(r, 'sel')} |")
     for r in recipe.get("guard", []):
         holds, spread = guard_holds(r)
         lines.append(f"\nGuard ({r['recipe']}, {len(r['std'])} seeds): selective {statistics.mean(r['sel']):.3f}, "
