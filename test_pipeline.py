@@ -974,9 +974,12 @@ def test_experiments_quick(tmp_path):
                             timeout=3000)
     assert code == 0, text
     results = json.load(open(tmp_path / "runs" / "assets" / "results.json"))
-    assert {"heads", "ablations", "assign", "pruning", "tiles", "recipe", "init", "guard", "wall_seconds", "commit",
-            "machine"} <= results.keys()
+    assert {"heads", "heads_width", "ablations", "assign", "pruning", "tiles", "recipe", "init", "guard",
+            "wall_seconds", "commit", "machine"} <= results.keys()
     assert len(results["heads"]["rows"]) == 2 and len(results["pruning"]) == 2
+    assert (results["heads"]["init_std"], results["heads_width"]["init_std"]) == (0.02, "width")
+    assert [(r["recipe"], r["init"]) for r in results["recipe"]["confirmation"]] == [("train_py", "nanogpt"),
+                                                                                      ("train_py", "width")]
     assert [len(r["layers"]) for r in results["tiles"]["rows"]] == [2, 2]  # memory loss 0 and 0.1, 2 layers each
     assert all(0 <= share <= 1 for r in results["tiles"]["rows"] for layer in r["layers"] for share in layer.values())
     assert results["guard"]["holds"] in (True, False) and len(results["guard"]["row"]["sel"]["values"]) == 2
