@@ -33,11 +33,11 @@ The paper's claims (SPEC §6), checked at the scale two CPU cores allow. One com
            accuracy with at most a fifth of standard's errors in every seed (under half an hour on 2 cores; no data)
 
 Runs go to out/experiments[-quick]/<name>, two at a time with one thread each, and are skipped once finished (a
-finished run with other settings than this file's is refused); a train.py run cut short continues from its last
-checkpoint (rerun to resume), a plain-loop run (recipe, init, guard) starts again. A guard that fails exits 1 once
-its section is written; --quick checks the pipeline and exits 0 whatever its guards say. The evaluation logs of
-the runs are copied to assets/logs/, the numbers to assets/results.json and assets/results.md, plots to
-assets/*.png (matplotlib, optional).
+finished run with other settings than this file's is refused); a run cut short continues from its last checkpoint
+(rerun to resume): a train.py run's, or a plain-loop run's (recipe, init, guard) at its last logged step. A guard
+that fails exits 1 once its section is written; --quick checks the pipeline and exits 0 whatever its guards say. The
+evaluation logs of the runs are copied to assets/logs/, the numbers to assets/results.json and assets/results.md,
+plots to assets/*.png (matplotlib, optional).
 """
 
 import concurrent.futures
@@ -576,8 +576,9 @@ PLAIN_LOG_EVERY = 50  # steps between a plain-loop run's logged records, unless 
 
 
 def plain_run(job):
-    """One plain-loop training run (a worker process, 1 thread); writes out/<name>.jsonl, returns its path."""
-    r, cfg, log_path = job["recipe"], job["cfg"], job["log"]
+    """One plain-loop training run (a worker process, 1 thread); writes out/<name>.jsonl, returns its path. At every
+    logged step it keeps a checkpoint beside the log, from which a run cut short continues exactly."""
+    r, cfg, log_path, ckpt_path = job["recipe"], job["cfg"], job["log"], job["log"] + ".ckpt"
     if os.path.exists(log_path):
         return log_path
     torch.set_num_threads(1)
@@ -596,13 +597,21 @@ def plain_run(job):
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     head_dim, C = r["n_embd"] // job["n_head"], r["n_embd"]
     records, window, started = [], [], time.time()
-    for it in range(steps + 1):
-        if it % cfg.get("every", PLAIN_LOG_EVERY) == 0 or it == stop:
+    if os.path.exists(ckpt_path):  # (run_jobs checked its settings) the batches are the step's, no other randomness
+        ckpt = torch.load(ckpt_path, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        records, started = ckpt["records"], started - ckpt["records"][-1]["elapsed_s"]
+    for it in range(records[-1]["iter"] if records else 0, steps + 1):
+        if (it % cfg.get("every", PLAIN_LOG_EVERY) == 0 or it == stop) and not (records and records[-1]["iter"] == it):
             rec = {"iter": it, **diagnostics(model, val[0][0], val, ctx, job["selective"]),
                    "elapsed_s": round(time.time() - started, 1)}
             records.append(rec | {k: max(w[k] for w in window) if k.endswith("max") else
                                   sum(w[k] for w in window) / len(window) for k in (window[0] if window else {})})
             window = []
+            state = {"config": plain_config(job), "model": model.state_dict(), "optimizer": opt.state_dict(),
+                     "records": records}
+            write_atomic(ckpt_path, lambda tmp: torch.save(state, tmp))
         if it == stop:
             break
         for g in opt.param_groups:  # warmup and cosine decay, or (schedule False) the rate throughout
@@ -624,6 +633,7 @@ def plain_run(job):
                        "grad_norm_qk0_max": qk0, **adam_steps(model, opt, head_dim, C, r["beta2"])})
     write_jsonl(log_path, [{"git_commit": git_commit(), "config": plain_config(job),
                             "dtype": "bfloat16" if bf16 else "float32"}] + records)
+    os.remove(ckpt_path)
     return log_path
 
 
@@ -661,10 +671,13 @@ def run_jobs(jobs, workers):
     import multiprocessing
     todo = [j for j in jobs if not os.path.exists(j["log"])]
     for j in jobs:
-        print(f"  {j['name']}: {'finished already' if j not in todo else 'to run'}", flush=True)
-        if j not in todo and read_jsonl(j["log"])[0]["config"] != plain_config(j):  # a changed setting in this file
-            raise SystemExit(f"experiments.py: {j['log']} is a run with other settings than {j['name']} has now: "
-                             f"delete it, or give another --out_dir")
+        cut = j in todo and os.path.exists(j["log"] + ".ckpt")
+        print(f"  {j['name']}: {'finished already' if j not in todo else 'continues' if cut else 'to run'}", flush=True)
+        settings = (torch.load(j["log"] + ".ckpt", weights_only=True, mmap=True)["config"] if cut else
+                    read_jsonl(j["log"])[0]["config"] if j not in todo else plain_config(j))
+        if settings != plain_config(j):  # a changed setting in this file
+            raise SystemExit(f"experiments.py: {j['log'] + '.ckpt' * cut} is a run with other settings than "
+                             f"{j['name']} has now: delete it, or give another --out_dir")
     if any(autocasts_bf16(j) for j in todo) and not cpu_has_native_bf16():
         print("  note: the C4 runs autocast to bfloat16, which this CPU emulates (it has neither AVX512-BF16 nor AMX):"
               " each step takes many times longer than on one that has them (docs/PERFORMANCE.md, CPU dtype)",
@@ -899,7 +912,8 @@ def heads_tables(h):
     lines = [f"Initialisation: {init} (SPEC §10); {h['dtype']}.", "",
              f"Learning rate (standard, {sweep['n_head']} heads, seed {sweep['seed']}): " + ", ".join(
                  f"{lr}: {v:.3f}" for lr, v in sweep["val_loss"].items()) + f"; chosen {h['learning_rate']:g}", "",
-             "| n_head | standard | selective | standard - selective (same seed) | per seed |", "|---:|---:|---:|---:|:---|"]
+             "| n_head | standard | selective | standard - selective (same seed) | per seed |",
+             "|---:|---:|---:|---:|:---|"]
     for r in h["rows"]:
         lines.append(f"| {r['n_head']} | {pm(r['standard'])} | {pm(r['selective'])} | {pm(r['gap'])} | "
                      + ", ".join(f"{g:+.3f}" for g in r["gap"]["values"]) + " |")

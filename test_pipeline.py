@@ -480,6 +480,40 @@ def test_plain_runs_on_disk_are_reused_only_with_the_same_settings(tmp_path):
     common.write_jsonl(job["log"], [{"config": experiments.plain_config(longer)}, {"iter": 0}])
     with pytest.raises(SystemExit, match="is a run with other settings"):
         experiments.run_jobs([job], 1)
+    os.remove(job["log"])  # a run cut short: its checkpoint is checked the same way
+    torch.save({"config": experiments.plain_config(longer)}, job["log"] + ".ckpt")
+    with pytest.raises(SystemExit, match="ckpt is a run with other settings"):
+        experiments.run_jobs([job], 1)
+
+
+def test_a_plain_run_cut_short_continues_from_its_last_logged_step_exactly(tmp_path, monkeypatch):
+    cfg = dict(experiments.QUICK["init"], loops=["assign"], candidates=["nanogpt"], seeds=[0])
+    job = experiments.init_jobs(cfg, None, str(tmp_path))[1]  # selective; 20 steps, logged every 10
+    threads, adam_steps, calls = torch.get_num_threads(), experiments.adam_steps, []
+    try:
+        whole = common.read_jsonl(experiments.plain_run(dict(job, log=str(tmp_path / "whole.jsonl"))))
+
+        def killed_at_step_15(*args):
+            calls.append(1)
+            if len(calls) == 16:
+                raise KeyboardInterrupt
+            return adam_steps(*args)
+        monkeypatch.setattr(experiments, "adam_steps", killed_at_step_15)
+        os.makedirs(os.path.dirname(job["log"]))
+        with pytest.raises(KeyboardInterrupt):
+            experiments.plain_run(job)
+        assert not os.path.exists(job["log"]) and os.path.exists(job["log"] + ".ckpt")
+        calls.clear()
+        monkeypatch.setattr(experiments, "adam_steps", lambda *args: calls.append(1) or adam_steps(*args))
+        cut = common.read_jsonl(experiments.plain_run(job))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) == 10, "steps 10 to 19 again, not from the start"
+    assert not os.path.exists(job["log"] + ".ckpt"), "a finished run leaves its log only"
+    for log in (cut, whole):
+        for r in log[1:]:
+            del r["elapsed_s"]
+    assert cut[1:] == whole[1:] and [r["iter"] for r in cut[1:]] == [0, 10, 20]
 
 
 def test_init_runs_each_seed_whole_and_c4_in_the_dtype_its_settings_give(tmp_path, c4_data, capsys, monkeypatch):
