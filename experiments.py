@@ -9,13 +9,13 @@ The paper's claims (SPEC §6), checked at the scale two CPU cores allow. One com
   heads    validation loss vs n_head in {1, 2, 4, 8}, selective and standard, 3 seeds, 3.1M tokens per run, same
            data order, one initialisation seed per pair; the learning rate is the standard model's best of three
            (one seed). Does selective attention beat standard, and does it with H heads reach standard with 2H?
-           Rate check: the standard model at larger rates; if one is better, both variants there with 3 seeds.
-           nanoGPT's initialisation (std 0.02), bf16
+           Rate check: if that rate is at the grid's edge, the standard model beyond it; if one is better, both
+           variants there with 3 seeds. nanoGPT's initialisation (std 0.02), bf16
   heads_width  the same with the width rule's initialisation (SPEC §10), in float32
   ablations  the selection rule without BOS protection, and with self-masking (SPEC §9), H = 4, 2 seeds, trained
            like the heads runs, beside selective and standard, and selective on the mask path the ablations take
-  assign   the variable-assignment task: answer accuracy vs steps, selective vs standard (same config and seed);
-           then the selective model's accuracy vs the pruning budget
+  assign   the variable-assignment task: answer accuracy vs steps, selective vs standard (same config and seed,
+           nanoGPT's initialisation); then the selective model's accuracy vs the pruning budget
   pruning  selective models trained like the heads runs with memory loss weight 0 and 0.1 at block 512; the greedy
            per-layer budgets (sample.find_budgets) that keep pruned val ppl <= the standard model's and <= its own
            + 1%; L*T/sum(K); the no-context control (2 keys per layer). More blocks: add them to FULL["pruning"]
@@ -61,7 +61,7 @@ from common import (ASSIGN_TOKENS, ArgumentParser, answers_right, assign_batch, 
                     cpu_has_native_bf16, git_commit, load_shards, make_dir, read_jsonl, write_atomic, write_json,
                     write_jsonl)
 from selective_gpt import GPT, GPTConfig, future_mask, head0_logits, selective_mask
-from train import get_parser as train_parser
+from train import FIELDS_BEFORE, get_parser as train_parser
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The C4 runs share one model and schedule: 4 layers, 128 wide, 1,500 steps of 2,048 tokens (3.1M tokens per run),
@@ -73,9 +73,10 @@ FULL = {
     # the learning rate: the best of `learning_rates` for the standard model (`lr_sweep`), then used for every run
     "heads": dict(C4_RUN, block_size=128, batch_size=16, heads=[1, 2, 4, 8], seeds=[1, 2, 3],
                   learning_rates=[5e-4, 1e-3, 2e-3], lr_sweep=dict(n_head=4, seed=1), workers=2,
-                  # larger rates for the standard model (the sweep's best was its largest), then both variants with
-                  # check_seeds at the best rate of all, if it is not the chosen one (`rate_check`)
-                  check_rates=[4e-3, 8e-3], check_seeds=[1, 2, 3]),
+                  # if the sweep's best is at an edge of its grid, the standard model at check_doublings rates
+                  # beyond it (2x, 4x; or 1/2x, 1/4x), then both variants with check_seeds at the best rate of all,
+                  # if it is not the chosen one (`rate_check`)
+                  check_doublings=2, check_seeds=[1, 2, 3]),
     "ablations": dict(rules=["mask_bos", "mask_self"], n_head=4, seeds=[1, 2]),  # trained like heads
     "assign": dict(n_layer=4, n_embd=128, n_head=4, block_size=96, batch_size=16, max_iters=1500, eval_interval=100,
                    eval_iters=20, learning_rate=1e-3, warmup_iters=100, init_std=0.02,
@@ -120,7 +121,7 @@ FULL["guard"] = dict(init="nanogpt", seeds=FULL["init"]["seeds"], min_accuracy=0
 QUICK_RUN = dict(n_layer=2, n_embd=32, max_iters=6, eval_interval=3, eval_iters=2, warmup_iters=2)
 QUICK = {
     "heads": dict(FULL["heads"], **QUICK_RUN, block_size=32, batch_size=8, heads=[1, 2], seeds=[1, 2],
-                  learning_rates=[1e-3, 2e-3], lr_sweep=dict(n_head=2, seed=1), check_rates=[4e-3],
+                  learning_rates=[1e-3, 2e-3], lr_sweep=dict(n_head=2, seed=1), check_doublings=1,
                   check_seeds=[1, 2]),
     "ablations": dict(FULL["ablations"], n_head=2),
     "assign": dict(FULL["assign"], n_layer=2, n_embd=32, block_size=24, batch_size=8, max_iters=20, eval_interval=10,
@@ -131,7 +132,7 @@ QUICK = {
     "recipe": dict(FULL["recipe"], train=dict(n_layer=1, block_size=32, batch_size=2, max_iters=100, eval_iters=2),
                    diagnosis=dict(recipes=["plain", "clip"], seeds=[1], stop=50),
                    confirmation=[dict(recipes=["train_py"], seeds=[1, 2]),
-                                 dict(recipes=["train_py"], seeds=[1, 2], init="width", dtype="float32")],
+                                 dict(recipes=["train_py", "plain"], seeds=[1, 2], init="width", dtype="float32")],
                    guard=dict(recipes=["clip"], seeds=[1, 2], stop=50)),
     "init": dict(FULL["init"], seeds=[0, 1], early=dict(assign=[10, 20], c4=[25]),
                  assign=dict(n_layer=1, block_size=16, batch_size=4, max_iters=20, eval_iters=2, every=10),
@@ -181,7 +182,7 @@ def finished(log, max_iters):
 def check_settings(log, flags):
     """A run found in out_dir must be the run asked for: every flag, as train.py reads it, as its log's header says
     (a changed setting in this file must not reuse old runs)."""
-    config, asked = read_jsonl(log)[0]["config"], vars(train_parser().parse_args(flags))
+    config, asked = FIELDS_BEFORE | read_jsonl(log)[0]["config"], vars(train_parser().parse_args(flags))
     differ = [f"--{key} {config[key]} (asked: {value})" for key, value in asked.items()
               if f"--{key}" in flags and key in config and config[key] != value]
     if differ:
@@ -309,15 +310,18 @@ def heads_experiment(cfg, data_dir, out_root, assets):
 
 
 def rate_check(cfg, data_dir, out_root, assets, sweep, loss):
-    """Is the baseline handicapped by the sweep's grid? The standard model at cfg['check_rates'] (the sweep's head
-    count and seed); if one of them beats the chosen rate, both variants at the best rate of all with each of
+    """Is the baseline handicapped by the sweep's grid? If the chosen rate is the grid's largest (smallest), the
+    standard model (the sweep's head count and seed) at cfg['check_doublings'] rates above (below) it, each twice
+    (half) the last; if one of them beats the chosen rate, both variants at the best rate of all with each of
     cfg['check_seeds'], the same comparison as a heads row. loss: the heads runs' final validation losses, by (H,
     selective, seed)."""
-    H, seed, chosen = sweep["n_head"], sweep["seed"], sweep["chosen"]
-    jobs = [c4_run(cfg, data_dir, H, seed, False, lr) for lr in cfg["check_rates"]]
+    H, seed, chosen, grid = sweep["n_head"], sweep["seed"], sweep["chosen"], cfg["learning_rates"]
+    step = 2.0 if chosen == max(grid) else 0.5 if chosen == min(grid) else None
+    beyond = [chosen * step ** k for k in range(1, cfg["check_doublings"] + 1)] if step else []
+    jobs = [c4_run(cfg, data_dir, H, seed, False, lr) for lr in beyond]
     logs = train_all(jobs, out_root, cfg["workers"])
     rates = {float(lr): v for lr, v in sweep["val_loss"].items()}
-    rates |= {lr: evals(logs[name])[-1]["val_loss"] for lr, (name, _, _) in zip(cfg["check_rates"], jobs)}
+    rates |= {lr: evals(logs[name])[-1]["val_loss"] for lr, (name, _, _) in zip(beyond, jobs)}
     best = min(rates, key=rates.get)
     result = {"n_head": H, "seed": seed, "val_loss": {f"{lr:g}": v for lr, v in sorted(rates.items())},
               "best": best, "run_seconds": sum(map(run_seconds, logs.values()))}
@@ -596,12 +600,13 @@ def plain_run(job):
     bf16 = autocasts_bf16(job)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     head_dim, C = r["n_embd"] // job["n_head"], r["n_embd"]
-    records, window, started = [], [], time.time()
+    records, window, started, resumed_at = [], [], time.time(), []
     if os.path.exists(ckpt_path):  # (run_jobs checked its settings) the batches are the step's, no other randomness
         ckpt = torch.load(ckpt_path, weights_only=True)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         records, started = ckpt["records"], started - ckpt["records"][-1]["elapsed_s"]
+        resumed_at = ckpt["resumed_at"] + [records[-1]["iter"]]
     for it in range(records[-1]["iter"] if records else 0, steps + 1):
         if (it % cfg.get("every", PLAIN_LOG_EVERY) == 0 or it == stop) and not (records and records[-1]["iter"] == it):
             rec = {"iter": it, **diagnostics(model, val[0][0], val, ctx, job["selective"]),
@@ -610,7 +615,7 @@ def plain_run(job):
                                   sum(w[k] for w in window) / len(window) for k in (window[0] if window else {})})
             window = []
             state = {"config": plain_config(job), "model": model.state_dict(), "optimizer": opt.state_dict(),
-                     "records": records}
+                     "records": records, "resumed_at": resumed_at}
             write_atomic(ckpt_path, lambda tmp: torch.save(state, tmp))
         if it == stop:
             break
@@ -631,8 +636,8 @@ def plain_run(job):
         opt.zero_grad(set_to_none=True)
         window.append({"loss": loss.item(), "grad_norm": total, "grad_norm_max": total, "grad_norm_qk0": qk0,
                        "grad_norm_qk0_max": qk0, **adam_steps(model, opt, head_dim, C, r["beta2"])})
-    write_jsonl(log_path, [{"git_commit": git_commit(), "config": plain_config(job),
-                            "dtype": "bfloat16" if bf16 else "float32"}] + records)
+    write_jsonl(log_path, [{"git_commit": git_commit(), "config": plain_config(job), "dtype": "bfloat16" if bf16
+                            else "float32", **({"resumed_at": resumed_at} if resumed_at else {})}] + records)
     os.remove(ckpt_path)
     return log_path
 
@@ -671,12 +676,15 @@ def run_jobs(jobs, workers):
     import multiprocessing
     todo = [j for j in jobs if not os.path.exists(j["log"])]
     for j in jobs:
-        cut = j in todo and os.path.exists(j["log"] + ".ckpt")
+        ckpt = j["log"] + ".ckpt"
+        if j not in todo and os.path.exists(ckpt):  # left by a run stopped between writing its log and deleting it
+            os.remove(ckpt)
+        cut = os.path.exists(ckpt)
         print(f"  {j['name']}: {'finished already' if j not in todo else 'continues' if cut else 'to run'}", flush=True)
-        settings = (torch.load(j["log"] + ".ckpt", weights_only=True, mmap=True)["config"] if cut else
-                    read_jsonl(j["log"])[0]["config"] if j not in todo else plain_config(j))
+        settings = (read_jsonl(j["log"])[0]["config"] if j not in todo else
+                    torch.load(ckpt, weights_only=True, mmap=True)["config"] if cut else plain_config(j))
         if settings != plain_config(j):  # a changed setting in this file
-            raise SystemExit(f"experiments.py: {j['log'] + '.ckpt' * cut} is a run with other settings than "
+            raise SystemExit(f"experiments.py: {ckpt if cut else j['log']} is a run with other settings than "
                              f"{j['name']} has now: delete it, or give another --out_dir")
     if any(autocasts_bf16(j) for j in todo) and not cpu_has_native_bf16():
         print("  note: the C4 runs autocast to bfloat16, which this CPU emulates (it has neither AVX512-BF16 nor AMX):"
@@ -703,9 +711,12 @@ def recipe_jobs(cfg, stage, data_dir, out_root):
                     name += f"-stop{stage['stop']}"
                 job = dict(recipe_name=recipe, recipe=RECIPES[recipe], cfg=dict(cfg["train"], stop=stage.get("stop")),
                            seed=seed, n_head=cfg["n_head"], selective=selective, data_dir=data_dir)
-                if "init" in stage:  # another initialisation than 0.02 (INITS), in the stage's dtype
-                    name += f"-{stage['init']}"
-                    job |= dict(init=stage["init"], cfg=dict(job["cfg"], dtype=stage["dtype"]))
+                if "init" in stage:  # another initialisation than 0.02 (INITS): named apart
+                    if RECIPES[recipe]["init_std"] != 0.02:
+                        raise ValueError(f"recipe {recipe} draws its own init std: a stage cannot give it {stage['init']}")
+                    name, job["init"] = f"{name}-{stage['init']}", stage["init"]
+                if "dtype" in stage:  # another dtype than the recipe's bf16: named apart
+                    name, job["cfg"]["dtype"] = f"{name}-{stage['dtype']}", stage["dtype"]
                 jobs.append(dict(job, name=name, log=os.path.join(out_root, "recipe", name + ".jsonl")))
     return jobs
 
@@ -714,10 +725,11 @@ def recipe_rows(jobs, logs):
     """Per recipe: each variant's final validation losses over the seeds, and what the diagnostics say about the
     first 100 steps (the largest gradient norms) and the steps after (Adam's update size on head 0's q/k rows)."""
     rows = []
-    for recipe, init in dict.fromkeys((j["recipe_name"], j.get("init", "nanogpt")) for j in jobs):
-        group = [j for j in jobs if (j["recipe_name"], j.get("init", "nanogpt")) == (recipe, init)]
-        row = {"recipe": recipe, "settings": RECIPES[recipe], "init": init,
-               "dtype": "bfloat16" if autocasts_bf16(group[0]) else "float32"}
+    def kind(j):
+        return j["recipe_name"], j.get("init", "nanogpt"), "bfloat16" if autocasts_bf16(j) else "float32"
+    for recipe, init, dtype in dict.fromkeys(map(kind, jobs)):
+        group = [j for j in jobs if kind(j) == (recipe, init, dtype)]
+        row = {"recipe": recipe, "settings": RECIPES[recipe], "init": init, "dtype": dtype}
         for variant in ("std", "sel"):
             mine = [logs[j["name"]] for j in group if j["selective"] == (variant == "sel")]
             row[variant] = [log[-1]["val_loss"] for log in mine]
@@ -774,13 +786,19 @@ def init_jobs(cfg, data_dir, out_root):
 
 
 def init_experiment(cfg, data_dir, out_root, assets):
-    """Every init job (init_jobs), then the table's numbers (init_results)."""
+    """Every init job, then the table's numbers (init_results) and SPEC §10's verdict on them (init_decision)."""
+    result = init_results(*init_runs(cfg, data_dir, out_root, assets), cfg["early"])
+    return result | {"decision": init_decision(result["rows"])}
+
+
+def init_runs(cfg, data_dir, out_root, assets):
+    """The init jobs (init_jobs), each trained unless it finished already; returns (jobs, their logs)."""
     os.makedirs(os.path.join(out_root, "init"), exist_ok=True)
     jobs = init_jobs(cfg, data_dir, out_root)
     logs = run_jobs(jobs, cfg["workers"])
     for name, records in logs.items():
         keep_log(records, name, assets)
-    return init_results(jobs, logs, cfg["early"])
+    return jobs, logs
 
 
 def init_results(jobs, logs, early):
@@ -815,7 +833,7 @@ def init_results(jobs, logs, early):
             row[f"{variant}_share_F_over_5_at_end"] = statistics.mean(
                 statistics.mean(log[-1]["share_F_over_5"]) for log in mine)
         rows.append(row)
-    return {"rows": rows, "seeds": sorted({j["seed"] for j in jobs}), "decision": init_decision(rows)}
+    return {"rows": rows, "seeds": sorted({j["seed"] for j in jobs})}
 
 
 def init_decision(rows, baseline="nanogpt"):
@@ -870,7 +888,7 @@ def init_table(result):
 def guard_experiment(cfg, init_cfg, out_root, assets):
     """init's assign-loop runs of cfg['init'] over cfg['seeds'] (run here if init has not), and the verdict."""
     runs = dict(init_cfg, loops=["assign"], candidates=[cfg["init"]], seeds=cfg["seeds"])
-    row = init_experiment(runs, None, out_root, assets)["rows"][0]
+    row = init_results(*init_runs(runs, None, out_root, assets), init_cfg["early"])["rows"][0]
     return {"row": row, "holds": assign_guard_holds(row, cfg), "settings": cfg}
 
 
@@ -904,7 +922,8 @@ def tables(results):
     makers = {"heads": heads_tables, "heads_width": heads_tables, "ablations": ablations_table,
               "assign": assign_tables, "pruning": pruning_table, "tiles": tiles_table, "recipe": recipe_tables,
               "init": init_table, "guard": guard_table}
-    return "\n".join(line for key, make in makers.items() if key in results for line in make(results[key]))
+    return "\n".join(line for key, make in makers.items() if key in results
+                     for line in [f"## {key}", "", *make(results[key])])
 
 
 def heads_tables(h):

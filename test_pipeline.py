@@ -347,16 +347,21 @@ def test_resume_to_a_reached_target_stops_and_a_larger_one_extends_the_schedule(
     assert lrs[7] > 1e-4 * 1.5  # not stuck at min_lr after the old schedule's end
 
 
-def test_resume_a_checkpoint_from_before_the_attention_field_with_another_path(tmp_path):
+def test_resume_a_checkpoint_from_before_the_attention_and_init_std_fields(tmp_path):
+    """Such a run drew nanoGPT's 0.02 (SPEC §10): resumed as such, and refused as the width rule."""
     out = str(tmp_path / "o")
     assert run_script("train.py", "--dataset", "assign", "--selective", *TINY, "--max_iters", "2",
-                      "--eval_interval", "2", "--out_dir", out)[0] == 0
+                      "--eval_interval", "2", "--init_std", "0.02", "--out_dir", out)[0] == 0
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     for key in ("args", "model_args"):
-        del ckpt[key]["attention"]  # as written before GPTConfig.attention existed
+        del ckpt[key]["attention"], ckpt[key]["init_std"]  # as written before GPTConfig had them
     torch.save(ckpt, os.path.join(out, "ckpt.pt"))
-    code, text = run_script("train.py", "--resume", "--attention", "mask", "--max_iters", "3", "--out_dir", out)
+    code, text = run_script("train.py", "--resume", "--init_std", "width", "--max_iters", "3", "--out_dir", out)
+    assert code == 2 and "--init_std 0.02 -> None" in text, text
+    code, text = run_script("train.py", "--resume", "--attention", "mask", "--init_std", "0.02", "--max_iters", "3",
+                            "--out_dir", out)
     assert code == 0 and "attention path: mask" in text, text
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["args"]["init_std"] == 0.02
 
 
 def test_overwrite_starts_over(tmp_path):
@@ -419,14 +424,31 @@ def test_experiments_tables_pair_by_seed_and_runs_keep_their_names():
     assert flags[flags.index("--init_std") + 1] == "0.02", "the 0.02 runs say so (SPEC §10)"
 
 
+def test_the_rate_check_looks_beyond_the_edge_of_the_grid_where_the_sweep_chose(tmp_path, monkeypatch):
+    cfg, asked = dict(experiments.FULL["heads"], learning_rates=[5e-4, 1e-3, 2e-3], check_doublings=2), []
+    monkeypatch.setattr(experiments, "train_all", lambda jobs, *args: asked.extend(name for name, _, _ in jobs) or {
+        name: [{"iter": 1500, "val_loss": 6.0}] for name, _, _ in jobs})  # worse than the grid: no pairs
+    for chosen, beyond in ((2e-3, ["0.004", "0.008"]), (5e-4, ["0.00025", "0.000125"]), (1e-3, [])):
+        asked.clear()
+        sweep = {"n_head": 4, "seed": 1, "chosen": chosen,
+                 "val_loss": {f"{lr:g}": 5.0 if lr == chosen else 5.5 for lr in cfg["learning_rates"]}}
+        check = experiments.rate_check(cfg, "d", str(tmp_path), str(tmp_path), sweep, {})
+        assert asked == [f"heads-std-h4-s1-lr{lr}" for lr in beyond] and set(check["val_loss"]) >= set(beyond)
+
+
 def test_recipe_stages_with_another_init_run_apart_and_have_rows_of_their_own(tmp_path):
-    """A recipe stage with init (SPEC §10) names its runs apart and runs them in its dtype; its rows are apart from
-    the 0.02 rows of the same recipe and say their init. The 0.02 stages' jobs have no init key, as their logs on
-    disk were made (run_jobs compares a log's settings with the job's)."""
+    """A recipe stage with an init (SPEC §10) or a dtype names its runs apart and runs them so; its rows are apart
+    from the rows of the same recipe and say their init and dtype. The other stages' jobs have neither key, as their
+    logs on disk were made (run_jobs compares a log's settings with the job's)."""
     cfg = experiments.FULL["recipe"]
     old, width = (experiments.recipe_jobs(cfg, stage, "d", str(tmp_path)) for stage in cfg["confirmation"])
-    assert "init" not in old[0] and old[0]["name"] == "recipe-train_py-std-s1"
-    assert width[0]["name"] == "recipe-train_py-std-s1-width" and width[0]["init"] == "width"
+    assert "init" not in old[0] and "dtype" not in old[0]["cfg"] and old[0]["name"] == "recipe-train_py-std-s1"
+    float32 = experiments.recipe_jobs(cfg, dict(recipes=["plain"], seeds=[1], dtype="float32"), "d", str(tmp_path))
+    assert [r["dtype"] for r in experiments.recipe_rows(float32, {j["name"]: plain_log("val_loss", [6.0, 5.0], 1.0)
+                                                                  for j in float32})] == ["float32"]
+    with pytest.raises(ValueError, match="recipe init draws its own init std"):
+        experiments.recipe_jobs(cfg, dict(recipes=["init"], seeds=[1], init="width"), "d", str(tmp_path))
+    assert width[0]["name"] == "recipe-train_py-std-s1-width-float32" and width[0]["init"] == "width"
     assert experiments.autocasts_bf16(old[0]) and not experiments.autocasts_bf16(width[0])
     jobs = old + width
     logs = {j["name"]: [{"config": {}}, {"iter": 100, "grad_norm_max": 2.0, "grad_norm_qk0_max": 1.0,
@@ -444,6 +466,7 @@ def test_recipe_stages_with_another_init_run_apart_and_have_rows_of_their_own(tm
 def test_assign_guard_needs_every_seed_to_learn_and_to_leave_few_of_standards_errors():
     cfg = experiments.FULL["guard"]
     assert experiments.INITS[cfg["init"]] == GPTConfig.init_std, "the guard runs the default initialisation"
+    assert train.get_parser().parse_args([]).init_std == GPTConfig.init_std, "train.py's default is GPTConfig's"
     row = lambda std, sel: {"std": experiments.mean_sd(std), "sel": experiments.mean_sd(sel)}  # noqa: E731
     assert experiments.assign_guard_holds(row([0.98, 0.95, 0.99], [0.999, 0.995, 0.999]), cfg)
     assert not experiments.assign_guard_holds(row([0.98, 0.95, 0.99], [0.999, 0.995, 0.997]), cfg)  # 0.3 of 0.01
@@ -475,7 +498,9 @@ def test_plain_runs_on_disk_are_reused_only_with_the_same_settings(tmp_path):
     job = experiments.init_jobs(cfg, None, str(tmp_path))[0]
     os.makedirs(os.path.dirname(job["log"]))
     common.write_jsonl(job["log"], [{"config": experiments.plain_config(job)}, {"iter": 0}])
+    torch.save({}, job["log"] + ".ckpt")  # as left by a run stopped between writing its log and deleting this
     assert experiments.run_jobs([job], 1)[job["name"]][1] == {"iter": 0}  # finished already: not trained again
+    assert not os.path.exists(job["log"] + ".ckpt")
     longer = dict(job, cfg=dict(job["cfg"], max_iters=40))  # as a run made before a change of max_iters
     common.write_jsonl(job["log"], [{"config": experiments.plain_config(longer)}, {"iter": 0}])
     with pytest.raises(SystemExit, match="is a run with other settings"):
@@ -513,7 +538,7 @@ def test_a_plain_run_cut_short_continues_from_its_last_logged_step_exactly(tmp_p
     for log in (cut, whole):
         for r in log[1:]:
             del r["elapsed_s"]
-    assert cut[1:] == whole[1:] and [r["iter"] for r in cut[1:]] == [0, 10, 20]
+    assert cut[1:] == whole[1:] and [r["iter"] for r in cut[1:]] == [0, 10, 20] and cut[0]["resumed_at"] == [10]
 
 
 def test_init_runs_each_seed_whole_and_c4_in_the_dtype_its_settings_give(tmp_path, c4_data, capsys, monkeypatch):
@@ -537,12 +562,29 @@ def test_init_runs_each_seed_whole_and_c4_in_the_dtype_its_settings_give(tmp_pat
         experiments.autocasts_bf16(dict(c4, cfg=dict(c4["cfg"], dtype="float16")))
 
 
+def plain_log(metric, values, grad, config=None):
+    """A plain-loop log as plain_run writes it, logged at steps 0, 10, 20, ...: metric's values in turn."""
+    return [{"config": config or {}}] + [{"iter": 10 * i, metric: v, "max_F": [2.0 + i], "head0_entropy": [1.0],
+                                          "share_F_over_5": [0.1 * i]} |
+                                         ({"grad_norm_max": grad * i, "grad_norm_qk0_max": grad} if i else {})
+                                         for i, v in enumerate(values)]
+
+
+def test_the_guard_runs_the_default_init_alone_and_judges_it_from_the_logs_on_disk(tmp_path):
+    """The guard is init's assign loop with one candidate, not init's verdict (which needs the 0.02 baseline)."""
+    cfg, init_cfg = experiments.QUICK["guard"], experiments.QUICK["init"]
+    jobs = experiments.init_jobs(dict(init_cfg, loops=["assign"], candidates=[cfg["init"]], seeds=cfg["seeds"]),
+                                 None, str(tmp_path))
+    os.makedirs(os.path.dirname(jobs[0]["log"]))
+    for j in jobs:  # standard ends at 0.9, selective at 0.99: a tenth of its errors
+        common.write_jsonl(j["log"], plain_log("val_accuracy", [0.1, 0.5, 0.99 if j["selective"] else 0.9], 3.0,
+                                               experiments.plain_config(j)))
+    result = experiments.guard_experiment(cfg, init_cfg, str(tmp_path), str(tmp_path / "assets"))
+    assert result["holds"] and result["row"]["init"] == cfg["init"] and result["row"]["sel"]["values"] == [0.99, 0.99]
+
+
 def test_init_table_gives_each_loop_its_measure_at_the_steps_asked_over_the_seeds():
-    def log(metric, values, grad):  # records at steps 0, 10, 20 (every 10), as plain_run writes them
-        return [{"config": {}}] + [{"iter": 10 * i, metric: v, "max_F": [2.0 + i], "head0_entropy": [1.0],
-                                    "share_F_over_5": [0.1 * i]} | ({"grad_norm_max": grad * i,
-                                                                     "grad_norm_qk0_max": grad} if i else {})
-                                   for i, v in enumerate(values)]
+    log = plain_log
     cfg = dict(experiments.QUICK["init"], seeds=[0, 1], candidates=["nanogpt"], c4_candidates=["nanogpt"],
                loops=["assign", "c4_plain"], assign=dict(every=10), c4=dict(every=10), early=dict(assign=[10],
                                                                                                    c4=[10, 20]))
@@ -556,7 +598,7 @@ def test_init_table_gives_each_loop_its_measure_at_the_steps_asked_over_the_seed
     assert assign["sel_step_to_0.9"] == [10, 10] and assign["std_step_to_0.9"] == [20, 20]
     assert c4["std"]["values"] == [6.0, 5.0] and c4["sel_early"]["10"]["mean"] == 6.0 and "std_step_to_0.9" not in c4
     assert c4["std_grad_norm_max_first"] == 5.5 and c4["std_max_F0_at_init"] == 2.0  # only steps before 10 count
-    text = "\n".join(experiments.init_table(result))
+    text = "\n".join(experiments.init_table(result | {"decision": experiments.init_decision(result["rows"])}))
     assert "| assign (2 seeds, 20 steps, float32) | nanogpt | 0.985 +- 0.007 | 0.985 +- 0.007 |" in text
     assert "| c4_plain (2 seeds, 20 steps, bfloat16) | nanogpt | 5.500 +- 0.707 | 5.500 +- 0.707 | 0.000 +- 0.000 | " \
            "step 10: 7.000 +- 0.000 / 6.000 +- 0.000; step 20: 5.500 +- 0.707 / 5.500 +- 0.707 | - | " \
@@ -629,14 +671,16 @@ def test_experiments_runs_resume_exactly_after_a_kill_and_are_checked_against_th
 
 
 def test_runs_on_disk_are_compared_with_the_flags_as_train_py_reads_them(tmp_path):
-    """--init_std width is None in a log's header; a log from before a flag existed does not know it."""
+    """--init_std width is None in a log's header; a log from before a model flag existed meant its value then."""
     log = tmp_path / "log.jsonl"
     common.write_jsonl(str(log), [{"config": vars(train.get_parser().parse_args(["--init_std", "width"]))}])
     experiments.check_settings(str(log), ["--init_std", "width", "--learning_rate", "1e-3"])
     with pytest.raises(SystemExit, match="other settings: --init_std None \\(asked: 0.02\\)"):
         experiments.check_settings(str(log), ["--init_std", "0.02"])
-    common.write_jsonl(str(log), [{"config": {"learning_rate": 0.001}}])
+    common.write_jsonl(str(log), [{"config": {"learning_rate": 0.001}}])  # before init_std: nanoGPT's 0.02
     experiments.check_settings(str(log), ["--init_std", "0.02", "--learning_rate", "0.001"])
+    with pytest.raises(SystemExit, match="other settings: --init_std 0.02 \\(asked: None\\)"):
+        experiments.check_settings(str(log), ["--init_std", "width"])
 
 
 def test_ddp_two_processes_match_one_with_twice_the_accumulation(tmp_path):
@@ -785,10 +829,11 @@ def test_explain_shows_the_last_row_of_F_and_the_eviction_order_on_a_hand_built_
 
 def test_explain_on_a_tiny_model_equals_selective_mask_and_pruned_visibility():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=16, vocab_size=20, n_layer=2, n_head=2, n_embd=16, selective=True)).eval()
+    model = GPT(GPTConfig(block_size=16, vocab_size=20, n_layer=2, n_head=2, n_embd=16, selective=True,
+                          init_std=0.02)).eval()
     with torch.no_grad():
         for p in model.parameters():
-            p.mul_(8)  # large logits: selection is active
+            p.mul_(8)  # 8 x 0.02: large logits, selection is active
     prompt = [0] + torch.randint(1, 20, (11,)).tolist()
     budgets = [4, 6]
     layers = sample.explain(model, prompt, budgets)
@@ -1012,8 +1057,8 @@ def test_experiments_quick(tmp_path):
             "wall_seconds", "commit", "machine"} <= results.keys()
     assert len(results["heads"]["rows"]) == 2 and len(results["pruning"]) == 2
     assert (results["heads"]["init_std"], results["heads_width"]["init_std"]) == (0.02, "width")
-    assert [(r["recipe"], r["init"]) for r in results["recipe"]["confirmation"]] == [("train_py", "nanogpt"),
-                                                                                      ("train_py", "width")]
+    assert [(r["recipe"], r["init"]) for r in results["recipe"]["confirmation"]] == [
+        ("train_py", "nanogpt"), ("train_py", "width"), ("plain", "width")]
     assert [len(r["layers"]) for r in results["tiles"]["rows"]] == [2, 2]  # memory loss 0 and 0.1, 2 layers each
     assert all(0 <= share <= 1 for r in results["tiles"]["rows"] for layer in r["layers"] for share in layer.values())
     assert results["guard"]["holds"] in (True, False) and len(results["guard"]["row"]["sel"]["values"]) == 2

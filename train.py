@@ -86,6 +86,8 @@ def get_parser():
 
 
 MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig)]
+# a checkpoint or log from before a field existed meant its default; but before init_std, nanoGPT's 0.02 (SPEC §10)
+FIELDS_BEFORE = {f.name: f.default for f in dataclasses.fields(GPTConfig)} | {"init_std": 0.02}
 RUN_FILES = ("ckpt.pt", "ckpt_best.pt", "log.jsonl", "budgets.json")  # what --overwrite deletes
 UNSET = object()  # a flag not on the command line
 
@@ -133,10 +135,9 @@ def resumed_settings(parser, given, defaults, out_dir):
         ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
     except CheckpointError as e:
         parser.error(f"--resume: {e}")
-    saved = {k: v for k, v in ckpt["args"].items() if k not in ("resume", "overwrite")}
-    field_defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}  # fields newer than the checkpoint
-    changed = [f"--{k} {saved.get(k, field_defaults.get(k))} -> {given[k]}" for k in MODEL_FIELDS + ["dataset"]
-               if k in given and k != "attention" and given[k] != saved.get(k, field_defaults.get(k))]
+    saved = FIELDS_BEFORE | {k: v for k, v in ckpt["args"].items() if k not in ("resume", "overwrite")}
+    changed = [f"--{k} {saved[k]} -> {given[k]}" for k in MODEL_FIELDS + ["dataset"]
+               if k in given and k != "attention" and given[k] != saved[k]]
     if changed:
         parser.error(f"--resume: {out_dir}/ckpt.pt is a checkpoint of a different model: {', '.join(changed)}. "
                      f"Drop those flags, or use another --out_dir")
@@ -178,8 +179,7 @@ def setup_device(args, ddp, rank):
             torch.cuda.set_device(device)
     torch.manual_seed(args.seed + rank)
     if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return device
 
 
