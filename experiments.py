@@ -117,7 +117,7 @@ FULL = {
 # the heads table again with the width rule (SPEC §10), in float32 (as tiles); run names end in -<tag>
 FULL["heads_width"] = dict(FULL["heads"], init_std="width", dtype="float32", tag="width-float32")
 # the assign plain loop with the default initialisation (GPTConfig.init_std, SPEC §10): init's runs, shared with it
-FULL["guard"] = dict(init="nanogpt", seeds=FULL["init"]["seeds"], min_accuracy=0.9, error_share=0.2)
+FULL["guard"] = dict(init="width", seeds=FULL["init"]["seeds"], min_accuracy=0.9, error_share=0.2)
 QUICK_RUN = dict(n_layer=2, n_embd=32, max_iters=6, eval_interval=3, eval_iters=2, warmup_iters=2)
 QUICK = {
     "heads": dict(FULL["heads"], **QUICK_RUN, block_size=32, batch_size=8, heads=[1, 2], seeds=[1, 2],

@@ -35,7 +35,7 @@ class GPTConfig:
     attention: str = "auto"  # selective attention's implementation (§7): reference, mask, tiled; auto: the fastest
     mask_bos: bool = False  # ablation (§9): BOS (key column 0) may be masked, against §1.2
     mask_self: bool = False  # ablation (§9): a token's vote on its own key counts (S keeps its diagonal)
-    init_std: float | None = 0.02  # the weights' std at init (§10); None: the width rule 1 / sqrt(3 n_embd)
+    init_std: float | None = None  # the weights' std at init (§10); None: the width rule 1 / sqrt(3 n_embd)
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -243,7 +243,8 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     """nanoGPT's GPT, standard or selective. Train a selective one with gradient-norm clipping (1.0) or AdamW beta2
-    <= 0.99 (train.py: both), else early gradient spikes stall the selection (§8): configure_optimizers warns."""
+    <= 0.99 (train.py: both), else early gradient spikes can stall the selection (§8; measured with init_std 0.02):
+    configure_optimizers warns."""
 
     def __init__(self, config):
         super().__init__()
@@ -307,8 +308,8 @@ class GPT(nn.Module):
         """AdamW, weight decay on matrices and embeddings only (nanoGPT). grad_clip: the loop's clipping norm (0:
         none); a selective model warns when neither it nor beta2 <= 0.99 guards against early gradient spikes (§8)."""
         if self.config.selective and betas[1] > 0.99 and not grad_clip:
-            warnings.warn(f"selective attention with AdamW beta2 = {betas[1]} and no gradient clipping trains poorly: "
-                          f"clip the gradient norm (1.0) or use beta2 = 0.95 (docs/SPEC.md §8)", stacklevel=2)
+            warnings.warn(f"selective attention with AdamW beta2 = {betas[1]} and no gradient clipping can train "
+                          f"poorly: clip the gradient norm (1.0) or use beta2 = 0.95 (docs/SPEC.md §8)", stacklevel=2)
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]

@@ -48,7 +48,7 @@ def add_model_flags(p):
     a("--mask_bos", action="store_true", help="ablation (docs/SPEC.md §9): BOS may be masked")
     a("--mask_self", action="store_true", help="ablation (docs/SPEC.md §9): a token's vote on its own key counts")
     a("--vocab_size", type=int, default=None, help="None: 50304 for c4 (GPT-2's 50257 padded), the task's for assign")
-    a("--init_std", type=std_or_width, default=0.02, help="weights' std at init (SPEC §10); width: 1/sqrt(3 n_embd)")
+    a("--init_std", type=std_or_width, default="width", help="SPEC §10: width (1/sqrt(3 n_embd)) or a std, e.g. 0.02")
 
 
 def get_parser():
