@@ -63,7 +63,10 @@ fraction = checked(float, lambda v: 0 <= v < 1, "must be in [0, 1)")
 
 def std_or_width(text):
     """--init_std: a positive number, or the word width (None: GPTConfig's width rule, SPEC §10)."""
-    return None if text == "width" else positive(text)
+    try:
+        return None if text == "width" else positive(text)
+    except ValueError:  # not a number at all
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number, or width") from None
 
 
 def add_device_flags(parser):

@@ -115,7 +115,8 @@ FULL = {
                          every=100, dtype="float32")),
 }
 # the heads table again with the width rule (SPEC §10), in float32 (as tiles); run names end in -<tag>
-FULL["heads_width"] = dict(FULL["heads"], init_std="width", dtype="float32", tag="width-float32")
+WIDTH_RUN = dict(init_std="width", dtype="float32", tag="width-float32")
+FULL["heads_width"] = dict(FULL["heads"], **WIDTH_RUN)
 # the assign plain loop with the default initialisation (GPTConfig.init_std, SPEC §10): init's runs, shared with it
 FULL["guard"] = dict(init="width", seeds=FULL["init"]["seeds"], min_accuracy=0.9, error_share=0.2)
 QUICK_RUN = dict(n_layer=2, n_embd=32, max_iters=6, eval_interval=3, eval_iters=2, warmup_iters=2)
@@ -139,7 +140,7 @@ QUICK = {
                  c4=dict(n_layer=1, block_size=32, batch_size=2, max_iters=100, eval_iters=2, stop=50, every=25,
                          dtype="float32")),
 }
-QUICK["heads_width"] = dict(QUICK["heads"], init_std="width", dtype="float32", tag="width-float32")
+QUICK["heads_width"] = dict(QUICK["heads"], **WIDTH_RUN)
 QUICK["guard"] = dict(FULL["guard"], seeds=QUICK["init"]["seeds"])
 SECTIONS = ("heads", "heads_width", "ablations", "assign", "pruning", "tiles", "recipe", "init", "guard")
 DATA_SEED = 1337  # every run sees the same batches in the same order
@@ -597,8 +598,8 @@ def plain_run(job):
     val = [batch("val", -1, i) for i in range(cfg["eval_iters"])]
     model, opt = plain_model(job)
     params, warmup, min_lr = list(model.parameters()), 100, r["lr"] / 10
-    bf16 = autocasts_bf16(job)
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    dtype = plain_dtype(job)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
     head_dim, C = r["n_embd"] // job["n_head"], r["n_embd"]
     records, window, started, resumed_at = [], [], time.time(), []
     if os.path.exists(ckpt_path):  # (run_jobs checked its settings) the batches are the step's, no other randomness
@@ -636,18 +637,19 @@ def plain_run(job):
         opt.zero_grad(set_to_none=True)
         window.append({"loss": loss.item(), "grad_norm": total, "grad_norm_max": total, "grad_norm_qk0": qk0,
                        "grad_norm_qk0_max": qk0, **adam_steps(model, opt, head_dim, C, r["beta2"])})
-    write_jsonl(log_path, [{"git_commit": git_commit(), "config": plain_config(job), "dtype": "bfloat16" if bf16
-                            else "float32", **({"resumed_at": resumed_at} if resumed_at else {})}] + records)
+    write_jsonl(log_path, [{"git_commit": git_commit(), "config": plain_config(job), "dtype": dtype,
+                            **({"resumed_at": resumed_at} if resumed_at else {})}] + records)
     os.remove(ckpt_path)
     return log_path
 
 
-def autocasts_bf16(job):
-    """Whether a plain-loop run autocasts to bfloat16: its recipe's choice, unless its settings say float32."""
+def plain_dtype(job):
+    """A plain-loop run's dtype, bfloat16 (autocast) or float32: its recipe's choice, unless its settings say
+    float32."""
     dtype = job["cfg"].get("dtype", "bfloat16")
     if dtype not in ("bfloat16", "float32"):
         raise ValueError(f"a plain run's dtype is bfloat16 or float32, not {dtype!r}")
-    return job["recipe"].get("bf16", True) and dtype == "bfloat16"
+    return "bfloat16" if job["recipe"].get("bf16", True) and dtype == "bfloat16" else "float32"
 
 
 def plain_config(job):
@@ -686,7 +688,7 @@ def run_jobs(jobs, workers):
         if settings != plain_config(j):  # a changed setting in this file
             raise SystemExit(f"experiments.py: {ckpt if cut else j['log']} is a run with other settings than "
                              f"{j['name']} has now: delete it, or give another --out_dir")
-    if any(autocasts_bf16(j) for j in todo) and not cpu_has_native_bf16():
+    if any(plain_dtype(j) == "bfloat16" for j in todo) and not cpu_has_native_bf16():
         print("  note: the C4 runs autocast to bfloat16, which this CPU emulates (it has neither AVX512-BF16 nor AMX):"
               " each step takes many times longer than on one that has them (docs/PERFORMANCE.md, CPU dtype)",
               flush=True)
@@ -713,7 +715,8 @@ def recipe_jobs(cfg, stage, data_dir, out_root):
                            seed=seed, n_head=cfg["n_head"], selective=selective, data_dir=data_dir)
                 if "init" in stage:  # another initialisation than 0.02 (INITS): named apart
                     if RECIPES[recipe]["init_std"] != 0.02:
-                        raise ValueError(f"recipe {recipe} draws its own init std: a stage cannot give it {stage['init']}")
+                        raise ValueError(f"recipe {recipe} draws its own init std: a stage cannot give it "
+                                         f"{stage['init']}")
                     name, job["init"] = f"{name}-{stage['init']}", stage["init"]
                 if "dtype" in stage:  # another dtype than the recipe's bf16: named apart
                     name, job["cfg"]["dtype"] = f"{name}-{stage['dtype']}", stage["dtype"]
@@ -726,7 +729,7 @@ def recipe_rows(jobs, logs):
     first 100 steps (the largest gradient norms) and the steps after (Adam's update size on head 0's q/k rows)."""
     rows = []
     def kind(j):
-        return j["recipe_name"], j.get("init", "nanogpt"), "bfloat16" if autocasts_bf16(j) else "float32"
+        return j["recipe_name"], j.get("init", "nanogpt"), plain_dtype(j)
     for recipe, init, dtype in dict.fromkeys(map(kind, jobs)):
         group = [j for j in jobs if kind(j) == (recipe, init, dtype)]
         row = {"recipe": recipe, "settings": RECIPES[recipe], "init": init, "dtype": dtype}
@@ -811,7 +814,7 @@ def init_results(jobs, logs, early):
         task, job = INIT_LOOPS[loop][0], next(j for j in jobs if j["loop"] == loop)
         metric = "val_accuracy" if task == "assign" else "val_loss"
         first_logged = job["cfg"].get("every", PLAIN_LOG_EVERY)
-        row = {"loop": loop, "init": init, "dtype": "bfloat16" if autocasts_bf16(job) else "float32",
+        row = {"loop": loop, "init": init, "dtype": plain_dtype(job),
                "first_logged": first_logged}
         for variant in ("std", "sel"):
             mine = [logs[j["name"]] for j in jobs if (j["loop"], j["init"], j["selective"]) ==

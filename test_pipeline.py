@@ -449,7 +449,7 @@ def test_recipe_stages_with_another_init_run_apart_and_have_rows_of_their_own(tm
     with pytest.raises(ValueError, match="recipe init draws its own init std"):
         experiments.recipe_jobs(cfg, dict(recipes=["init"], seeds=[1], init="width"), "d", str(tmp_path))
     assert width[0]["name"] == "recipe-train_py-std-s1-width-float32" and width[0]["init"] == "width"
-    assert experiments.autocasts_bf16(old[0]) and not experiments.autocasts_bf16(width[0])
+    assert (experiments.plain_dtype(old[0]), experiments.plain_dtype(width[0])) == ("bfloat16", "float32")
     jobs = old + width
     logs = {j["name"]: [{"config": {}}, {"iter": 100, "grad_norm_max": 2.0, "grad_norm_qk0_max": 1.0,
                                          "adam_step_qk0": 0.1, "adam_step_qk_rest": 0.2},
@@ -559,7 +559,7 @@ def test_init_runs_each_seed_whole_and_c4_in_the_dtype_its_settings_give(tmp_pat
         assert log[0]["dtype"] == autocast and [r["iter"] for r in log[1:]] == [0, 2, 3]  # and the last step
         assert ("note: the C4 runs autocast to bfloat16" in capsys.readouterr().out) == (autocast == "bfloat16")
     with pytest.raises(ValueError, match="bfloat16 or float32"):
-        experiments.autocasts_bf16(dict(c4, cfg=dict(c4["cfg"], dtype="float16")))
+        experiments.plain_dtype(dict(c4, cfg=dict(c4["cfg"], dtype="float16")))
 
 
 def plain_log(metric, values, grad, config=None):
@@ -584,14 +584,13 @@ def test_the_guard_runs_the_default_init_alone_and_judges_it_from_the_logs_on_di
 
 
 def test_init_table_gives_each_loop_its_measure_at_the_steps_asked_over_the_seeds():
-    log = plain_log
     cfg = dict(experiments.QUICK["init"], seeds=[0, 1], candidates=["nanogpt"], c4_candidates=["nanogpt"],
                loops=["assign", "c4_plain"], assign=dict(every=10), c4=dict(every=10), early=dict(assign=[10],
                                                                                                    c4=[10, 20]))
     jobs = experiments.init_jobs(cfg, None, "runs")
-    logs = {j["name"]: log("val_accuracy", [0.1, 0.95 if j["selective"] else 0.5, 0.99 - 0.01 * j["seed"]], 3.0)
-            if j["task"] == "assign" else log("val_loss", [10.0, 7.0 - j["selective"], 6.0 - j["seed"]], 5.0 + j["seed"])
-            for j in jobs}
+    logs = {j["name"]: plain_log("val_accuracy", [0.1, 0.95 if j["selective"] else 0.5, 0.99 - 0.01 * j["seed"]], 3.0)
+            if j["task"] == "assign" else
+            plain_log("val_loss", [10.0, 7.0 - j["selective"], 6.0 - j["seed"]], 5.0 + j["seed"]) for j in jobs}
     result = experiments.init_results(jobs, logs, cfg["early"])
     assign, c4 = result["rows"]
     assert assign["sel"]["values"] == [0.99, 0.98] and assign["sel_early"]["10"]["mean"] == 0.95
@@ -945,7 +944,7 @@ BAD_INPUTS = [
     ([*A, "--dtype", "float16", "--out_dir", "new"], "float16 is not supported on the CPU"),
     ([*A, "--lr", "1000", "--out_dir", "new"], "unrecognized arguments: --lr 1000"),  # not --lr_decay_iters
     ([*A, "--init_std", "-1", "--out_dir", "new"], "--init_std -1.0 must be a positive number"),
-    ([*A, "--init_std", "wide", "--out_dir", "new"], "--init_std: invalid std_or_width value"),  # a number, or width
+    ([*A, "--init_std", "wide", "--out_dir", "new"], "--init_std wide must be a positive number, or width"),
     # sample.py
     ([*S, "--temperature", "-1"], "--temperature -1.0 must be >= 0"),
     ([*S, "--top_k", "0"], "--top_k 0 must be at least 1"),
