@@ -33,11 +33,11 @@ The paper's claims (SPEC §6), checked at the scale two CPU cores allow. One com
            accuracy with at most a fifth of standard's errors in every seed (under half an hour on 2 cores; no data)
 
 Runs go to out/experiments[-quick]/<name>, two at a time with one thread each, and are skipped once finished (a
-finished run with other settings than this file's is refused); a run cut short continues from its last checkpoint
-(rerun to resume): a train.py run's, or a plain-loop run's (recipe, init, guard) at its last logged step. A guard
-that fails exits 1 once its section is written; --quick checks the pipeline and exits 0 whatever its guards say. The
-evaluation logs of the runs are copied to assets/logs/, the numbers to assets/results.json and assets/results.md,
-plots to assets/*.png (matplotlib, optional).
+finished run with other settings than this file's and train.py's defaults is refused); a run cut short continues from
+its last checkpoint (rerun to resume): a train.py run's, or a plain-loop run's (recipe, init, guard) at its last
+logged step. A guard that fails exits 1 once its section is written; --quick checks the pipeline and exits 0 whatever
+its guards say. The evaluation logs of the runs are copied to assets/logs/, the numbers to assets/results.json and
+assets/results.md, plots to assets/*.png (matplotlib, optional).
 """
 
 import concurrent.futures
@@ -61,7 +61,7 @@ from common import (ASSIGN_TOKENS, ArgumentParser, answers_right, assign_batch, 
                     cpu_has_native_bf16, git_commit, load_shards, make_dir, read_jsonl, write_atomic, write_json,
                     write_jsonl)
 from selective_gpt import GPT, GPTConfig, future_mask, head0_logits, selective_mask
-from train import FIELDS_BEFORE, get_parser as train_parser
+from train import FIELDS_BEFORE, as_flag, fill_in, get_parser as train_parser
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The C4 runs share one model and schedule: 4 layers, 128 wide, 1,500 steps of 2,048 tokens (3.1M tokens per run),
@@ -180,12 +180,17 @@ def finished(log, max_iters):
     return os.path.exists(log) and any(r.get("iter") == max_iters and "val_loss" in r for r in read_jsonl(log))
 
 
+# where and how a run is computed, not what it computes: a log and the flags asked now may differ in these
+NOT_COMPARED = ("out_dir", "data_dir", "device", "compile", "attention", "resume", "overwrite", "peak_flops")
+
+
 def check_settings(log, flags):
-    """A run found in out_dir must be the run asked for: every flag, as train.py reads it, as its log's header says
-    (a changed setting in this file must not reuse old runs)."""
-    config, asked = FIELDS_BEFORE | read_jsonl(log)[0]["config"], vars(train_parser().parse_args(flags))
-    differ = [f"--{key} {config[key]} (asked: {value})" for key, value in asked.items()
-              if f"--{key}" in flags and key in config and config[key] != value]
+    """A run found in out_dir must be the run asked for: every setting as train.py resolves the flags, its defaults
+    included, as its log's header says (a changed setting here or default there must not reuse old runs). A model
+    setting the log lacks had its value then (FIELDS_BEFORE); another is not compared."""
+    config, asked = FIELDS_BEFORE | read_jsonl(log)[0]["config"], vars(fill_in(train_parser().parse_args(flags)))
+    differ = [f"--{key} {as_flag(key, config[key])} (asked: {as_flag(key, value)})" for key, value in asked.items()
+              if key not in NOT_COMPARED and key in config and config[key] != value]
     if differ:
         raise SystemExit(f"experiments.py: {os.path.dirname(log)} is a run with other settings: {', '.join(differ)}."
                          f" Delete it, or give another --out_dir")

@@ -357,7 +357,7 @@ def test_resume_a_checkpoint_from_before_the_attention_and_init_std_fields(tmp_p
         del ckpt[key]["attention"], ckpt[key]["init_std"]  # as written before GPTConfig had them
     torch.save(ckpt, os.path.join(out, "ckpt.pt"))
     code, text = run_script("train.py", "--resume", "--init_std", "width", "--max_iters", "3", "--out_dir", out)
-    assert code == 2 and "--init_std 0.02 -> None" in text, text
+    assert code == 2 and "--init_std 0.02 -> width" in text, text
     code, text = run_script("train.py", "--resume", "--attention", "mask", "--init_std", "0.02", "--max_iters", "3",
                             "--out_dir", out)
     assert code == 0 and "attention path: mask" in text, text
@@ -669,17 +669,28 @@ def test_experiments_runs_resume_exactly_after_a_kill_and_are_checked_against_th
         experiments.train("whole", str(tmp_path), flags + ["--learning_rate", "0.002"], 24)
 
 
-def test_runs_on_disk_are_compared_with_the_flags_as_train_py_reads_them(tmp_path):
-    """--init_std width is None in a log's header; a log from before a model flag existed meant its value then."""
+def test_runs_on_disk_are_compared_with_the_flags_as_train_py_reads_them(tmp_path, monkeypatch):
+    """Every setting as train.py resolves it, its defaults included, but where the run ran; --init_std width is
+    None in a log's header; a log from before init_std existed drew 0.02."""
     log = tmp_path / "log.jsonl"
-    common.write_jsonl(str(log), [{"config": vars(train.get_parser().parse_args(["--init_std", "width"]))}])
-    experiments.check_settings(str(log), ["--init_std", "width", "--learning_rate", "1e-3"])
-    with pytest.raises(SystemExit, match="other settings: --init_std None \\(asked: 0.02\\)"):
-        experiments.check_settings(str(log), ["--init_std", "0.02"])
-    common.write_jsonl(str(log), [{"config": {"learning_rate": 0.001}}])  # before init_std: nanoGPT's 0.02
-    experiments.check_settings(str(log), ["--init_std", "0.02", "--learning_rate", "0.001"])
-    with pytest.raises(SystemExit, match="other settings: --init_std 0.02 \\(asked: None\\)"):
-        experiments.check_settings(str(log), ["--init_std", "width"])
+    flags = ["--init_std", "width", "--learning_rate", "1e-3"]
+    config = vars(train.fill_in(train.get_parser().parse_args(flags + ["--out_dir", "elsewhere", "--device", "cpu"])))
+    common.write_jsonl(str(log), [{"config": config}])
+    experiments.check_settings(str(log), flags)  # min_lr resolved to 1e-4 in both; where it ran is not compared
+    with pytest.raises(SystemExit, match="other settings: --init_std width \\(asked: 0.02\\)"):
+        experiments.check_settings(str(log), ["--init_std", "0.02", "--learning_rate", "1e-3"])
+    with pytest.raises(SystemExit, match="other settings: --min_lr 0.0001 \\(asked: 0.0002\\)"):
+        experiments.check_settings(str(log), [*flags, "--min_lr", "2e-4"])
+    del config["init_std"]  # a log from before init_std: nanoGPT's 0.02
+    common.write_jsonl(str(log), [{"config": config}])
+    experiments.check_settings(str(log), ["--init_std", "0.02", "--learning_rate", "1e-3"])
+    with pytest.raises(SystemExit, match="other settings: --init_std 0.02 \\(asked: width\\)"):
+        experiments.check_settings(str(log), flags)
+    changed = train.get_parser()
+    changed.set_defaults(beta2=0.99)  # train.py's default changed since the run: not the run asked for
+    monkeypatch.setattr(experiments, "train_parser", lambda: changed)
+    with pytest.raises(SystemExit, match="other settings: --beta2 0.95 \\(asked: 0.99\\)\\. Delete"):
+        experiments.check_settings(str(log), ["--init_std", "0.02", "--learning_rate", "1e-3"])
 
 
 def test_ddp_two_processes_match_one_with_twice_the_accumulation(tmp_path):

@@ -109,21 +109,26 @@ def parse_args(argv=None):
     elif any(os.path.exists(os.path.join(out_dir, f)) for f in RUN_FILES) and not given.get("overwrite"):
         parser.error(f"--out_dir {out_dir} holds a run already (its ckpt.pt or log.jsonl). Continue it with "
                      f"--resume, start over with --overwrite (deletes it), or give another --out_dir")
-    args = argparse.Namespace(**{**defaults, **given, "out_dir": out_dir})
-    assign = args.dataset == "assign"
-    tokens = len(ASSIGN_TOKENS) if assign else BOS + 1
-    args.block_size = (96 if assign else 256) if args.block_size is None else args.block_size
-    args.vocab_size = (tokens if assign else 50304) if args.vocab_size is None else args.vocab_size
+    args = fill_in(argparse.Namespace(**{**defaults, **given, "out_dir": out_dir}))
+    tokens = len(ASSIGN_TOKENS) if args.dataset == "assign" else BOS + 1
     if args.vocab_size < tokens:
         parser.error(f"--vocab_size {args.vocab_size} is smaller than the {tokens} tokens of --dataset {args.dataset}")
-    args.data_seed = args.seed if args.data_seed is None else args.data_seed
-    args.min_lr = args.learning_rate / 10 if args.min_lr is None else args.min_lr
     try:
         GPTConfig(**model_args(args))
         autocast_dtype(pick_device(args.device).split(":")[0], args.dtype)
     except ValueError as e:
         parser.error(str(e))
     return args, ckpt
+
+
+def fill_in(args):
+    """The defaults that depend on other flags (None in --help), as the run uses them."""
+    assign = args.dataset == "assign"
+    args.block_size = (96 if assign else 256) if args.block_size is None else args.block_size
+    args.vocab_size = (len(ASSIGN_TOKENS) if assign else 50304) if args.vocab_size is None else args.vocab_size
+    args.data_seed = args.seed if args.data_seed is None else args.data_seed
+    args.min_lr = args.learning_rate / 10 if args.min_lr is None else args.min_lr
+    return args
 
 
 def resumed_settings(parser, given, defaults, out_dir):
@@ -136,7 +141,7 @@ def resumed_settings(parser, given, defaults, out_dir):
     except CheckpointError as e:
         parser.error(f"--resume: {e}")
     saved = FIELDS_BEFORE | {k: v for k, v in ckpt["args"].items() if k not in ("resume", "overwrite")}
-    changed = [f"--{k} {saved[k]} -> {given[k]}" for k in MODEL_FIELDS + ["dataset"]
+    changed = [f"--{k} {as_flag(k, saved[k])} -> {as_flag(k, given[k])}" for k in MODEL_FIELDS + ["dataset"]
                if k in given and k != "attention" and given[k] != saved[k]]
     if changed:
         parser.error(f"--resume: {out_dir}/ckpt.pt is a checkpoint of a different model: {', '.join(changed)}. "
@@ -144,6 +149,10 @@ def resumed_settings(parser, given, defaults, out_dir):
     if "max_iters" in given and "lr_decay_iters" not in given and saved.get("lr_decay_iters") == saved["max_iters"]:
         saved["lr_decay_iters"] = None  # the schedule was saved resolved to max_iters: it follows the new one
     return ckpt, {**defaults, **saved}
+
+
+def as_flag(key, value):  # a setting as its flag spells it: init_std None is --init_std width
+    return "width" if key == "init_std" and value is None else value
 
 
 def model_args(args):  # the GPTConfig of a run
