@@ -402,14 +402,16 @@ def test_standard_state_dict_loads_into_selective():
             "lm_head.weight"} <= names
 
 
-def decode_logits(model, idx, budgets=None, record=None):
-    """Teacher-forced incremental decoding: prefill BOS, then decode one token at a time; logits at every step."""
-    logits, state = model.prefill(idx[:, :1], budgets)
+def decode_logits(model, idx, budgets=None, record=None, prompt=1):
+    """Teacher-forced incremental decoding: the first `prompt` tokens in one parallel pass (prefill), then one token
+    at a time; logits from the prompt's last position on, and in record each step's buffered positions per layer."""
+    logits, state = model.prefill(idx[:, :prompt], budgets)
     steps = [logits]
-    for t in range(1, idx.size(1)):
-        steps.append(model.decode(idx[:, t:t + 1], state))
+    for t in range(prompt, idx.size(1) + 1):
         if record is not None:
             record.append([buffer.positions().clone() for buffer in state["layers"]])
+        if t < idx.size(1):
+            steps.append(model.decode(idx[:, t:t + 1], state))
     return torch.stack(steps, dim=1)
 
 
@@ -433,14 +435,16 @@ def test_budgets_at_least_T_give_the_unpruned_logits():
 
 
 @pytest.mark.parametrize("budgets", [2, 3, [2, 5, 3], [7, 2, 4], [12, 12, 2]])
-def test_pruned_decoding_equals_pruned_parallel_forward(budgets):
+@pytest.mark.parametrize("prompt_len", [1, 9])  # 9: the prompt's pass already evicts (§4.1), as in sample.py --prune
+def test_pruned_decoding_equals_pruned_parallel_forward(budgets, prompt_len):
     model = tiny_model()
-    prompt = torch.randint(0, 61, (2, 1), generator=torch.Generator().manual_seed(5))
+    prompt = torch.randint(0, 61, (2, prompt_len), generator=torch.Generator().manual_seed(5))
     out = model.generate(prompt, max_new_tokens=40, top_k=1, budgets=budgets)
     parallel, _ = model(out[:, :-1], targets=out[:, 1:], budgets=budgets)
-    assert torch.equal(parallel.argmax(-1), out[:, 1:])
+    assert torch.equal(parallel.argmax(-1)[:, prompt_len - 1:], out[:, prompt_len:])
     record = []
-    torch.testing.assert_close(decode_logits(model, out[:, :-1], budgets, record), parallel, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(decode_logits(model, out[:, :-1], budgets, record, prompt_len),
+                               parallel[:, prompt_len - 1:], rtol=1e-9, atol=1e-9)
     unpruned, _ = model(out[:, :-1], targets=out[:, 1:])
     assert not torch.allclose(parallel, unpruned), "these budgets must actually prune"
     # the buffers: BOS never leaves, no buffer exceeds its budget, an evicted key never comes back
@@ -929,9 +933,11 @@ def prompts_and_budgets(draw, model):
 def test_property_pruned_decoding_equals_the_pruned_parallel_pass_and_buffers_obey_section_4(data):
     model = data.draw(small_models())
     idx, budgets = data.draw(prompts_and_budgets(model))
+    prompt = data.draw(st.integers(1, idx.size(1)))  # sample.py --prune prefills the whole prompt, pruned (§4.1)
     record = []
     parallel, _ = model(idx, targets=idx, budgets=budgets)
-    torch.testing.assert_close(decode_logits(model, idx, budgets, record), parallel, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(decode_logits(model, idx, budgets, record, prompt), parallel[:, prompt - 1:],
+                               rtol=1e-9, atol=1e-9)
     for layer, budget in enumerate(budgets):
         gone = [set() for _ in range(idx.size(0))]
         before = [{0} for _ in range(idx.size(0))]
