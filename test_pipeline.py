@@ -956,6 +956,10 @@ BAD_INPUTS = [
     ([*A, "--lr", "1000", "--out_dir", "new"], "unrecognized arguments: --lr 1000"),  # not --lr_decay_iters
     ([*A, "--init_std", "-1", "--out_dir", "new"], "--init_std -1.0 must be a positive number"),
     ([*A, "--init_std", "wide", "--out_dir", "new"], "--init_std wide must be a positive number, or width"),
+    ([*A, "--selective", "--attention", "tiled", "--dropout", "0.1", "--out_dir", "run", "--overwrite"],
+     "attention 'tiled' has no dropout"),
+    ([*A, "--selective", "--attention", "reference", "--dropout", "0.1", "--out_dir", "new"],
+     "attention 'reference' has no dropout"),
     # sample.py
     ([*S, "--temperature", "-1"], "--temperature -1.0 must be >= 0"),
     ([*S, "--top_k", "0"], "--top_k 0 must be at least 1"),
@@ -1027,6 +1031,16 @@ def test_bad_input_is_refused_clearly_and_changes_nothing(workspace, argv, messa
     assert len(text.strip().splitlines()) <= 3, text  # a short paragraph, not the usage
     after = snapshot(workspace)
     assert after == before, set(after) ^ set(before)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the stand-in reaches train.py through run_main's fork")
+def test_an_attention_path_this_device_cannot_run_is_refused_before_a_run_is_overwritten(workspace, monkeypatch):
+    monkeypatch.setattr(train.attention_path.__globals__["kernels"], "why_not_tiled",
+                        lambda q, dropout_p=0.0: "triton is not installed (pip install triton)")  # a GPU without it
+    before = snapshot(workspace)
+    code, text = run_main(*A, "--selective", "--attention", "tiled", "--out_dir", "run", "--overwrite", cwd=workspace)
+    assert code not in (0, 130) and "--attention tiled: attention='tiled' cannot run here (triton" in text, text
+    assert "Traceback" not in text and snapshot(workspace) == before
 
 
 def test_bad_input_corrupt_local_file_does_not_say_delete(workspace):

@@ -279,14 +279,19 @@ def build(args, ckpt, device, ddp, rank):
 
 
 def start_run(args, ckpt, raw, device, world, peak_flops):
-    """The run directory (--overwrite clears an old run; parse_args checked the rest), its log, the first lines."""
+    """The attention path (refused, before anything is written, where this device has no kernel for it), the run
+    directory (--overwrite clears an old run; parse_args checked the rest), its log, the first lines."""
+    dtype = autocast_dtype(device.split(":")[0], args.dtype)
+    q = torch.empty(1, args.n_head, 1, args.n_embd // args.n_head, device=device, dtype=getattr(torch, dtype))
+    try:
+        path = attention_path(args.attention, q, args.dropout, args.mask_bos or args.mask_self) if args.selective \
+            else None
+    except ValueError as e:
+        raise SystemExit(f"train.py: error: --attention {args.attention}: {e}")
+    path = "mask" if args.memory_loss_weight > 0 else path  # the memory loss keeps every layer's F: mask (SPEC §7)
     make_dir(args.out_dir, "--out_dir")
     for name in RUN_FILES if args.overwrite else ():
         pathlib.Path(args.out_dir, name).unlink(missing_ok=True)
-    dtype = autocast_dtype(device.split(":")[0], args.dtype)
-    q = torch.empty(1, args.n_head, 1, args.n_embd // args.n_head, device=device, dtype=getattr(torch, dtype))
-    path = attention_path(args.attention, q, args.dropout, args.mask_bos or args.mask_self) if args.selective else None
-    path = "mask" if args.memory_loss_weight > 0 else path  # the memory loss keeps every layer's F: mask (SPEC §7)
     tokens_per_iter = args.grad_accum * args.batch_size * args.block_size
     start_log(args, ckpt, os.path.join(args.out_dir, "log.jsonl"), {
         "config": vars(args), "model": model_args(args), "git_commit": git_commit(), "device": device,
