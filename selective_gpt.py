@@ -62,7 +62,7 @@ class GPTConfig:
             raise ValueError("the ablations mask_bos and mask_self run on the mask or reference path only (the tiled "
                              "kernels implement §1 exactly): use attention 'auto', 'mask' or 'reference'")
         if self.selective and self.dropout > 0 and self.attention in ("tiled", "reference"):
-            raise ValueError(f"attention {self.attention!r} has no dropout: use attention 'auto' or 'mask', or dropout 0")
+            raise ValueError(f"attention {self.attention!r} has no dropout: use attention 'auto' or 'mask'")
         if self.memory_loss_weight > 0 and self.attention not in ("auto", "mask"):
             raise ValueError("the memory loss needs every layer's F, which the mask path makes once: use attention "
                              "'auto' or 'mask'")

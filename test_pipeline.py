@@ -1033,7 +1033,7 @@ def test_bad_input_is_refused_clearly_and_changes_nothing(workspace, argv, messa
     assert after == before, set(after) ^ set(before)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the stand-in reaches train.py through run_main's fork")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the stand-in reaches train.py by run_main's fork")
 def test_an_attention_path_this_device_cannot_run_is_refused_before_a_run_is_overwritten(workspace, monkeypatch):
     monkeypatch.setattr(train.attention_path.__globals__["kernels"], "why_not_tiled",
                         lambda q, dropout_p=0.0: "triton is not installed (pip install triton)")  # a GPU without it
