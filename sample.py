@@ -50,10 +50,10 @@ def get_parser():
     p.add_argument("--find_budgets", action="store_true", help="greedy search for per-layer budgets (SPEC §4)")
     p.add_argument("--target_ppl", type=checked(float, lambda v: 1 <= v < math.inf, "must be a perplexity (>= 1)"),
                    default=None, help="--find_budgets: the perplexity not to exceed")
-    p.add_argument("--tolerance", type=non_negative, default=0.01,
-                   help="--find_budgets without --target_ppl: allowed relative rise over the unpruned perplexity")
-    p.add_argument("--shrink", type=checked(float, lambda v: 0 < v < 1, "must be in (0, 1)"), default=0.8,
-                   help="--find_budgets: a layer's budget shrinks by this")
+    p.add_argument("--tolerance", type=non_negative, default=None, help="--find_budgets without --target_ppl: "
+                   "allowed relative rise over the unpruned perplexity (None: 0.01)")
+    p.add_argument("--shrink", type=checked(float, lambda v: 0 < v < 1, "must be in (0, 1)"), default=None,
+                   help="--find_budgets: a layer's budget shrinks by this (None: 0.8)")
     p.add_argument("--eval_iters", type=at_least(1), default=None, help="validation batches (None: the run's)")
     p.add_argument("--batch_size", type=at_least(1), default=None, help="validation batch size (None: the run's)")
     p.add_argument("--explain", action="store_true", help="show what each layer masks for the last token of --start "
@@ -71,7 +71,8 @@ def load_model(out_dir, ckpt_name, device):
         ckpt = load_checkpoint(os.path.join(out_dir, ckpt_name), device)
     except CheckpointError as e:
         raise SystemExit(f"sample.py: {e}")
-    model = GPT(GPTConfig(**ckpt["model_args"]))
+    # attention 'auto': how to compute attention is this device's choice, not the model's (the paths agree: tested)
+    model = GPT(GPTConfig(**dict(ckpt["model_args"], attention="auto")))
     model.load_state_dict(strip_compile_prefix(ckpt["model"]))
     return model.to(device).eval(), dict(ckpt["args"], iter_num=ckpt["iter_num"])
 
@@ -138,13 +139,18 @@ def check_args(parser, args):
     if (args.budget is not None or args.budgets is not None) and not (args.prune or args.eval_ppl or args.explain):
         parser.error("--budget/--budgets set the buffers of --prune (generation), --eval_ppl (perplexity) or "
                      "--explain: add one of them (without, nothing would use the budgets)")
-    needless = [f"--{name}" for name in ("eval_iters", "batch_size", "data_dir", "target_ppl")
-                if getattr(args, name) is not None]
+    jobs = [f"--{name}" for name in ("prune", "eval_ppl", "find_budgets", "explain") if getattr(args, name)]
+    if len(jobs) > 1:
+        parser.error(f"{' and '.join(jobs)} are different jobs: give one of them per run")
+    needless = [f"--{name}" for name in ("eval_iters", "batch_size", "data_dir") if getattr(args, name) is not None]
     if needless and not (args.eval_ppl or args.find_budgets):
         parser.error(f"{', '.join(needless)} set the validation data of --eval_ppl or --find_budgets: add one of "
                      f"them (without, nothing would use it)")
-    if args.target_ppl is not None and not args.find_budgets:
-        parser.error("--target_ppl is what --find_budgets searches for: add --find_budgets")
+    search = [f"--{name}" for name in ("target_ppl", "tolerance", "shrink") if getattr(args, name) is not None]
+    if search and not args.find_budgets:
+        parser.error(f"{', '.join(search)}: for --find_budgets only; add it (without, nothing would use them)")
+    if args.target_ppl is not None and args.tolerance is not None:
+        parser.error("--target_ppl and --tolerance both set the perplexity --find_budgets may reach: give one")
     if args.explain_png is not None and not args.explain:
         parser.error("--explain_png draws what --explain shows: add --explain")
     if args.explain_png is not None and os.path.isdir(args.explain_png):
@@ -171,14 +177,20 @@ def saved_budgets(model, out_dir):
     path = os.path.join(out_dir, "budgets.json")
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        saved = json.load(f)
-    if saved.get("model_fingerprint") != model_fingerprint(model):
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        fingerprint, budgets = saved["model_fingerprint"], saved["budgets"]
+    except (ValueError, KeyError, TypeError):  # not JSON, not UTF-8, or not a dict with both
+        print(f"sample.py: ignoring {path}: it is not a budgets file of --find_budgets (damaged?). Run "
+              f"--find_budgets again, or give --budget/--budgets.")
+        return None
+    if fingerprint != model_fingerprint(model):
         print(f"sample.py: ignoring {path}: it was searched for another model than this checkpoint's "
               f"(an earlier run in the same directory?). Run --find_budgets again, or give --budget/--budgets.")
         return None
-    print(f"budgets from {path}: {saved['budgets']}")
-    return saved["budgets"]
+    print(f"budgets from {path}: {budgets}")
+    return budgets
 
 
 def read_prompt(parser, start):
@@ -303,9 +315,9 @@ def search_budgets(args, model, run, batches, ctx):
     """--find_budgets: the greedy search (SPEC §4.3), its result saved to out_dir/budgets.json."""
     L, T = model.config.n_layer, model.config.block_size
     unpruned = perplexity(model, batches, ctx)
-    target = args.target_ppl or unpruned * (1 + args.tolerance)
+    target = args.target_ppl or unpruned * (1 + (0.01 if args.tolerance is None else args.tolerance))
     print(f"unpruned val ppl {unpruned:.3f}; searching budgets for val ppl <= {target:.3f}")
-    budgets, ppl = find_budgets(model, batches, ctx, target, args.shrink)[-1]
+    budgets, ppl = find_budgets(model, batches, ctx, target, args.shrink or 0.8)[-1]
     if ppl > target:
         raise SystemExit(f"sample.py: even unpruned, val ppl {ppl:.3f} is above the target {target:.3f}")
     result = {"budgets": budgets, "val_ppl": ppl, "unpruned_val_ppl": unpruned, "target_ppl": target,
@@ -366,6 +378,8 @@ def main(argv=None):
         parser.error(str(e))
     torch.manual_seed(args.seed)
     model, run = load_model(args.out_dir, args.ckpt, device)
+    if args.data_dir is not None and run["dataset"] != "c4":
+        parser.error(f"--data_dir: {args.out_dir} trained on --dataset {run['dataset']}, which reads no data files")
     budgets = budgets_of(parser, args, model)
     if args.find_budgets or args.eval_ppl:
         try:

@@ -763,6 +763,12 @@ def test_sample_ignores_budgets_searched_for_another_model(assign_run, tmp_path,
         sample.main(["--out_dir", str(out), "--eval_ppl", "--dtype", "float32"])
     text = capsys.readouterr()
     assert "searched for another model" in text.out and "need --budget" in text.err
+    for damaged in ("{\"budgets\": [3,", "[3, 5]", "{\"budgets\": [3, 5]}"):  # cut short; not ours; no fingerprint
+        (out / "budgets.json").write_text(damaged)
+        with pytest.raises(SystemExit):
+            sample.main(["--out_dir", str(out), "--eval_ppl", "--dtype", "float32"])
+        text = capsys.readouterr()
+        assert "is not a budgets file of --find_budgets" in text.out and "need --budget" in text.err
 
 
 def test_sample_temperature_zero_is_greedy(assign_run, capsys):
@@ -984,7 +990,12 @@ BAD_INPUTS = [
     ([*S, "--temp", "0"], "unrecognized arguments: --temp 0"),
     ([*S, "--eval_iters", "3"], "--eval_iters set the validation data of --eval_ppl or --find_budgets"),
     # flags are taken whole, not abbreviated
-    ([*S, "--eval_ppl", "--budget", "4", "--target_ppl", "2"], "--target_ppl is what --find_budgets searches for"),
+    ([*S, "--eval_ppl", "--budget", "4", "--target_ppl", "2"], "--target_ppl: for --find_budgets only"),
+    ([*S, "--tolerance", "0.05", "--shrink", "0.5"], "--tolerance, --shrink: for --find_budgets only"),
+    ([*S, "--find_budgets", "--target_ppl", "2", "--tolerance", "0.1"], "--target_ppl and --tolerance both set"),
+    ([*S, "--prune", "--budget", "4", "--explain"], "--prune and --explain are different jobs"),
+    ([*S, "--eval_ppl", "--find_budgets"], "--eval_ppl and --find_budgets are different jobs"),
+    ([*S, "--eval_ppl", "--budget", "4", "--data_dir", "prepared"], "--data_dir: run trained on --dataset assign"),
     ([*S, "--explain_png", "x.png"], "--explain_png draws what --explain shows: add --explain"),
     ([*S, "--explain", "--explain_png", "nowhere/x.png"], "--explain_png nowhere/x.png: its folder does not exist"),
     ([*S, "--explain", "--explain_png", "folder"], "--explain_png folder is a directory"),
