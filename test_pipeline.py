@@ -771,6 +771,17 @@ def test_sample_ignores_budgets_searched_for_another_model(assign_run, tmp_path,
         assert "is not a budgets file of --find_budgets" in text.out and "need --budget" in text.err
 
 
+def test_sample_computes_a_tiled_run_where_the_tiled_path_cannot_run(assign_run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(assign_run, out)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    ckpt["model_args"]["attention"] = "tiled"  # trained with --attention tiled
+    torch.save(ckpt, out / "ckpt.pt")
+    monkeypatch.setattr(train.attention_path.__globals__["kernels"], "why_not_tiled", lambda q, dropout_p=0.0: "no")
+    sample.main(["--out_dir", str(out), "--eval_ppl", "--budget", "4", "--dtype", "float32"])
+    assert "with budgets [4, 4]" in capsys.readouterr().out
+
+
 def test_sample_temperature_zero_is_greedy(assign_run, capsys):
     outputs = []
     for flags in (["--temperature", "0"], ["--top_k", "1"]):
