@@ -799,6 +799,15 @@ def init_experiment(cfg, data_dir, out_root, assets):
     return result | {"decision": init_decision(result["rows"])}
 
 
+def check_c4_candidates(decision, cfg):
+    """SPEC §10: the C4 loops run the baseline and the assign loop's winner; c4_candidates is set by hand (the C4
+    runs start beside the assign runs), so the winner must be among them."""
+    winner = decision["loops"]["assign"]["fastest"]
+    if winner not in cfg["c4_candidates"]:
+        raise SystemExit(f"experiments.py: init: the assign loop's winner is {winner}, which the C4 loops do not run "
+                         f"(SPEC §10): add it to the init section's c4_candidates and run again")
+
+
 def init_runs(cfg, data_dir, out_root, assets):
     """The init jobs (init_jobs), each trained unless it finished already; returns (jobs, their logs)."""
     os.makedirs(os.path.join(out_root, "init"), exist_ok=True)
@@ -1186,7 +1195,10 @@ def run_section(what, cfg, data_dir, out_root, assets):
 
 
 def check_guard(what, result):
-    """Exit 1 (after the section's results are written) if the section's guard fails."""
+    """Exit 1 (after the section's results are written) if the section's guard fails, or the init section's C4
+    loops did not run the assign loop's winner."""
+    if what == "init":
+        check_c4_candidates(result["decision"], FULL["init"])
     if what == "recipe" and not all(guard_holds(r)[0] for r in result["guard"]):
         raise SystemExit("experiments.py: the guard failed: selective attention trains worse than standard under "
                          "the plain recipe with clipping (docs/RESULTS.md, The training recipe)")
