@@ -5,6 +5,7 @@ here (small .json.gz files of random words), so the tests need nothing beside th
 Run: python -m pytest -q          (the slow end-to-end ones: python -m pytest -m slow)
 """
 
+import argparse
 import contextlib
 import gzip
 import importlib
@@ -12,6 +13,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -235,7 +237,7 @@ def assign_run(tmp_path_factory):
 def test_train_assign_end_to_end(assign_run):
     records = log_records(assign_run)
     header = records[0]
-    assert header["config"]["selective"] and header["git_commit"] is None or len(header["git_commit"]) == 40
+    assert header["config"]["selective"] and (header["git_commit"] is None or len(header["git_commit"]) == 40)
     evals = [r for r in records if "val_loss" in r]
     assert [r["iter"] for r in evals] == [0, 15, 30] and evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
     assert all(0 <= r["val_accuracy"] <= 1 for r in evals)
@@ -307,6 +309,17 @@ def test_resume_continues_exactly_with_one_record_per_iteration(tmp_path):
     assert evals == [0, 3, 6] and [r["resumed_at"] for r in log_records(part) if "resumed_at" in r] == [3]
     code, text = run_script("train.py", "--resume", "--n_head", "4", "--out_dir", part)
     assert code != 0 and "different model" in text and "n_head" in text
+
+
+def test_resume_keeps_float16s_loss_scale(assign_run, tmp_path):
+    """A float16 run (CUDA) scales its loss by a factor that adapts as it trains: a resume goes on with it."""
+    args, _ = train.parse_args(["--dataset", "assign", "--selective", *TINY, "--out_dir", str(tmp_path)])
+    ckpt = common.load_checkpoint(os.path.join(assign_run, "ckpt.pt"))
+    _, raw, optimizer, _ = train.build(args, ckpt, "cpu", "float32", False, 0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=7)
+    train.save_checkpoint(args, raw, optimizer, scaler, 30, 1.0, ckpt["rng"], improved=False)
+    _, _, _, resumed = train.build(args, common.load_checkpoint(str(tmp_path / "ckpt.pt")), "cpu", "float16", False, 0)
+    assert resumed.state_dict() == scaler.state_dict() and resumed.get_scale() == 1024.0
 
 
 def test_resume_survives_a_log_line_torn_by_a_kill(tmp_path):
@@ -700,10 +713,10 @@ def test_runs_on_disk_are_compared_with_the_flags_as_train_py_reads_them(tmp_pat
 def test_ddp_two_processes_match_one_with_twice_the_accumulation(tmp_path):
     common = ["--dataset", "assign", "--selective", *TINY, "--max_iters", "3", "--eval_interval", "3"]
     single = str(tmp_path / "single")
-    assert run_script("train.py", *common, "--grad_accum", "2", "--out_dir", single)[0] == 0
+    assert run_script("train.py", *common, "--grad_accum", "4", "--out_dir", single)[0] == 0
     ddp = str(tmp_path / "ddp")
     code, text = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
-                            *common, "--grad_accum", "2", "--device", "cpu", "--out_dir", ddp)
+                            *common, "--grad_accum", "4", "--device", "cpu", "--out_dir", ddp)
     assert code == 0, text
     final = lambda out: [r for r in log_records(out) if "val_loss" in r][-1]
     assert log_records(ddp)[0]["world_size"] == 2
@@ -744,7 +757,8 @@ def test_sample_prune_eval_and_find_budgets(assign_run, capsys, tmp_path):
     sample.main(["--out_dir", assign_run, "--start", f"FILE:{prompt}", "--max_new_tokens", "3", "--dtype", "float32"])
     assert capsys.readouterr().out.startswith("c=4 c? ")
     sample.main(["--out_dir", assign_run, "--eval_ppl", "--budgets", "3,5", "--dtype", "float32"])
-    assert "with budgets [3, 5]" in capsys.readouterr().out
+    unpruned, pruned = re.search(r"val ppl (\S+) unpruned, (\S+) with budgets \[3, 5\]", capsys.readouterr().out).groups()
+    assert unpruned != pruned, "the budgets prune"
     sample.main(["--out_dir", assign_run, "--find_budgets", "--tolerance", "0.05", "--shrink", "0.5",
                  "--dtype", "float32"])
     found = json.load(open(os.path.join(assign_run, "budgets.json")))
@@ -754,15 +768,31 @@ def test_sample_prune_eval_and_find_budgets(assign_run, capsys, tmp_path):
     assert f"with budgets {found['budgets']}" in capsys.readouterr().out
 
 
+def test_find_budgets_shrinks_the_layer_whose_shrinking_costs_least_while_within_the_target(monkeypatch):
+    """SPEC §4.3's greedy search, on a stand-in perplexity: 10 plus each layer's cost per key it gives up."""
+    cost = [0.2, 0.1]
+    ppl = lambda budgets: 10 + sum(c * (24 - K) for c, K in zip(cost, budgets or [24, 24]))
+    monkeypatch.setattr(sample, "perplexity", lambda model, batches, ctx, budgets=None: ppl(budgets))
+    model = argparse.Namespace(config=argparse.Namespace(block_size=24, n_layer=2))
+    path = sample.find_budgets(model, None, None, 14.0, 0.5)
+    assert [budgets for budgets, _ in path[:2]] == [[24, 24], [24, 12]]  # both shrinks fit: the cheaper one
+    assert all(p == ppl(budgets) <= 14.0 for budgets, p in path)
+    end = path[-1][0]
+    for layer in (0, 1):  # it stops where no further shrink stays within the target
+        trial = end[:layer] + [max(2, min(end[layer] - 1, end[layer] // 2))] + end[layer + 1:]
+        assert end[layer] == 2 or ppl(trial) > 14.0
+
+
 def test_sample_ignores_budgets_searched_for_another_model(assign_run, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(assign_run, out)
     sample.main(["--out_dir", str(out), "--find_budgets", "--tolerance", "0.05", "--dtype", "float32"])
     capsys.readouterr()
+    searched = (out / "budgets.json").read_text()
     code, text = run_script("train.py", "--dataset", "assign", "--selective", *TINY, "--n_layer", "3",
                             "--max_iters", "1", "--overwrite", "--out_dir", str(out))
     assert code == 0, text
-    (out / "budgets.json").write_text(json.dumps(dict(json.load(open(os.path.join(assign_run, "budgets.json"))))))
+    (out / "budgets.json").write_text(searched)  # --overwrite deleted it
     with pytest.raises(SystemExit):  # the retrained model has 3 layers; the stale file is not used
         sample.main(["--out_dir", str(out), "--eval_ppl", "--dtype", "float32"])
     text = capsys.readouterr()

@@ -237,9 +237,10 @@ def rng_states(device_type, world):
     return states
 
 
-def save_checkpoint(args, model, optimizer, it, best_val_loss, rng, improved):
+def save_checkpoint(args, model, optimizer, scaler, it, best_val_loss, rng, improved):
     state = dict(model=strip_compile_prefix(model.state_dict()), optimizer=optimizer.state_dict(), args=vars(args),
-                 model_args=model_args(args), iter_num=it, best_val_loss=best_val_loss, rng=rng)
+                 model_args=model_args(args), iter_num=it, best_val_loss=best_val_loss, rng=rng,
+                 scaler=scaler.state_dict())  # float16's loss scale ({} for other dtypes)
     for name in ("ckpt.pt",) + (("ckpt_best.pt",) if improved else ()):
         write_atomic(os.path.join(args.out_dir, name), lambda tmp: torch.save(state, tmp))
 
@@ -256,14 +257,18 @@ def say_resume(args, ckpt):
     return line
 
 
-def build(args, ckpt, device, ddp, rank):
-    """(model to train (compiled, DDP), raw model, optimiser): new, or as the checkpoint left them."""
+def build(args, ckpt, device, dtype, ddp, rank):
+    """(model to train (compiled, DDP), raw model, optimiser, float16's gradient scaler): new, or as the checkpoint
+    left them."""
     raw = GPT(GPTConfig(**model_args(args))).to(device)
     optimizer = raw.configure_optimizers(args.weight_decay, args.learning_rate, (args.beta1, args.beta2),
                                          device.split(":")[0], args.grad_clip)
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")  # loss scaling for float16
     if ckpt is not None:
         raw.load_state_dict(strip_compile_prefix(ckpt["model"]))
         optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"]["cpu"][rank % len(ckpt["rng"]["cpu"])])
         if device.startswith("cuda") and ckpt["rng"]["cuda"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"][rank % len(ckpt["rng"]["cuda"])])
@@ -275,7 +280,7 @@ def build(args, ckpt, device, ddp, rank):
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[int(os.environ["LOCAL_RANK"])]
                                                           if device.startswith("cuda") else None)
-    return model, raw, optimizer
+    return model, raw, optimizer, scaler
 
 
 def start_run(args, ckpt, raw, device, world, peak_flops):
@@ -327,14 +332,13 @@ def train(args, ckpt, ddp, rank, world):
     device = setup_device(args, ddp, rank)
     dtype = autocast_dtype(device.split(":")[0], args.dtype)
     ctx = autocast(device.split(":")[0], dtype)
-    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")  # loss scaling for float16
     shards = None
     if args.dataset == "c4":
         try:
             shards = {s: load_shards(args.data_dir, s, args.block_size) for s in ("train", "validation")}
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"train.py: {e}")
-    model, raw, optimizer = build(args, ckpt, device, ddp, rank)
+    model, raw, optimizer, scaler = build(args, ckpt, device, dtype, ddp, rank)
     peak_flops = args.peak_flops or measure_peak_flops(device, getattr(torch, dtype))
     log, master, started = os.path.join(args.out_dir, "log.jsonl"), rank == 0, time.time()
     if master:
@@ -351,7 +355,7 @@ def train(args, ckpt, ddp, rank, world):
                       f"ppl {metrics['val_ppl']:.2f}" + (f", val accuracy {metrics['val_accuracy']:.3f}"
                                                          if args.dataset == "assign" else ""))
                 append_jsonl(log, dict(iter=it, **metrics, elapsed_s=round(time.time() - started, 2)))
-                save_checkpoint(args, raw, optimizer, it, best_val_loss, rng, improved)
+                save_checkpoint(args, raw, optimizer, scaler, it, best_val_loss, rng, improved)
             t0, timed = time.time(), 0
         if it >= args.max_iters:
             break
