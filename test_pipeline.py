@@ -757,7 +757,8 @@ def test_sample_prune_eval_and_find_budgets(assign_run, capsys, tmp_path):
     sample.main(["--out_dir", assign_run, "--start", f"FILE:{prompt}", "--max_new_tokens", "3", "--dtype", "float32"])
     assert capsys.readouterr().out.startswith("c=4 c? ")
     sample.main(["--out_dir", assign_run, "--eval_ppl", "--budgets", "3,5", "--dtype", "float32"])
-    unpruned, pruned = re.search(r"val ppl (\S+) unpruned, (\S+) with budgets \[3, 5\]", capsys.readouterr().out).groups()
+    printed = capsys.readouterr().out
+    unpruned, pruned = re.search(r"val ppl (\S+) unpruned, (\S+) with budgets \[3, 5\]", printed).groups()
     assert unpruned != pruned, "the budgets prune"
     sample.main(["--out_dir", assign_run, "--find_budgets", "--tolerance", "0.05", "--shrink", "0.5",
                  "--dtype", "float32"])
