@@ -345,9 +345,12 @@ def test_ablated_model_runs_on_mask_and_reference_only_and_decodes_like_its_para
     torch.testing.assert_close(masked(idx, targets=idx)[0], ref_logits, rtol=1e-9, atol=1e-9)
     assert torch.equal(auto(idx, targets=idx)[0], masked(idx, targets=idx)[0]), "auto picks mask for an ablation"
     assert not torch.allclose(ref_logits, tiny_model(attention="reference")(idx, targets=idx)[0]), "it changes F"
-    torch.testing.assert_close(decode_logits(masked, idx), ref_logits, rtol=1e-9, atol=1e-9)
     pruned, _ = masked(idx, targets=idx, budgets=[3, 5, 4])
-    torch.testing.assert_close(decode_logits(masked, idx, [3, 5, 4]), pruned, rtol=1e-9, atol=1e-9)
+    for prompt in (1, 12):  # decoding from BOS, and after a prompt's parallel pass (KVBuffer.after_prompt)
+        torch.testing.assert_close(decode_logits(masked, idx, prompt=prompt), ref_logits[:, prompt - 1:],
+                                   rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(decode_logits(masked, idx, [3, 5, 4], prompt=prompt), pruned[:, prompt - 1:],
+                                   rtol=1e-9, atol=1e-9)
     with pytest.raises(ValueError, match="mask or reference path only"):
         GPTConfig(selective=True, attention="tiled", **rule)
     with pytest.raises(ValueError, match="set selective=True"):
