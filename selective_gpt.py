@@ -119,8 +119,8 @@ def memory_loss(Fs, tau):
 # How selective attention is computed (§7): three paths, equal up to rounding (tested against the reference).
 
 def head0_logits(q, k):
-    """Head 0's scaled logits q_0 k_0^T / sqrt(head_dim), (B, T_q, T_k); the one expression of the reference, mask
-    and decoding paths, so that decoding and the parallel pass round alike (§1.5; the tiled paths: float32)."""
+    """Head 0's scaled logits q_0 k_0^T / sqrt(head_dim), (B, T_q, T_k); the one expression of the mask path and
+    decoding, so that decoding and the parallel pass round alike (§1.5; the tiled paths: float32)."""
     return (q[:, 0] @ k[:, 0].transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
 
 

@@ -643,7 +643,7 @@ def test_init_decision_takes_the_candidate_fastest_in_every_loop_unless_it_hurts
     experiments.check_c4_candidates(decide(assign + c4), experiments.FULL["init"])  # C4 ran the winner
     qk0 = [row("assign", "width_qk0", [0.98, 0.99], [1.0, 1.0, [1.0, 1.0]])]  # wins assign, never ran on C4
     with pytest.raises(SystemExit, match="the assign loop's winner is width_qk0, which the C4 loops do not run"):
-        experiments.check_c4_candidates(decide(assign + qk0 + c4), experiments.FULL["init"])
+        experiments.check_guard("init", {"decision": decide(assign + qk0 + c4)})  # what a full run calls
 
 
 @pytest.mark.parametrize("B, T, tile", [(2, 16, 4), (1, 40, 8), (3, 32, 8)])
