@@ -322,6 +322,20 @@ def test_resume_keeps_float16s_loss_scale(assign_run, tmp_path):
     assert resumed.state_dict() == scaler.state_dict() and resumed.get_scale() == 1024.0
 
 
+def test_the_optimizer_sees_the_gradient_clipped_to_grad_clip(tmp_path):
+    args, _ = train.parse_args(["--dataset", "assign", "--selective", *TINY, "--out_dir", str(tmp_path)])
+    model, raw, optimizer, scaler = train.build(args, None, "cpu", "float32", False, 0)
+    seen, step = [], optimizer.step
+    def watched_step(*a, **k):  # the norm of the gradient the update is made from
+        seen.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in raw.parameters()])).item())
+        return step(*a, **k)
+    optimizer.step = watched_step
+    for clip in (1e-3, 0.0):  # 0: off
+        args.grad_clip = clip
+        train.train_step(args, model, optimizer, scaler, contextlib.nullcontext(), None, 0, 0, 1, "cpu")
+    assert seen[0] == pytest.approx(1e-3, rel=1e-4) and seen[1] > 0.1
+
+
 def test_resume_survives_a_log_line_torn_by_a_kill(tmp_path):
     """A run killed while appending to log.jsonl leaves half a line: --resume drops it and carries on exactly."""
     flags = ["--dataset", "assign", *TINY, "--eval_interval", "2", "--lr_decay_iters", "4"]
