@@ -283,17 +283,20 @@ def build(args, ckpt, device, dtype, ddp, rank):
     return model, raw, optimizer, scaler
 
 
-def start_run(args, ckpt, raw, device, world, peak_flops):
-    """The attention path (refused, before anything is written, where this device has no kernel for it), the run
-    directory (--overwrite clears an old run; parse_args checked the rest), its log, the first lines."""
-    dtype = autocast_dtype(device.split(":")[0], args.dtype)
+def run_attention_path(args, device, dtype):
+    """The path the run's selective attention takes (None: standard attention); refused, in every process and before
+    anything is written, where this device has no kernel for it."""
     q = torch.empty(1, args.n_head, 1, args.n_embd // args.n_head, device=device, dtype=getattr(torch, dtype))
     try:
         path = attention_path(args.attention, q, args.dropout, args.mask_bos or args.mask_self) if args.selective \
             else None
     except ValueError as e:
         raise SystemExit(f"train.py: error: --attention {args.attention}: {e}")
-    path = "mask" if args.memory_loss_weight > 0 else path  # the memory loss keeps every layer's F: mask (SPEC §7)
+    return "mask" if args.memory_loss_weight > 0 else path  # the memory loss keeps every layer's F: mask (SPEC §7)
+
+
+def start_run(args, ckpt, raw, device, world, dtype, path, peak_flops):
+    """The run directory (--overwrite clears an old run; parse_args checked the rest), its log, the first lines."""
     make_dir(args.out_dir, "--out_dir")
     for name in RUN_FILES if args.overwrite else ():
         pathlib.Path(args.out_dir, name).unlink(missing_ok=True)
@@ -332,6 +335,7 @@ def train(args, ckpt, ddp, rank, world):
     device = setup_device(args, ddp, rank)
     dtype = autocast_dtype(device.split(":")[0], args.dtype)
     ctx = autocast(device.split(":")[0], dtype)
+    path = run_attention_path(args, device, dtype)
     shards = None
     if args.dataset == "c4":
         try:
@@ -342,7 +346,7 @@ def train(args, ckpt, ddp, rank, world):
     peak_flops = args.peak_flops or measure_peak_flops(device, getattr(torch, dtype))
     log, master, started = os.path.join(args.out_dir, "log.jsonl"), rank == 0, time.time()
     if master:
-        start_run(args, ckpt, raw, device, world, peak_flops)
+        start_run(args, ckpt, raw, device, world, dtype, path, peak_flops)
     it, best_val_loss = (0, float("inf")) if ckpt is None else (ckpt["iter_num"], ckpt["best_val_loss"])
     t0, timed = time.time(), 0  # the clock of the progress lines: training iterations since t0, evaluations left out
     while True:
