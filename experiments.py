@@ -180,8 +180,8 @@ def finished(log, max_iters):
     return os.path.exists(log) and any(r.get("iter") == max_iters and "val_loss" in r for r in read_jsonl(log))
 
 
-# where and how a run is computed, not what it computes: a log and the flags asked now may differ in these
-NOT_COMPARED = ("out_dir", "data_dir", "device", "compile", "attention", "resume", "overwrite", "peak_flops")
+# where a run ran, not what it computes: a log and the flags asked now may differ in these
+NOT_COMPARED = ("out_dir", "data_dir", "device", "compile", "resume", "overwrite", "peak_flops")
 
 
 def check_settings(log, flags):
