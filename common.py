@@ -69,6 +69,19 @@ def std_or_width(text):
         raise argparse.ArgumentTypeError(f"{text} must be a positive number, or width") from None
 
 
+def as_flag(key, value):
+    """A setting as its flag spells it: init_std None is --init_std width (std_or_width backwards)."""
+    return "width" if key == "init_std" and value is None else value
+
+
+def given_flags(parser, argv=None):
+    """{flag: value} of the flags on the command line, defaults left out: argparse fills in a default only where
+    the namespace it parses into has no value yet."""
+    unset = object()
+    parsed = vars(parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(parser.parse_args([])), unset))))
+    return {k: v for k, v in parsed.items() if v is not unset}
+
+
 def add_device_flags(parser):
     """--device and --dtype, for train.py and sample.py (checked by pick_device and autocast_dtype)."""
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")

@@ -57,11 +57,11 @@ import time
 import torch
 
 import sample
-from common import (ASSIGN_TOKENS, ArgumentParser, answers_right, assign_batch, batch_generator, c4_batch,
+from common import (ASSIGN_TOKENS, ArgumentParser, answers_right, as_flag, assign_batch, batch_generator, c4_batch,
                     cpu_has_native_bf16, git_commit, load_shards, make_dir, read_jsonl, write_atomic, write_json,
                     write_jsonl)
 from selective_gpt import GPT, GPTConfig, future_mask, head0_logits, selective_mask
-from train import FIELDS_BEFORE, as_flag, fill_in, get_parser as train_parser
+from train import FIELDS_BEFORE, fill_in, get_parser as train_parser
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The C4 runs share one model and schedule: 4 layers, 128 wide, 1,500 steps of 2,048 tokens (3.1M tokens per run),

@@ -24,11 +24,11 @@ from datetime import timedelta
 
 import torch
 
-from common import (ASSIGN_TOKENS, BOS, ArgumentParser, CheckpointError, add_device_flags, answers_right, at_least,
-                    autocast, autocast_dtype, fraction, get_batch, git_commit, load_checkpoint, load_shards, make_dir,
-                    measure_peak_flops, non_negative, pick_device, positive, append_jsonl, read_jsonl, std_or_width,
-                    strip_compile_prefix, synchronize, write_atomic, write_jsonl)
-from selective_gpt import GPT, GPTConfig, attention_path
+from common import (ASSIGN_TOKENS, BOS, ArgumentParser, CheckpointError, add_device_flags, answers_right, as_flag,
+                    at_least, autocast, autocast_dtype, fraction, get_batch, git_commit, given_flags, load_checkpoint,
+                    load_shards, make_dir, measure_peak_flops, non_negative, pick_device, positive, append_jsonl,
+                    read_jsonl, std_or_width, strip_compile_prefix, synchronize, write_atomic, write_jsonl)
+from selective_gpt import ATTENTION_PATHS, GPT, GPTConfig, attention_path
 
 # ----------------------------------------------------------------------------------------------------------------
 # Flags. A value is checked by its type as it is read (common.checked); parse_args checks the rest.
@@ -39,12 +39,12 @@ def add_model_flags(p):
     a("--n_head", type=int, default=4, help="attention heads; head 0 also selects (SPEC §1)")
     a("--n_embd", type=int, default=128, help="width")
     a("--block_size", type=int, default=None, help="context length (None: 256 for c4, 96 for assign)")
-    a("--dropout", type=float, default=0.0, help="dropout (the tiled path has none: auto takes mask)")
+    a("--dropout", type=float, default=0.0, help="dropout (the tiled and reference paths have none: auto takes mask)")
     a("--bias", action=argparse.BooleanOptionalAction, default=False, help="biases in Linears and LayerNorms")
     a("--selective", action="store_true", help="selective attention (default: a standard transformer)")
     a("--memory_loss_weight", type=float, default=0.0, help="epsilon of the memory loss (SPEC §5)")
     a("--memory_tau", type=float, default=1.0, help="tau of the memory loss (SPEC §5)")
-    a("--attention", choices=["auto", "reference", "mask", "tiled"], default="auto", help="the path, SPEC §7")
+    a("--attention", choices=("auto",) + ATTENTION_PATHS, default="auto", help="the path, SPEC §7")
     a("--mask_bos", action="store_true", help="ablation (docs/SPEC.md §9): BOS may be masked")
     a("--mask_self", action="store_true", help="ablation (docs/SPEC.md §9): a token's vote on its own key counts")
     a("--vocab_size", type=int, default=None, help="None: 50304 for c4 (GPT-2's 50257 padded), the task's for assign")
@@ -89,15 +89,12 @@ MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig)]
 # a checkpoint or log from before a field existed meant its default; but before init_std, nanoGPT's 0.02 (SPEC §10)
 FIELDS_BEFORE = {f.name: f.default for f in dataclasses.fields(GPTConfig)} | {"init_std": 0.02}
 RUN_FILES = ("ckpt.pt", "ckpt_best.pt", "log.jsonl", "budgets.json")  # what --overwrite deletes
-UNSET = object()  # a flag not on the command line
 
 
 def parse_args(argv=None):
     """The flags, checked; on --resume the run's own settings fill in every flag not given. Returns (args, ckpt)."""
     parser = get_parser()
-    defaults = vars(parser.parse_args([]))
-    given = {k: v for k, v in vars(parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(defaults, UNSET))))
-             .items() if v is not UNSET}  # argparse fills in a default only where the namespace has no value
+    defaults, given = vars(parser.parse_args([])), given_flags(parser, argv)
     out_dir = given["out_dir"] if "out_dir" in given else f"out-{given.get('dataset', defaults['dataset'])}"
     if "out_dir" in given and not out_dir.strip():
         parser.error("--out_dir is empty: give a directory for the run")
@@ -149,10 +146,6 @@ def resumed_settings(parser, given, defaults, out_dir):
     if "max_iters" in given and "lr_decay_iters" not in given and saved.get("lr_decay_iters") == saved["max_iters"]:
         saved["lr_decay_iters"] = None  # the schedule was saved resolved to max_iters: it follows the new one
     return ckpt, {**defaults, **saved}
-
-
-def as_flag(key, value):  # a setting as its flag spells it: init_std None is --init_std width
-    return "width" if key == "init_std" and value is None else value
 
 
 def model_args(args):  # the GPTConfig of a run
