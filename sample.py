@@ -23,8 +23,8 @@ import time
 import torch
 
 from common import (BOS, ArgumentParser, CheckpointError, add_device_flags, assign_decode, assign_encode, at_least,
-                    autocast, autocast_dtype, checked, get_batch, gpt2_encoder, load_checkpoint, load_shards,
-                    non_negative, pick_device, strip_compile_prefix, write_atomic, write_json)
+                    autocast, autocast_dtype, checked, get_batch, given_flags, gpt2_encoder, load_checkpoint,
+                    load_shards, non_negative, pick_device, strip_compile_prefix, write_atomic, write_json)
 from selective_gpt import GPT, GPTConfig
 
 DEFAULT_RUNS = ("out-c4", "out-assign")  # train.py's default out_dir per dataset
@@ -50,10 +50,10 @@ def get_parser():
     p.add_argument("--find_budgets", action="store_true", help="greedy search for per-layer budgets (SPEC §4)")
     p.add_argument("--target_ppl", type=checked(float, lambda v: 1 <= v < math.inf, "must be a perplexity (>= 1)"),
                    default=None, help="--find_budgets: the perplexity not to exceed")
-    p.add_argument("--tolerance", type=non_negative, default=None, help="--find_budgets without --target_ppl: "
-                   "allowed relative rise over the unpruned perplexity (None: 0.01)")
-    p.add_argument("--shrink", type=checked(float, lambda v: 0 < v < 1, "must be in (0, 1)"), default=None,
-                   help="--find_budgets: a layer's budget shrinks by this (None: 0.8)")
+    p.add_argument("--tolerance", type=non_negative, default=0.01,
+                   help="--find_budgets without --target_ppl: allowed relative rise over the unpruned perplexity")
+    p.add_argument("--shrink", type=checked(float, lambda v: 0 < v < 1, "must be in (0, 1)"), default=0.8,
+                   help="--find_budgets: a layer's budget shrinks by this")
     p.add_argument("--eval_iters", type=at_least(1), default=None, help="validation batches (None: the run's)")
     p.add_argument("--batch_size", type=at_least(1), default=None, help="validation batch size (None: the run's)")
     p.add_argument("--explain", action="store_true", help="show what each layer masks for the last token of --start "
@@ -132,27 +132,33 @@ def find_budgets(model, batches, ctx, target_ppl, shrink):
         print(f"  budgets {budgets}: val ppl {ppl:.3f}, memory {memory_factor(model, budgets):.2f}x smaller")
 
 
-def check_args(parser, args):
-    """The checks that need several flags (each value's own: its type), before anything loads."""
+JOBS = ("prune", "eval_ppl", "find_budgets", "explain")  # one per run; none of them: generation
+GENERATION = ("generation", "prune")
+USED_BY = {  # the flags that only some jobs use
+    **dict.fromkeys(("num_samples", "max_new_tokens", "temperature", "top_k", "seed"), GENERATION),
+    "start": GENERATION + ("explain",),
+    **dict.fromkeys(("budget", "budgets"), ("prune", "eval_ppl", "explain")),
+    **dict.fromkeys(("eval_iters", "batch_size", "data_dir"), ("eval_ppl", "find_budgets")),
+    **dict.fromkeys(("target_ppl", "tolerance", "shrink"), ("find_budgets",)),
+    "explain_png": ("explain",)}
+
+
+def check_args(parser, args, given):
+    """The checks that need several flags (each value's own: its type), before anything loads. given: the flags on
+    the command line; one that this run's job would not use is refused, not ignored."""
+    jobs = [name for name in JOBS if getattr(args, name)]
+    if len(jobs) > 1:
+        parser.error(f"{' and '.join('--' + j for j in jobs)} are different jobs: give one of them per run")
+    job = jobs[0] if jobs else "generation"
+    for flag, users in USED_BY.items():
+        if flag in given and job not in users:
+            named = " or ".join(u if u == "generation" else f"--{u}" for u in users)
+            parser.error(f"--{flag} is for {named}, not {job if job == 'generation' else '--' + job}: nothing here "
+                         f"would use it, so drop it")
     if args.budget is not None and args.budgets is not None:
         parser.error("give --budget (every layer) or --budgets (one per layer), not both")
-    if (args.budget is not None or args.budgets is not None) and not (args.prune or args.eval_ppl or args.explain):
-        parser.error("--budget/--budgets set the buffers of --prune (generation), --eval_ppl (perplexity) or "
-                     "--explain: add one of them (without, nothing would use the budgets)")
-    jobs = [f"--{name}" for name in ("prune", "eval_ppl", "find_budgets", "explain") if getattr(args, name)]
-    if len(jobs) > 1:
-        parser.error(f"{' and '.join(jobs)} are different jobs: give one of them per run")
-    needless = [f"--{name}" for name in ("eval_iters", "batch_size", "data_dir") if getattr(args, name) is not None]
-    if needless and not (args.eval_ppl or args.find_budgets):
-        parser.error(f"{', '.join(needless)} set the validation data of --eval_ppl or --find_budgets: add one of "
-                     f"them (without, nothing would use it)")
-    search = [f"--{name}" for name in ("target_ppl", "tolerance", "shrink") if getattr(args, name) is not None]
-    if search and not args.find_budgets:
-        parser.error(f"{', '.join(search)}: for --find_budgets only; add it (without, nothing would use them)")
-    if args.target_ppl is not None and args.tolerance is not None:
+    if args.target_ppl is not None and "tolerance" in given:
         parser.error("--target_ppl and --tolerance both set the perplexity --find_budgets may reach: give one")
-    if args.explain_png is not None and not args.explain:
-        parser.error("--explain_png draws what --explain shows: add --explain")
     if args.explain_png is not None and os.path.isdir(args.explain_png):
         parser.error(f"--explain_png {args.explain_png} is a directory: give a file name in it, e.g. F.png")
     if args.explain_png is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.explain_png))):
@@ -315,9 +321,9 @@ def search_budgets(args, model, run, batches, ctx):
     """--find_budgets: the greedy search (SPEC §4.3), its result saved to out_dir/budgets.json."""
     L, T = model.config.n_layer, model.config.block_size
     unpruned = perplexity(model, batches, ctx)
-    target = args.target_ppl or unpruned * (1 + (0.01 if args.tolerance is None else args.tolerance))
+    target = args.target_ppl or unpruned * (1 + args.tolerance)
     print(f"unpruned val ppl {unpruned:.3f}; searching budgets for val ppl <= {target:.3f}")
-    budgets, ppl = find_budgets(model, batches, ctx, target, args.shrink or 0.8)[-1]
+    budgets, ppl = find_budgets(model, batches, ctx, target, args.shrink)[-1]
     if ppl > target:
         raise SystemExit(f"sample.py: even unpruned, val ppl {ppl:.3f} is above the target {target:.3f}")
     result = {"budgets": budgets, "val_ppl": ppl, "unpruned_val_ppl": unpruned, "target_ppl": target,
@@ -370,7 +376,7 @@ def report_memory(args, model, budgets, prompt_len):
 def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
-    check_args(parser, args)
+    check_args(parser, args, given_flags(parser, argv))
     try:
         device = pick_device(args.device)
         ctx = autocast(device.split(":")[0], autocast_dtype(device.split(":")[0], args.dtype))

@@ -28,6 +28,7 @@ import torch
 
 import common
 import experiments
+import kernels
 import prepare_data
 import sample
 import train
@@ -826,7 +827,7 @@ def test_sample_computes_a_tiled_run_where_the_tiled_path_cannot_run(assign_run,
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     ckpt["model_args"]["attention"] = "tiled"  # trained with --attention tiled
     torch.save(ckpt, out / "ckpt.pt")
-    monkeypatch.setattr(train.attention_path.__globals__["kernels"], "why_not_tiled", lambda q, dropout_p=0.0: "no")
+    monkeypatch.setattr(kernels, "why_not_tiled", lambda q, dropout_p=0.0: "no")
     sample.main(["--out_dir", str(out), "--eval_ppl", "--budget", "4", "--dtype", "float32"])
     assert "with budgets [4, 4]" in capsys.readouterr().out
 
@@ -1033,8 +1034,8 @@ BAD_INPUTS = [
     ([*S, "--num_samples", "0"], "--num_samples 0 must be at least 1"),
     ([*S, "--max_new_tokens", "0"], "--max_new_tokens 0 must be at least 1"),
     ([*S, "--max_new_tokens", "-5"], "--max_new_tokens -5 must be at least 1"),
-    ([*S, "--budget", "4"], "--budget/--budgets set the buffers of --prune"),
-    ([*S, "--budgets", "4,4"], "--budget/--budgets set the buffers of --prune"),
+    ([*S, "--budget", "4"], "--budget is for --prune or --eval_ppl or --explain, not generation"),
+    ([*S, "--budgets", "4,4"], "--budgets is for --prune or --eval_ppl or --explain, not generation"),
     ([*S, "--prune", "--budgets", "8.5,4"], "--budgets 8.5,4: give whole numbers"),
     ([*S, "--prune", "--budget", "1"], "--budget 1 must be at least 2"),
     ([*S, "--prune", "--budgets", "4,4,4"], "3 budgets for 2 layers"),
@@ -1048,15 +1049,18 @@ BAD_INPUTS = [
     ([*S, "--eval_ppl", "--budget", "4", "--batch_size", "0"], "--batch_size 0 must be at least 1"),
     ([*S, "--device", "foo"], "--device foo: no such device here"),
     ([*S, "--temp", "0"], "unrecognized arguments: --temp 0"),
-    ([*S, "--eval_iters", "3"], "--eval_iters set the validation data of --eval_ppl or --find_budgets"),
+    ([*S, "--eval_iters", "3"], "--eval_iters is for --eval_ppl or --find_budgets, not generation"),
     # flags are taken whole, not abbreviated
-    ([*S, "--eval_ppl", "--budget", "4", "--target_ppl", "2"], "--target_ppl: for --find_budgets only"),
-    ([*S, "--tolerance", "0.05", "--shrink", "0.5"], "--tolerance, --shrink: for --find_budgets only"),
+    ([*S, "--eval_ppl", "--budget", "4", "--target_ppl", "2"], "--target_ppl is for --find_budgets, not --eval_ppl"),
+    ([*S, "--shrink", "0.5"], "--shrink is for --find_budgets, not generation: nothing here would use it"),
+    ([*S, "--explain", "--tolerance", "0.01"], "--tolerance is for --find_budgets, not --explain"),  # the default
+    ([*S, "--eval_ppl", "--budget", "4", "--top_k", "3"], "--top_k is for generation or --prune, not --eval_ppl"),
+    ([*S, "--find_budgets", "--start", "a=1"], "--start is for generation or --prune or --explain, not --find"),
     ([*S, "--find_budgets", "--target_ppl", "2", "--tolerance", "0.1"], "--target_ppl and --tolerance both set"),
     ([*S, "--prune", "--budget", "4", "--explain"], "--prune and --explain are different jobs"),
     ([*S, "--eval_ppl", "--find_budgets"], "--eval_ppl and --find_budgets are different jobs"),
     ([*S, "--eval_ppl", "--budget", "4", "--data_dir", "prepared"], "--data_dir: run trained on --dataset assign"),
-    ([*S, "--explain_png", "x.png"], "--explain_png draws what --explain shows: add --explain"),
+    ([*S, "--explain_png", "x.png"], "--explain_png is for --explain, not generation"),
     ([*S, "--explain", "--explain_png", "nowhere/x.png"], "--explain_png nowhere/x.png: its folder does not exist"),
     ([*S, "--explain", "--explain_png", "folder"], "--explain_png folder is a directory"),
     ([*A, "--out_dir", ""], "--out_dir is empty"),
@@ -1106,7 +1110,7 @@ def test_bad_input_is_refused_clearly_and_changes_nothing(workspace, argv, messa
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the stand-in reaches train.py by run_main's fork")
 def test_an_attention_path_this_device_cannot_run_is_refused_before_a_run_is_overwritten(workspace, monkeypatch):
-    monkeypatch.setattr(train.attention_path.__globals__["kernels"], "why_not_tiled",
+    monkeypatch.setattr(kernels, "why_not_tiled",
                         lambda q, dropout_p=0.0: "triton is not installed (pip install triton)")  # a GPU without it
     before = snapshot(workspace)
     code, text = run_main(*A, "--selective", "--attention", "tiled", "--out_dir", "run", "--overwrite", cwd=workspace)
