@@ -1173,3 +1173,18 @@ def test_experiments_quick(tmp_path):
     code, text = run_script("experiments.py", "--quick", "--only", "heads", "--data_dir", data, "--out_dir",
                             str(tmp_path / "runs"), timeout=600)
     assert code == 0 and "done in" not in text and "finished already" in text, text
+
+
+@pytest.mark.slow
+def test_ddp_resume_continues_exactly(tmp_path):
+    """Two processes with dropout, cut at a checkpoint and resumed: each process gets its own generator state back
+    (the checkpoint gathers them), so the steps after the resume are the uninterrupted run's."""
+    ddp = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py"]
+    flags = ["--dataset", "assign", "--selective", *TINY, "--dropout", "0.1", "--grad_accum", "2", "--device", "cpu",
+             "--eval_interval", "3", "--lr_decay_iters", "6"]
+    whole, part = str(tmp_path / "whole"), str(tmp_path / "part")
+    assert run_script(*ddp, *flags, "--max_iters", "6", "--out_dir", whole)[0] == 0
+    assert run_script(*ddp, *flags, "--max_iters", "3", "--out_dir", part)[0] == 0
+    code, text = run_script(*ddp, "--resume", "--max_iters", "6", "--device", "cpu", "--out_dir", part)
+    assert code == 0, text
+    assert step_losses(part) == step_losses(whole) and len(step_losses(whole)) == 6
