@@ -508,7 +508,9 @@ def tiles_table(result):
 # recipe: selective vs standard under that loop, where selective can train worse than standard (SPEC §8), with each
 # candidate cause switched one at a time.
 
-RECIPES = {  # the plain recipe, then one change each; "train_py" is train.py's optimiser defaults
+# The plain recipe, then one change each; "train_py" is train.py's optimiser defaults. A recipe's init_std redraws
+# every matrix but the residual projections at that std; 0.02 keeps what GPTConfig drew for the job's `init` (INITS)
+RECIPES = {
     "plain": dict(lr=2e-3, beta2=0.999, clip=0.0, decay_all=True, init_std=0.02, n_embd=128, tied=True),
 }
 RECIPES |= {
