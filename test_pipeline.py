@@ -1137,11 +1137,19 @@ def test_offline_without_the_bpe_files_says_what_to_do(workspace):
 
 @pytest.mark.slow
 def test_quick_start_learns_the_assign_task(tmp_path):
-    """The README's main job, shortened: the selective model answers almost every query after 600 steps."""
+    """The README's main job, shortened: the selective model answers almost every query after 600 steps, and its
+    layer 0 masks what the README's figure shows: for the last query, the superseded assignments, not the others."""
     code, text = run_script("train.py", "--dataset", "assign", "--selective", "--max_iters", "600",
                             "--eval_interval", "300", "--out_dir", str(tmp_path / "run"), timeout=1800)
     assert code == 0, text
     assert [r for r in log_records(tmp_path / "run") if "val_accuracy" in r][-1]["val_accuracy"] > 0.9
+    ckpt = common.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+    words = "a=3 b=1 a=7 c=2 a? 7 b=5 d=4 b? 5 a=2 a?".split()
+    F = model.selective_masks(torch.tensor([[0] + common.assign_encode(" ".join(words))]))[0][0][0, -1]
+    on = {w: F[1 + words.index(w)].item() for w in ("a=3", "b=1", "a=7", "c=2", "d=4")}
+    assert min(on["a=3"], on["b=1"], on["a=7"]) > 1 > max(on["c=2"], on["d=4"]), on
 
 
 @pytest.mark.slow
