@@ -363,7 +363,7 @@ def report_memory(args, model, budgets, prompt_len):
     """--prune: each layer's peak and final cached keys, and the KV memory against an unpruned buffer."""
     L, T = model.config.n_layer, model.config.block_size
     unpruned = min(prompt_len + args.max_new_tokens - 1, T)  # every position of the window, every layer
-    bytes_per_key = 2 * model.config.n_embd * next(model.parameters()).element_size() + 4  # k, v and f
+    bytes_per_key = model.decode_stats["bytes_per_key"]  # k and v, position, f
     for layer, (peak, final) in enumerate(zip(model.decode_stats["peak"], model.decode_stats["final"])):
         print(f"layer {layer}: budget {budgets[layer]}, peak {peak} cached keys (final {final}) vs {unpruned} "
               f"without pruning")

@@ -270,7 +270,7 @@ class GPT(nn.Module):
             if pn.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * config.n_layer))
         self.loss_terms = {}  # the last forward's loss parts, for logging: {'ce': ..., 'mem': ...}
-        self.decode_stats = {}  # the last generate's cached keys per layer: {'peak': [...], 'final': [...]}
+        self.decode_stats = {}  # the last generate's cached keys per layer ('peak', 'final') and 'bytes_per_key'
 
     def run_blocks(self, idx, start=0, budgets=None, keep=False, buffers=None):
         """The one walk through the blocks, in parallel or (buffers) a decoding step: tokens idx (B, T) at positions
@@ -379,7 +379,8 @@ class GPT(nn.Module):
         """Continue idx (B, T), BOS first, by max_new_tokens tokens; top_k=1 or temperature=0 is greedy. With budgets
         (an int, or one per layer) each layer's buffer keeps at most that many keys (§4). At block_size the context
         is re-encoded from BOS + the latest block_size // 2 - 1 tokens (learned positions cannot extrapolate).
-        Afterwards self.decode_stats holds the peak and final number of cached keys per layer."""
+        Afterwards self.decode_stats holds the peak and final number of cached keys per layer, and the bytes one
+        cached key takes per sequence."""
         block_size = self.config.block_size
         window = max(1, block_size // 2 - 1)
         peak = [0] * self.config.n_layer
@@ -400,13 +401,15 @@ class GPT(nn.Module):
                     logits[logits < v[:, [-1]]] = -float("inf")
                 idx_next = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
-        self.decode_stats = {"peak": peak, "final": [b.n for b in state["layers"]] if state else [0] * len(peak)}
+        self.decode_stats = {"peak": peak, "final": [b.n for b in state["layers"]] if state else [0] * len(peak),
+                             "bytes_per_key": state["layers"][0].bytes_per_key() if state else 0}
         return idx
 
 
 class KVBuffer:
     """One layer's decoding state (§3, §4): keys and values in `capacity` fixed slots, their positions, and for a
-    selective layer the running mask f (f_j = F[t, j] for the next query t); rule: the ablations of §9 f follows.
+    selective layer the running mask f (f_j = F[t, j] for the next query t); rule: the §9 switches (mask_bos,
+    mask_self) its update follows.
     A new key takes a free slot, or the slot of the key it evicts: a step costs O(capacity), never O(context)."""
 
     def __init__(self, k, v, positions, f, capacity, rule):
@@ -472,9 +475,11 @@ class KVBuffer:
         self.f[:, :self.n] = self.update_running_mask(f, logits0, self.pos[:, :self.n], t, **self.rule)
         return y
 
-    def positions(self):
-        """(B, n): the positions of the cached keys."""
-        return self.pos[:, :self.n]
+    def bytes_per_key(self):
+        """The memory one cached key takes per sequence: its k and v in every head (in the dtype they were computed
+        in, bf16 under autocast), its position, and f."""
+        return (2 * self.k[0, :, 0].numel() * self.k.element_size() + self.pos.element_size()
+                + (0 if self.f is None else self.f.element_size()))
 
 
 def pruned_visibility(F, budget):

@@ -430,10 +430,28 @@ def decode_logits(model, idx, budgets=None, record=None, prompt=1):
     steps = [logits]
     for t in range(prompt, idx.size(1) + 1):
         if record is not None:
-            record.append([buffer.positions().clone() for buffer in state["layers"]])
+            record.append([buffer.pos[:, :buffer.n].clone() for buffer in state["layers"]])
         if t < idx.size(1):
             steps.append(model.decode(idx[:, t:t + 1], state))
     return torch.stack(steps, dim=1)
+
+
+@pytest.mark.parametrize("selective", [False, True])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_bytes_per_key_is_what_the_buffers_hold(selective, autocast):
+    """sample.py --prune reports the KV memory from it: k and v in the dtype they were computed in (bf16 under
+    autocast, with float32 weights), positions and f."""
+    model = tiny_model(selective, dtype=torch.float32)
+    idx = torch.randint(0, 61, (3, 9), generator=torch.Generator().manual_seed(3))
+    budgets = 6 if selective else None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        model.generate(idx, 4, top_k=1, budgets=budgets)
+        _, state = model.prefill(idx, budgets=budgets)
+    for buffer in state["layers"]:
+        held = sum(t.nbytes for t in (buffer.k, buffer.v, buffer.pos, buffer.f) if t is not None)
+        assert buffer.k.dtype == (torch.bfloat16 if autocast else torch.float32)
+        assert buffer.bytes_per_key() * 3 * buffer.k.size(2) == held
+        assert buffer.bytes_per_key() == model.decode_stats["bytes_per_key"]
 
 
 @pytest.mark.parametrize("selective", [False, True])

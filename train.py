@@ -86,7 +86,7 @@ def get_parser():
 
 
 MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig)]
-# a checkpoint or log from before a field existed meant its default; but before init_std, nanoGPT's 0.02 (SPEC §10)
+# a checkpoint or log without a field (assets/logs keeps such) meant the field's default; without init_std, 0.02 (§10)
 FIELDS_BEFORE = {f.name: f.default for f in dataclasses.fields(GPTConfig)} | {"init_std": 0.02}
 RUN_FILES = ("ckpt.pt", "ckpt_best.pt", "log.jsonl", "budgets.json")  # what --overwrite deletes
 
