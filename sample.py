@@ -239,17 +239,19 @@ BAR = " ▏▎▍▌▋▊▉█"  # eighths of a block: a bar in any terminal
 
 
 def masked_bar(f, width=5):
-    """How much of a key's weight F takes away, 1 - exp(-F), as a bar of `width` characters."""
+    """How much of a key's weight F takes away against an unmasked key, 1 - exp(-F), as a bar of `width`
+    characters."""
     eighths = round((1 - math.exp(-f)) * width * 8)
     return (BAR[-1] * (eighths // 8) + (BAR[eighths % 8] if eighths % 8 else "")).ljust(width)
 
 
 def render_explanation(words, layers, budgets, colour):
     """The terminal view: a row per prompt token, a column per layer: F for the last query, a bar of the share of
-    the token's attention weight it masks (1 - exp(-F)), and 'evicted @t' where the layer's buffer dropped it."""
+    the token's attention weight it masks against an unmasked token (1 - exp(-F)), and 'evicted @t' where the
+    layer's buffer dropped it."""
     last = len(words) - 1
     lines = [f"What each layer masks for the last query, {words[-1]!r} (position {last}): F, and the share of each "
-             f"token's weight it takes away (1 - exp(-F), bar: 0 to 1)" +
+             f"token's weight it takes away against an unmasked token's (1 - exp(-F), bar: 0 to 1)" +
              (f"; with budgets {budgets}, 'ev@t' marks a token the layer's buffer evicted at query t (SPEC §4)"
               if budgets else "")]
     width = 13 + (7 if budgets else 0)
