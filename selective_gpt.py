@@ -32,7 +32,7 @@ class GPTConfig:
     selective: bool = False  # False: a standard transformer
     memory_loss_weight: float = 0.0  # epsilon of the memory loss (§5); 0 = off
     memory_tau: float = 1.0  # tau of the memory loss (§5)
-    attention: str = "auto"  # selective attention's implementation (§7): reference, mask, tiled; auto: the fastest
+    attention: str = "auto"  # selective attention's implementation (§7): reference, mask, tiled; auto: tiled, else mask
     mask_bos: bool = False  # ablation (§9): BOS (key column 0) may be masked, against §1.2
     mask_self: bool = False  # ablation (§9): a token's vote on its own key counts (S keeps its diagonal)
     init_std: float | None = None  # the weights' std at init (§10); None: the width rule 1 / sqrt(3 n_embd)
