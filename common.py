@@ -93,9 +93,15 @@ def add_device_flags(parser):
 # Files: written whole or not at all
 
 def write_atomic(path, write):
-    """A file appears whole or not at all: write(tmp) fills a temporary file beside path, which is then renamed."""
+    """A file appears whole or not at all: write(tmp) fills a temporary file beside path, which is then renamed
+    (a write that fails removes it)."""
     tmp = path + ".tmp"
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
 
 

@@ -276,6 +276,19 @@ def test_c4_windows_start_with_bos():
     assert (y[:, 1:] - y[:, :-1] == 1).all()
 
 
+def test_each_batch_is_a_function_of_where_it_is_used():
+    """Every micro-step, every evaluation batch, each split draws its own batch; the same place, the same batch."""
+    shard = torch.arange(5000, dtype=torch.int64).numpy().astype("uint16")
+    shards = {"train": [shard], "validation": [shard]}
+    for dataset in ("assign", "c4"):
+        run = {"dataset": dataset, "data_seed": 3, "batch_size": 4, "block_size": 32}
+        places = [("train", 0, 0), ("train", 0, 1), ("train", 1, 0), ("val", -1, 0), ("val", -1, 1), ("val", 0, 0)]
+        batches = [common.get_batch(run, *place, shards)[0] for place in places]
+        assert all(not torch.equal(a, b) for i, a in enumerate(batches) for b in batches[i + 1:]), dataset
+        assert torch.equal(common.get_batch(run, "train", 0, 1, shards)[0], batches[1])
+        assert not torch.equal(common.get_batch(dict(run, data_seed=4), "train", 0, 1, shards)[0], batches[1])
+
+
 def test_assign_task_answers_are_latest_values():
     x, y = common.assign_batch(16, 200, torch.Generator().manual_seed(0))
     assert (x[:, 0] == 0).all()
@@ -335,6 +348,60 @@ def test_the_optimizer_sees_the_gradient_clipped_to_grad_clip(tmp_path):
         args.grad_clip = clip
         train.train_step(args, model, optimizer, scaler, contextlib.nullcontext(), None, 0, 0, 1, "cpu")
     assert seen[0] == pytest.approx(1e-3, rel=1e-4) and seen[1] > 0.1
+
+
+def test_an_iteration_averages_the_gradients_of_its_micro_steps(tmp_path):
+    """--grad_accum 3: the update is made from the mean of the micro-batches' gradients (each batch as get_batch
+    draws it), and the loss returned is the last micro-batch's."""
+    args, _ = train.parse_args(["--dataset", "assign", *TINY, "--grad_accum", "3", "--grad_clip", "0",
+                                "--out_dir", str(tmp_path)])
+    model, raw, optimizer, scaler = train.build(args, None, "cpu", "float32", False, 0)
+    losses, grads = [], []
+    for micro in range(3):
+        x, y = common.get_batch(vars(args), "train", 5, micro)
+        loss = raw(x, targets=y)[1]
+        grads.append(torch.autograd.grad(loss, list(raw.parameters())))
+        losses.append(loss.item())
+    seen, step = [], optimizer.step
+    optimizer.step = lambda *a, **k: seen.append([p.grad.clone() for p in raw.parameters()]) or step(*a, **k)
+    last = train.train_step(args, model, optimizer, scaler, contextlib.nullcontext(), None, 5, 0, 1, "cpu")
+    assert last == pytest.approx(losses[-1], rel=1e-5)
+    for p_grad, *micro_grads in zip(seen[0], *grads):
+        torch.testing.assert_close(p_grad, sum(micro_grads) / 3, rtol=1e-4, atol=1e-7)
+
+
+def test_the_schedule_warms_up_then_decays_by_a_cosine_to_min_lr():
+    """nanoGPT's schedule, by hand: lr (it + 1) / (warmup + 1) while warming up, then a half cosine from lr at
+    warmup_iters to min_lr at decay_iters, then min_lr."""
+    args = train.argparse.Namespace(warmup_iters=4, learning_rate=1e-3, min_lr=1e-4, lr_decay_iters=None,
+                                    max_iters=24)
+    lrs = [train.get_lr(it, args) for it in range(30)]
+    assert lrs[:5] == pytest.approx([2e-4, 4e-4, 6e-4, 8e-4, 1e-3])
+    assert lrs[14] == pytest.approx(5.5e-4) and lrs[24] == pytest.approx(1e-4) and lrs[29] == 1e-4
+    assert lrs[9] == pytest.approx(1e-4 + 0.9e-3 * (1 + math.cos(math.pi / 4)) / 2)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    args.lr_decay_iters = 14
+    assert train.get_lr(9, args) == pytest.approx(5.5e-4) and train.get_lr(20, args) == 1e-4
+
+
+def test_a_checkpoint_save_cut_short_leaves_the_last_checkpoint_whole(tmp_path, monkeypatch):
+    """A run killed while saving (here: torch.save fails half-way) keeps its previous ckpt.pt, loadable, and
+    leaves no partial file behind."""
+    args, _ = train.parse_args(["--dataset", "assign", *TINY, "--out_dir", str(tmp_path)])
+    _, raw, optimizer, scaler = train.build(args, None, "cpu", "float32", False, 0)
+    train.save_checkpoint(args, raw, optimizer, scaler, 3, 1.0, {}, improved=True)
+    saved = common.load_checkpoint(str(tmp_path / "ckpt.pt"))
+
+    def torn_save(state, path):
+        with open(path, "wb") as f:
+            f.write(b"PK half a checkpoint")
+        raise OSError("no space left on device")
+    monkeypatch.setattr(train.torch, "save", torn_save)
+    with pytest.raises(OSError):
+        train.save_checkpoint(args, raw, optimizer, scaler, 6, 0.5, {}, improved=True)
+    assert common.load_checkpoint(str(tmp_path / "ckpt.pt"))["iter_num"] == saved["iter_num"] == 3
+    assert common.load_checkpoint(str(tmp_path / "ckpt_best.pt"))["iter_num"] == 3
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt_best.pt"]
 
 
 def test_resume_survives_a_log_line_torn_by_a_kill(tmp_path):
@@ -755,7 +822,9 @@ def test_help_shows_every_default():
     for script, flag in (("train.py", "--learning_rate"), ("sample.py", "--temperature"),
                          ("prepare_data.py", "--val_fraction"), ("experiments.py", "--only")):
         code, text = run_main(script, "--help")
-        assert code == 0 and "(default:" in text, script
+        entries = re.split(r"\n(?=  -)", text.split("\noptions:\n")[1])[1:]  # one per flag, after -h
+        assert code == 0 and any(e.startswith(f"  {flag} ") for e in entries), script
+        assert all(e.count("(default:") == 1 for e in entries), [e for e in entries if e.count("(default:") != 1]
     assert "repeat the flag" in run_main("experiments.py", "--help")[1]
 
 
@@ -782,6 +851,18 @@ def test_sample_prune_eval_and_find_budgets(assign_run, capsys, tmp_path):
     assert found["memory_factor"] == pytest.approx(2 * 24 / sum(found["budgets"]))
     sample.main(["--out_dir", assign_run, "--eval_ppl", "--dtype", "float32"])  # budgets.json is picked up
     assert f"with budgets {found['budgets']}" in capsys.readouterr().out
+
+
+def test_sample_prune_compares_with_the_keys_an_unpruned_buffer_holds(assign_run, capsys):
+    """--prune's 'without pruning' is the peak of an unpruned generate of the same prompt and length."""
+    sample.main(["--out_dir", assign_run, "--start", "a=3 b=1 a?", "--max_new_tokens", "5", "--top_k", "1",
+                 "--prune", "--budget", "4", "--dtype", "float32"])
+    text = capsys.readouterr().out
+    model, _ = sample.load_model(assign_run, "ckpt.pt", "cpu")
+    model.generate(torch.tensor([[0] + common.assign_encode("a=3 b=1 a?")]), 5, top_k=1)
+    unpruned = model.decode_stats["peak"]
+    assert unpruned[0] < model.config.block_size and text.count(f"vs {unpruned[0]} without pruning") == 2
+    assert f"peak 4 cached keys (final 4) vs {unpruned[1]} without pruning" in text
 
 
 def test_find_budgets_shrinks_the_layer_whose_shrinking_costs_least_while_within_the_target(monkeypatch):

@@ -634,6 +634,24 @@ def test_configure_optimizers_decays_matrices_only():
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.parametrize("selective", [False, True])
+def test_dropout_acts_in_training_only(selective):
+    """--dropout drops attention weights and activations while training; in eval the model is the same model with
+    dropout 0 (the attention's dropout is passed by hand, so nn.Module.eval() does not switch it off by itself)."""
+    model = tiny_model(selective, dropout=0.2, attention="auto")
+    plain = tiny_model(selective, dropout=0.0, attention="auto")
+    plain.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 61, (2, 48), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model(idx, targets=idx)[0], plain(idx, targets=idx)[0], rtol=0, atol=0)
+    model.train()
+    first, second = model(idx, targets=idx)[0], model(idx, targets=idx)[0]
+    assert (first - second).abs().max() > 1e-3
+    model.transformer.drop.p = 0.0  # now only the dropout of the attention weights is left
+    for block in model.transformer.h:
+        block.attn.resid_dropout.p = block.mlp.dropout.p = 0.0
+    assert (model(idx, targets=idx)[0] - model(idx, targets=idx)[0]).abs().max() > 1e-3
+
+
 def test_init_std_002_is_nanogpts_init_and_the_default_none_is_the_width_rule(monkeypatch):
     """§10: init_std 0.02 draws nanoGPT's init, the same draws in the same order (what model.apply(_init_weights)
     visits, then the residual projections), so earlier runs reproduce; None, the default, scales every draw to

@@ -41,7 +41,7 @@ def add_model_flags(p):
     a("--block_size", type=int, default=None, help="context length (None: 256 for c4, 96 for assign)")
     a("--dropout", type=float, default=0.0, help="dropout (the tiled and reference paths have none: auto takes mask)")
     a("--bias", action=argparse.BooleanOptionalAction, default=False, help="biases in Linears and LayerNorms")
-    a("--selective", action="store_true", help="selective attention (default: a standard transformer)")
+    a("--selective", action="store_true", help="selective attention (off: a standard transformer)")
     a("--memory_loss_weight", type=float, default=0.0, help="epsilon of the memory loss (SPEC §5)")
     a("--memory_tau", type=float, default=1.0, help="tau of the memory loss (SPEC §5)")
     a("--attention", choices=("auto",) + ATTENTION_PATHS, default="auto", help="the path, SPEC §7")
