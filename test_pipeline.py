@@ -531,6 +531,37 @@ def test_the_rate_check_looks_beyond_the_edge_of_the_grid_where_the_sweep_chose(
         assert asked == [f"heads-std-h4-s1-lr{lr}" for lr in beyond] and set(check["val_loss"]) >= set(beyond)
 
 
+def test_heads_rows_pair_seeds_and_the_sweep_and_rate_check_choose_by_loss(tmp_path, monkeypatch):
+    """heads_experiment on stand-in runs whose final loss is a function of their name: the sweep takes the rate of
+    the lowest loss (0.002, the grid's largest); each row is standard - selective of the same seed, standard 2H -
+    selective H; the rate check finds 0.004 better and compares both variants there, and standard there with
+    selective at the chosen rate. The expected numbers are worked out by hand from final_loss."""
+    def final_loss(name):
+        kind, H, seed, lr = re.fullmatch(r"heads-(std|sel)-h(\d)-s(\d)-lr(\S+)", name).groups()
+        rate = {"0.0005": 0.3, "0.001": 0.1, "0.002": 0.0, "0.004": -0.05, "0.008": 0.2}[lr]
+        H, seed = int(H), int(seed)
+        return rate + (5 + 0.1 * H + 0.01 * seed ** 2 if kind == "std" else 4.9 + 0.02 * H + 0.03 * seed)
+    monkeypatch.setattr(experiments, "train_all", lambda jobs, *args: {
+        name: [{"iter": 10, "val_loss": final_loss(name)}] for name, _, _ in jobs})
+    cfg = dict(experiments.FULL["heads"], learning_rates=[5e-4, 1e-3, 2e-3], heads=[1, 2], seeds=[1, 2, 3],
+               lr_sweep=dict(n_head=2, seed=1), check_doublings=2, check_seeds=[1, 2])
+    result = experiments.heads_experiment(cfg, "d", str(tmp_path), str(tmp_path))
+    assert result["lr_sweep"]["val_loss"] == pytest.approx({"0.0005": 5.51, "0.001": 5.31, "0.002": 5.21})
+    assert result["learning_rate"] == result["lr_sweep"]["chosen"] == 2e-3
+    one, two = result["rows"]
+    assert one["standard"]["values"] == pytest.approx([5.11, 5.14, 5.19])
+    assert one["selective"]["values"] == pytest.approx([4.95, 4.98, 5.01])
+    assert one["gap"]["values"] == pytest.approx([0.16, 0.16, 0.18])
+    assert one["gap_2H"]["values"] == pytest.approx([0.26, 0.26, 0.28])  # standard at H = 2: 5.21, 5.24, 5.29
+    assert two["gap"]["values"] == pytest.approx([0.24, 0.24, 0.26]) and "gap_2H" not in two
+    check = result["rate_check"]
+    assert check["best"] == 4e-3 and check["val_loss"]["0.008"] == pytest.approx(5.41)
+    assert check["standard"]["values"] == pytest.approx([5.16, 5.19])
+    assert check["selective"]["values"] == pytest.approx([4.92, 4.95])
+    assert check["gap"]["values"] == pytest.approx([0.24, 0.24])
+    assert check["gap_chosen_selective"]["values"] == pytest.approx([0.19, 0.19])  # against 4.97, 5.00 at 0.002
+
+
 def test_recipe_stages_with_another_init_run_apart_and_have_rows_of_their_own(tmp_path):
     """A recipe stage with an init (SPEC §10) or a dtype names its runs apart and runs them so; its rows are apart
     from the rows of the same recipe and say their init and dtype. The other stages' jobs have neither key, as their
@@ -546,10 +577,14 @@ def test_recipe_stages_with_another_init_run_apart_and_have_rows_of_their_own(tm
     assert width[0]["name"] == "recipe-train_py-std-s1-width-float32" and width[0]["init"] == "width"
     assert (experiments.plain_dtype(old[0]), experiments.plain_dtype(width[0])) == ("bfloat16", "float32")
     jobs = old + width
-    logs = {j["name"]: [{"config": {}}, {"iter": 100, "grad_norm_max": 2.0, "grad_norm_qk0_max": 1.0,
-                                         "adam_step_qk0": 0.1, "adam_step_qk_rest": 0.2},
-                        {"iter": 1500, "val_loss": 5.0 + 0.1 * i}] for i, j in enumerate(jobs)}
+    diagnostics = lambda it, grad, adam: {"iter": it, "grad_norm_max": grad, "grad_norm_qk0_max": grad / 2,  # noqa: E731
+                                          "adam_step_qk0": adam, "adam_step_qk_rest": 2 * adam}
+    logs = {j["name"]: [{"config": {}}, diagnostics(100, 2.0, 0.1), diagnostics(200, 50.0, 0.3),
+                        diagnostics(700, 90.0, 0.9), {"iter": 1500, "val_loss": 5.0 + 0.1 * i}]
+            for i, j in enumerate(jobs)}
     rows = experiments.recipe_rows(jobs, logs)
+    assert rows[0]["sel_grad_norm_max_first_100"] == 2.0 and rows[0]["sel_qk0_grad_norm_max_first_100"] == 1.0
+    assert rows[0]["sel_adam_step_qk0"] == 0.3 and rows[0]["sel_adam_step_rest"] == 0.6  # steps 101 to 600 only
     assert [(r["recipe"], r["init"], r["dtype"]) for r in rows] == [
         ("train_py", "nanogpt", "bfloat16"), ("train_py", "width", "float32"), ("plain", "width", "float32")]
     assert rows[1]["sel"] == [logs[j["name"]][-1]["val_loss"] for j in width[:6] if j["selective"]]
@@ -567,10 +602,18 @@ def test_assign_guard_needs_every_seed_to_learn_and_to_leave_few_of_standards_er
     assert not experiments.assign_guard_holds(row([0.98, 0.95, 0.99], [0.999, 0.995, 0.997]), cfg)  # 0.3 of 0.01
     assert not experiments.assign_guard_holds(row([0.5, 0.5, 0.5], [0.89, 0.95, 0.95]), cfg)  # one seed below 0.9
     assert not experiments.assign_guard_holds(row([0.98, 0.95], [0.999, 0.995]), cfg)  # a seed missing
+    assert experiments.assign_guard_holds(row([0.5, 0.5, 0.5], [0.9, 0.9, 0.9]), cfg)  # 0.9, a fifth: both allowed
+    assert experiments.assign_guard_holds(row([1.0, 1.0, 1.0], [1.0, 1.0, 1.0]), cfg)  # no errors left to either
     text = "\n".join(experiments.guard_table({"row": row([0.98], [0.999]) | {"init": "nanogpt"}, "holds": True,
                                                "settings": cfg}))
     assert "standard / selective per seed: 0.9800 / 0.9990): holds" in text
     experiments.check_guard("guard", {"holds": True})
+    recipe = {"recipe": "clip", "std": [5.0, 5.2], "sel": [5.25, 5.25]}  # above standard's mean by less than 0.2
+    assert experiments.guard_holds(recipe) == (True, pytest.approx(0.2))
+    assert experiments.guard_holds(recipe | {"sel": [5.4, 5.4]})[0] is False
+    experiments.check_guard("recipe", {"guard": [recipe]})
+    with pytest.raises(SystemExit, match="the guard failed"):
+        experiments.check_guard("recipe", {"guard": [recipe, recipe | {"sel": [5.4, 5.4]}]})
     with pytest.raises(SystemExit, match="the assign guard failed"):
         experiments.check_guard("guard", {"holds": False})
 
@@ -683,13 +726,13 @@ def test_init_table_gives_each_loop_its_measure_at_the_steps_asked_over_the_seed
                loops=["assign", "c4_plain"], assign=dict(every=10), c4=dict(every=10), early=dict(assign=[10],
                                                                                                    c4=[10, 20]))
     jobs = experiments.init_jobs(cfg, None, "runs")
-    logs = {j["name"]: plain_log("val_accuracy", [0.1, 0.95 if j["selective"] else 0.5, 0.99 - 0.01 * j["seed"]], 3.0)
+    logs = {j["name"]: plain_log("val_accuracy", [0.1, 0.9 if j["selective"] else 0.5, 0.99 - 0.01 * j["seed"]], 3.0)
             if j["task"] == "assign" else
             plain_log("val_loss", [10.0, 7.0 - j["selective"], 6.0 - j["seed"]], 5.0 + j["seed"]) for j in jobs}
     result = experiments.init_results(jobs, logs, cfg["early"])
     assign, c4 = result["rows"]
-    assert assign["sel"]["values"] == [0.99, 0.98] and assign["sel_early"]["10"]["mean"] == 0.95
-    assert assign["sel_step_to_0.9"] == [10, 10] and assign["std_step_to_0.9"] == [20, 20]
+    assert assign["sel"]["values"] == [0.99, 0.98] and assign["sel_early"]["10"]["mean"] == 0.9
+    assert assign["sel_step_to_0.9"] == [10, 10] and assign["std_step_to_0.9"] == [20, 20]  # 0.9 itself counts
     assert c4["std"]["values"] == [6.0, 5.0] and c4["sel_early"]["10"]["mean"] == 6.0 and "std_step_to_0.9" not in c4
     assert c4["std_grad_norm_max_first"] == 5.5 and c4["std_max_F0_at_init"] == 2.0  # only steps before 10 count
     text = "\n".join(experiments.init_table(result | {"decision": experiments.init_decision(result["rows"])}))
@@ -719,6 +762,11 @@ def test_init_decision_takes_the_candidate_fastest_in_every_loop_unless_it_hurts
                                                                      "hurts_standard": ["width"]}},
                                               "default": "nanogpt"}
     slow = [row("c4_plain", "width", [5.7, 5.8], [6.6, 6.1, [5.8, 5.8]])]  # the loops disagree: 0.02 stays
+    assert decide(assign + c4[:1] + slow)["default"] == "nanogpt"
+    hurt = [row("c4_plain", "width", [6.0, 6.05], [6.0, 5.6, [5.0, 5.5]])]  # 0.175 worse; standard's spread 0.1
+    assert decide(c4[:1] + hurt)["loops"]["c4_plain"]["hurts_standard"] == ["width"]  # (selective's 0.5: not it)
+    late = [row("c4_plain", "width", [5.8, 5.9], [6.2, 6.2, [6.0, 6.0]])]  # ahead early, behind at the end:
+    assert decide(c4[:1] + late)["loops"]["c4_plain"]["fastest"] == "nanogpt"  # 6.133 against nanogpt's 6.083
     assert decide(assign + c4[:1] + slow)["default"] == "nanogpt"
     with pytest.raises(ValueError, match="no nanogpt runs"):
         decide(assign + c4[1:])
