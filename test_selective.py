@@ -380,6 +380,19 @@ def test_attention_paths_are_chosen_and_checked():
     assert kernels.why_not_tiled(q) is None and kernels.why_not_tiled(q, dropout_p=0.1) == "it has no dropout"
 
 
+def test_auto_takes_the_mask_path_on_a_gpu_without_the_shared_memory_the_kernel_needs(monkeypatch):
+    """On CUDA, 'auto' asks the Triton kernel's own limits with the GPU's shared memory per block (bf16, head dim
+    64: 72 KB for the smallest backward candidate); a stand-in GPU here."""
+    shape = (1, 1, 4, 64)
+    gpu_q = type("OnCuda", (), {"device": torch.device("cuda"), "dtype": torch.bfloat16,
+                                "size": lambda self, dim: shape[dim]})()
+    monkeypatch.setattr(kernels, "triton", kernels.triton or object())
+    monkeypatch.setattr(kernels, "shared_memory_limit", lambda device: 71 * 1024)
+    assert "needs 72 KB of shared memory" in kernels.why_not_tiled(gpu_q) and attention_path("auto", gpu_q) == "mask"
+    monkeypatch.setattr(kernels, "shared_memory_limit", lambda device: 72 * 1024)
+    assert kernels.why_not_tiled(gpu_q) is None and attention_path("auto", gpu_q) == "tiled"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The model
 
@@ -824,6 +837,28 @@ def test_triton_autotuner_tries_every_candidate_and_keeps_the_fastest(monkeypatc
         assert (best.kwargs["BN"], best.kwargs["G"], best.num_warps, best.num_stages) == kept[which]
     for name, w, g in zip(["y", "dq", "dk", "dv"], want, got):
         torch.testing.assert_close(g.double(), w, rtol=tol, atol=tol, msg=name)
+
+
+@triton_missing
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 and float32 in Triton's CPU interpreter")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("D", [32, 64, 128])
+def test_triton_every_launch_configuration_matches_the_reference(dtype, D):
+    """Every candidate of TRITON_CONFIGS, forward and backward (the autotuner may keep any of them on a GPU), gives
+    the reference's values and gradients; T = 200 leaves the last query and key tiles ragged, and the key tiles of
+    128 span two query tiles of 64. (bf16 compiles as fp16 does; the interpreter cannot load it.)"""
+    B, H, T = 1, 4, 200
+    q, k, v = (t.to(dtype).detach().requires_grad_() for t in random_qkv(B=B, H=H, T=T, D=D, seed=D))
+    dy = torch.randn_like(q)
+    want = grads_of(reference, q.double(), k.double(), v.double(), dy.double())
+    cfg = kernels.triton_config(D, dtype)
+    fwd, bwd = ([list(c[:4]) for c in kernels.launchable(getattr(cfg, which), H)] for which in ("fwd", "bwd"))
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    for i in range(max(len(fwd), len(bwd))):
+        f, b = fwd[min(i, len(fwd) - 1)], bwd[min(i, len(bwd) - 1)]
+        got = grads_of(lambda a, b_, c: kernels.triton_forward(a, b_, c, cfg.BM, f, b)[0], q, k, v, dy)
+        for name, w, g in zip(["y", "dq", "dk", "dv"], want, got):
+            torch.testing.assert_close(g.double(), w, rtol=tol, atol=tol, msg=f"{name}, forward {f}, backward {b}")
 
 
 @pytest.fixture
