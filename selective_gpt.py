@@ -54,7 +54,7 @@ class GPTConfig:
             raise ValueError(f"init_std must be a positive number or None (the width rule), got {self.init_std}")
         if self.attention not in ("auto",) + ATTENTION_PATHS:
             raise ValueError(f"attention must be auto, {', '.join(ATTENTION_PATHS)}; got {self.attention!r}")
-        ablated = self.mask_bos or self.mask_self
+        ablated = any(self.rule.values())
         if (ablated or self.memory_loss_weight > 0) and not self.selective:
             raise ValueError("the memory loss (memory_loss_weight > 0) and the ablations mask_bos and mask_self "
                              "change selective attention: set selective=True (--selective)")
@@ -66,6 +66,13 @@ class GPTConfig:
         if self.memory_loss_weight > 0 and self.attention not in ("auto", "mask"):
             raise ValueError("the memory loss needs every layer's F, which the mask path makes once: use attention "
                              "'auto' or 'mask'")
+
+    @property
+    def rule(self):
+        """The selection rule's switches, the ablations of §9 (all off: §1 exactly), as selective_mask, the paths and
+        KVBuffer take them. A new switch goes here, in selective_mask (the parallel passes) and in
+        KVBuffer.update_running_mask (decoding); test_selective.py's test_ablated_model_* checks that they agree."""
+        return {"mask_bos": self.mask_bos, "mask_self": self.mask_self}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -194,7 +201,7 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = config.n_embd // config.n_head
         self.selective = config.selective
         self.attention = config.attention
-        self.rule = {"mask_bos": config.mask_bos, "mask_self": config.mask_self}  # the ablations of §9, off: §1
+        self.rule = config.rule  # the ablations of §9, off: §1
 
     def forward(self, x, budget=None, keep=False, buffer=None, t=0):
         """x: (B, T, C) -> (y, Attended or None). budget: prune a query's keys to this many (§4.1); keep: return what
@@ -363,8 +370,7 @@ class GPT(nn.Module):
         {'t': the next position, 'layers': one KVBuffer per layer (§3), of at most budgets keys (§4)})."""
         x, attended = self.run_blocks(idx, budgets=budgets, keep=True)
         capacities = [min(b or self.config.block_size, self.config.block_size) for b in self.layer_budgets(budgets)]
-        rule = {"mask_bos": self.config.mask_bos, "mask_self": self.config.mask_self}
-        layers = [KVBuffer.after_prompt(*a, capacity, rule) for a, capacity in zip(attended, capacities)]
+        layers = [KVBuffer.after_prompt(*a, capacity, self.config.rule) for a, capacity in zip(attended, capacities)]
         return self.lm_head(x[:, -1]), {"t": idx.size(1), "layers": layers}
 
     @torch.no_grad()

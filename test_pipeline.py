@@ -249,13 +249,15 @@ def test_train_assign_end_to_end(assign_run):
 
 
 def test_the_logged_attention_path_is_the_one_that_runs(assign_run, tmp_path):
-    """With the memory loss on, every layer keeps F, so the mask path runs: the log says so (else what 'auto' picks:
-    tiled here)."""
+    """With the memory loss on, every layer keeps F, and an ablation of the rule has no tiled kernel: the mask path
+    runs, and the log says so (else what 'auto' picks: tiled here)."""
     assert log_records(assign_run)[0]["attention_path"] == "tiled"
-    code, text = run_main("train.py", "--dataset", "assign", "--selective", *TINY, "--max_iters", "1",
-                          "--memory_loss_weight", "0.1", "--out_dir", str(tmp_path / "out"))
-    assert code == 0, text
-    assert log_records(tmp_path / "out")[0]["attention_path"] == "mask"
+    for flag, value in (("--memory_loss_weight", "0.1"), ("--mask_self", None)):
+        out = str(tmp_path / flag)
+        code, text = run_main("train.py", "--dataset", "assign", "--selective", *TINY, "--max_iters", "1", flag,
+                              *([value] if value else []), "--out_dir", out)
+        assert code == 0, text
+        assert log_records(out)[0]["attention_path"] == "mask", flag
 
 
 def test_train_c4_end_to_end(tmp_path, c4_data):

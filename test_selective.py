@@ -346,6 +346,8 @@ def test_ablation_switches_make_a_difference_where_the_rule_bites():
 
 @pytest.mark.parametrize("rule", [dict(mask_bos=True), dict(mask_self=True), dict(mask_bos=True, mask_self=True)])
 def test_ablated_model_runs_on_mask_and_reference_only_and_decodes_like_its_parallel_pass(rule):
+    """Each switch of the selection rule (GPTConfig.rule; a new one joins the list above): the mask path equals the
+    reference, auto takes the mask path, and decoding, pruned or not, equals the parallel pass."""
     reference = tiny_model(attention="reference", **rule)
     masked = tiny_model(attention="mask", **rule)
     auto = tiny_model(**rule)

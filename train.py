@@ -85,7 +85,7 @@ def get_parser():
     return p
 
 
-MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig)]
+MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig)]  # each has a flag of its name in get_parser
 # a checkpoint or log without a field (assets/logs keeps such) meant the field's default; without init_std, 0.02 (§10)
 FIELDS_BEFORE = {f.name: f.default for f in dataclasses.fields(GPTConfig)} | {"init_std": 0.02}
 RUN_FILES = ("ckpt.pt", "ckpt_best.pt", "log.jsonl", "budgets.json")  # what --overwrite deletes
@@ -281,8 +281,8 @@ def run_attention_path(args, device, dtype):
     anything is written, where this device has no kernel for it."""
     q = torch.empty(1, args.n_head, 1, args.n_embd // args.n_head, device=device, dtype=getattr(torch, dtype))
     try:
-        path = attention_path(args.attention, q, args.dropout, args.mask_bos or args.mask_self) if args.selective \
-            else None
+        path = attention_path(args.attention, q, args.dropout, any(GPTConfig(**model_args(args)).rule.values())) \
+            if args.selective else None
     except ValueError as e:
         raise SystemExit(f"train.py: error: --attention {args.attention}: {e}")
     return "mask" if args.memory_loss_weight > 0 else path  # the memory loss keeps every layer's F: mask (SPEC §7)
