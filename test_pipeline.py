@@ -291,6 +291,42 @@ def test_each_batch_is_a_function_of_where_it_is_used():
         assert not torch.equal(common.get_batch(dict(run, data_seed=4), "train", 0, 1, shards)[0], batches[1])
 
 
+def test_c4_windows_are_every_whole_window_of_a_shard_and_no_other():
+    shard = torch.arange(20, dtype=torch.int64).numpy().astype("uint16")
+    x, y = common.c4_batch([shard, shard[:10]], 400, 16, torch.Generator().manual_seed(0))  # the short one has none
+    assert y.shape == (400, 16) and set(y[:, 0].tolist()) == {0, 1, 2, 3, 4}  # the last window starts at 20 - 16
+
+
+def test_read_bin_refuses_another_format_version(tmp_path):
+    path = str(tmp_path / "c4-train-00000.bin")
+    common.write_bin(path, [1, 2, 3])
+    assert common.read_bin(path).tolist() == [1, 2, 3]
+    header = common.np.fromfile(path, dtype=common.np.int32)
+    header[1] = common.VERSION + 1
+    header.tofile(path)
+    with pytest.raises(ValueError, match="bad header"):
+        common.read_bin(path)
+
+
+class NotAWeight:  # what a checkpoint from elsewhere might hold: loading it would run code (weights_only refuses)
+    pass
+
+
+def test_a_checkpoint_loads_only_whole_with_weights_and_fitting_its_model(assign_run, tmp_path):
+    ckpt = common.load_checkpoint(os.path.join(assign_run, "ckpt.pt"))
+    compiled = dict(ckpt, model={"_orig_mod." + k: v for k, v in ckpt["model"].items()})  # torch.compile's names
+    torch.save(compiled, tmp_path / "compiled.pt")
+    assert common.load_checkpoint(str(tmp_path / "compiled.pt"))["iter_num"] == ckpt["iter_num"]
+    assert common.strip_compile_prefix({"_orig_mod.a._orig_mod.b": 1, "c": 2}) == {"a._orig_mod.b": 1, "c": 2}
+    broken = {"no_optimizer": {k: v for k, v in ckpt.items() if k != "optimizer"},
+              "other_model": dict(ckpt, model_args=dict(ckpt["model_args"], n_layer=3)),
+              "pickled_object": dict(ckpt, extra=NotAWeight())}
+    for name, bad in broken.items():
+        torch.save(bad, tmp_path / f"{name}.pt")
+        with pytest.raises(common.CheckpointError, match=f"{name}.pt is damaged or not a train.py checkpoint"):
+            common.load_checkpoint(str(tmp_path / f"{name}.pt"))
+
+
 def test_assign_task_answers_are_latest_values():
     x, y = common.assign_batch(16, 200, torch.Generator().manual_seed(0))
     assert (x[:, 0] == 0).all()
