@@ -478,6 +478,12 @@ def test_resume_to_a_reached_target_stops_and_a_larger_one_extends_the_schedule(
                                     max_iters=12)
     assert all(lrs[it] == pytest.approx(train.get_lr(it - 1, args)) for it in range(7, 13))
     assert lrs[7] > 1e-4 * 1.5  # not stuck at min_lr after the old schedule's end
+    ckpt = common.load_checkpoint(os.path.join(out, "ckpt.pt"))  # max_iters 12 now
+    for saved, resumed in ((20, 20), (12, None)):  # a length of its own stays; one resolved to max_iters follows it
+        (tmp_path / f"decay{saved}").mkdir()
+        torch.save(dict(ckpt, args=dict(ckpt["args"], lr_decay_iters=saved)), tmp_path / f"decay{saved}" / "ckpt.pt")
+        args, _ = train.parse_args(["--resume", "--max_iters", "30", "--out_dir", str(tmp_path / f"decay{saved}")])
+        assert args.lr_decay_iters == resumed
 
 
 def test_resume_a_checkpoint_from_before_the_attention_and_init_std_fields(tmp_path):
@@ -502,11 +508,59 @@ def test_overwrite_starts_over(tmp_path):
     flags = ["--dataset", "assign", *TINY, "--max_iters", "2", "--eval_interval", "2", "--out_dir", out]
     assert run_script("train.py", *flags)[0] == 0
     (tmp_path / "o" / "budgets.json").write_text("{}")
+    (tmp_path / "o" / "notes.txt").write_text("mine")
     code, text = run_script("train.py", *flags, "--overwrite", "--seed", "7")
     assert code == 0, text
     records = log_records(out)
     assert records[0]["config"]["seed"] == 7 and sum("config" in r for r in records) == 1
     assert not (tmp_path / "o" / "budgets.json").exists()
+    assert (tmp_path / "o" / "notes.txt").read_text() == "mine", "--overwrite deletes the run's files, no others"
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_to_start_again(tmp_path, monkeypatch):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "train", interrupted)  # run_main's fork runs this train.py module
+    (tmp_path / "o").mkdir()  # the run's directory exists, its checkpoint not yet
+    code, text = run_main("train.py", "--dataset", "assign", *TINY, "--out_dir", str(tmp_path / "o"))
+    assert code == 130 and "Traceback" not in text and "no checkpoint was written yet" in text, text
+
+
+def test_evaluate_averages_the_fixed_evaluation_batches_of_each_split(tmp_path):
+    args, _ = train.parse_args(["--dataset", "assign", *TINY, "--eval_iters", "3", "--out_dir", str(tmp_path)])
+    _, raw, _, _ = train.build(args, None, "cpu", "float32", False, 0)
+    got = train.evaluate(raw, args, None, contextlib.nullcontext(), "cpu")
+    for split in ("train", "val"):
+        with torch.no_grad():
+            losses = [raw(*common.get_batch(vars(args), split, -1, k))[1].item() for k in range(3)]
+        assert got[f"{split}_loss"] == pytest.approx(sum(losses) / 3, rel=1e-6)
+    assert got["train_loss"] != got["val_loss"] and got["val_ppl"] == pytest.approx(math.exp(got["val_loss"]))
+    assert raw.training, "evaluate leaves the model training"
+
+
+def test_ckpt_best_holds_the_lowest_validation_loss_and_ckpt_the_latest(tmp_path, monkeypatch):
+    val_losses = iter([3.0, 2.0, 2.5, 2.8])
+    monkeypatch.setattr(train, "evaluate", lambda *args: (lambda v: {"train_loss": v, "val_loss": v, "val_ppl": 9.0,
+                                                                     "val_accuracy": 0.5})(next(val_losses)))
+    out = str(tmp_path / "o")
+    code, text = run_main("train.py", "--dataset", "assign", *TINY, "--max_iters", "3", "--eval_interval", "1",
+                          "--out_dir", out)
+    assert code == 0, text
+    best, last = (common.load_checkpoint(os.path.join(out, name)) for name in ("ckpt_best.pt", "ckpt.pt"))
+    assert (best["iter_num"], best["best_val_loss"]) == (1, 2.0) and (last["iter_num"], last["best_val_loss"]) == (3, 2.0)
+
+
+def test_log_progress_counts_tokens_and_flops_over_every_process(tmp_path):
+    """tokens/s: every micro-step of every process; MFU: this process's share of them, against its own peak."""
+    class Model:
+        loss_terms = {}
+        def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops, T):
+            return fwdbwd_per_iter * T * 1000 / dt / peak_flops  # 1000 FLOPs per token
+    args = argparse.Namespace(grad_accum=4, batch_size=3, block_size=16, max_iters=10)
+    log = str(tmp_path / "log.jsonl")
+    train.log_progress(args, Model(), log, time.time(), 5, 2.0, 1e-3, 0.5, 2, 1e6)
+    record = common.read_jsonl(log)[0]
+    assert record["tokens_per_s"] == 4 * 3 * 16 / 0.5 and record["mfu"] == pytest.approx(2 * 3 * 16 * 1000 / 0.5 / 1e6)
 
 
 def test_ctrl_c_says_how_to_resume(tmp_path):
@@ -1185,6 +1239,7 @@ BAD_INPUTS = [
     (["train.py", "--resume", "--out_dir", "both_damaged"], "both_damaged/ckpt_best.pt is damaged too"),
     (["train.py", "--resume", "--out_dir", "nowhere"], "no checkpoint at nowhere/ckpt.pt"),
     (["train.py", "--resume", "--overwrite", "--out_dir", "run"], "give one of them"),
+    (["train.py", "--resume", "--dataset", "c4", "--out_dir", "run"], "a different model: --dataset assign -> c4"),
     ([*A, "--vocab_size", "10", "--out_dir", "new"], "smaller than the 99 tokens"),
     ([*A, "--dtype", "float16", "--out_dir", "new"], "float16 is not supported on the CPU"),
     ([*A, "--lr", "1000", "--out_dir", "new"], "unrecognized arguments: --lr 1000"),  # not --lr_decay_iters
