@@ -977,17 +977,20 @@ def test_sample_prune_eval_and_find_budgets(assign_run, capsys, tmp_path):
     text = capsys.readouterr().out
     assert text.startswith("a=3 b=1 a?") and "layer 1: budget 4, peak 4 cached keys" in text and "x smaller" in text
     prompt = tmp_path / "prompt.txt"
-    prompt.write_text("c=4 c?")
+    prompt.write_text("c=4\nc?")  # the whole file, lines and all
     sample.main(["--out_dir", assign_run, "--start", f"FILE:{prompt}", "--max_new_tokens", "3", "--dtype", "float32"])
     assert capsys.readouterr().out.startswith("c=4 c? ")
     sample.main(["--out_dir", assign_run, "--eval_ppl", "--budgets", "3,5", "--dtype", "float32"])
     printed = capsys.readouterr().out
     unpruned, pruned = re.search(r"val ppl (\S+) unpruned, (\S+) with budgets \[3, 5\]", printed).groups()
     assert unpruned != pruned, "the budgets prune"
+    last_eval = [r for r in log_records(assign_run) if "val_loss" in r][-1]  # train.py's, on the same batches
+    assert float(unpruned) == pytest.approx(math.exp(last_eval["val_loss"]), rel=1e-3) and last_eval["iter"] == 30
     sample.main(["--out_dir", assign_run, "--find_budgets", "--tolerance", "0.05", "--shrink", "0.5",
                  "--dtype", "float32"])
     found = json.load(open(os.path.join(assign_run, "budgets.json")))
-    assert found["val_ppl"] <= found["target_ppl"] and len(found["budgets"]) == 2
+    assert found["target_ppl"] == pytest.approx(1.05 * found["unpruned_val_ppl"]) and len(found["budgets"]) == 2
+    assert found["val_ppl"] <= found["target_ppl"] and found["unpruned_val_ppl"] == pytest.approx(float(unpruned), 1e-3)
     assert found["memory_factor"] == pytest.approx(2 * 24 / sum(found["budgets"]))
     sample.main(["--out_dir", assign_run, "--eval_ppl", "--dtype", "float32"])  # budgets.json is picked up
     assert f"with budgets {found['budgets']}" in capsys.readouterr().out
@@ -1003,6 +1006,23 @@ def test_sample_prune_compares_with_the_keys_an_unpruned_buffer_holds(assign_run
     unpruned = model.decode_stats["peak"]
     assert unpruned[0] < model.config.block_size and text.count(f"vs {unpruned[0]} without pruning") == 2
     assert f"peak 4 cached keys (final 4) vs {unpruned[1]} without pruning" in text
+
+
+def test_budgets_are_for_the_weights_they_were_searched_with_count_at_most_t_keys_and_ppl_is_exp_mean_loss():
+    model = GPT(GPTConfig(block_size=24, vocab_size=99, n_layer=2, n_head=2, n_embd=16, selective=True))
+    assert sample.memory_factor(model, [100, 12]) == 2 * 24 / (24 + 12)  # a budget above T keeps T keys
+    same = GPT(model.config)
+    same.load_state_dict(model.state_dict())
+    assert sample.model_fingerprint(same) == sample.model_fingerprint(model)
+    with torch.no_grad():
+        same.transformer.h[1].mlp.c_fc.weight[3, 5] += 1e-3
+    assert sample.model_fingerprint(same) != sample.model_fingerprint(model)
+
+    class Losses:  # a stand-in model whose batch x has loss x
+        def __call__(self, x, targets, budgets=None):
+            self.loss_terms = {"ce": torch.tensor(x)}
+    assert sample.perplexity(Losses(), [(1.0, None), (3.0, None)], contextlib.nullcontext()) == pytest.approx(
+        math.exp(2.0)), "the exp of the mean loss per token"
 
 
 def test_find_budgets_shrinks_the_layer_whose_shrinking_costs_least_while_within_the_target(monkeypatch):
@@ -1122,7 +1142,9 @@ def test_explain_shows_the_last_row_of_F_and_the_eviction_order_on_a_hand_built_
     text = sample.render_explanation([f"w{j}" for j in range(9)], [layer], [5], colour=False)
     rows = text.splitlines()[2:]
     assert len(rows) == 9 and all(f"{F[0, -1, j].item():6.2f}" in rows[j] for j in range(9))
-    assert [("ev@" in r) for r in rows] == [t is not None for t in layer["evicted_at"]]
+    for row, t in zip(rows, layer["evicted_at"]):  # the query at which the token left the buffer
+        assert f"ev@{t:<3d}" in row if t is not None else "ev@" not in row
+    assert [sample.masked_bar(f) for f in (0.0, 50.0, math.log(2))] == ["     ", "█████", "██▌  "]  # 1 - exp(-F)
 
 
 def test_explain_on_a_tiny_model_equals_selective_mask_and_pruned_visibility():
