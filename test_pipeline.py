@@ -69,9 +69,10 @@ def c4_data(tmp_path_factory):
 
 
 @contextlib.contextmanager
-def shard_server(root, drop_after=None):
-    """A loopback HTTP server of the files in root, with Range support. drop_after: {name: bytes}: the first
-    request for that file sends this many bytes, then closes the connection."""
+def shard_server(root, drop_after=None, ranges=True):
+    """A loopback HTTP server of the files in root, with Range support (ranges=False: ignored, as some servers do,
+    each answer the whole file). drop_after: {name: bytes}: the first request for that file sends this many bytes,
+    then closes the connection."""
     requests = []
 
     class Handler(BaseHTTPRequestHandler):
@@ -84,7 +85,7 @@ def shard_server(root, drop_after=None):
                 return
             with open(path, "rb") as f:
                 data = f.read()
-            start = int(self.headers["Range"][6:-1]) if self.headers.get("Range") else 0
+            start = int(self.headers["Range"][6:-1]) if self.headers.get("Range") and ranges else 0
             self.send_response(206 if start else 200)
             if start:
                 self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
@@ -125,7 +126,8 @@ def documents_of(bin_path):
 # ---------------------------------------------------------------------------------------------------------------
 # prepare_data.py
 
-def test_prepare_data_resumes_a_dropped_download_and_decodes_back(tmp_path):
+@pytest.mark.parametrize("ranges", [True, False])
+def test_prepare_data_resumes_a_dropped_download_and_decodes_back(tmp_path, ranges):
     served = tmp_path / "served"
     served.mkdir()
     texts = random_texts(60, 200, seed=0)
@@ -135,9 +137,9 @@ def test_prepare_data_resumes_a_dropped_download_and_decodes_back(tmp_path):
     write_c4_shard(served / prepare_data.c4_name("validation", 0), want)
     half = os.path.getsize(served / train_gz) // 2
     data = tmp_path / "data"
-    with shard_server(served, drop_after={train_gz: half}) as (url, requests):
+    with shard_server(served, drop_after={train_gz: half}, ranges=ranges) as (url, requests):
         prepare_data.main(["--base_url", url, "--data_dir", str(data)])
-        assert (train_gz, f"bytes={half}-") in requests, "the second request resumes where the first one broke"
+        assert (train_gz, f"bytes={half}-") in requests, "the second request asks for the rest (without Range: all)"
         assert documents_of(data / "c4-train.00000-of-01024.bin") == texts
         assert documents_of(data / "c4-validation.00000-of-00008.bin") == want
         assert sorted(os.listdir(data)) == ["c4-train.00000-of-01024.bin", "c4-validation.00000-of-00008.bin",
@@ -146,6 +148,17 @@ def test_prepare_data_resumes_a_dropped_download_and_decodes_back(tmp_path):
         count = len(requests)
         prepare_data.main(["--base_url", url, "--data_dir", str(data)])
         assert len(requests) == count and before == {p: os.path.getmtime(data / p) for p in before}
+
+
+def test_prepare_data_tokenises_a_download_already_in_data_dir_without_fetching_it(tmp_path):
+    served, data = tmp_path / "served", tmp_path / "data"
+    served.mkdir()
+    data.mkdir()
+    texts = random_texts(5, 30, seed=2)
+    write_c4_shard(data / prepare_data.c4_name("train", 0), texts)  # fetched whole by a run that stopped after
+    with shard_server(served) as (url, requests):
+        prepare_data.main(["--base_url", url, "--data_dir", str(data), "--val_shards", "0"])
+    assert requests == [] and documents_of(data / "c4-train.00000-of-01024.bin") == texts
 
 
 def test_prepare_data_stops_on_a_corrupt_shard_and_writes_nothing(tmp_path, capsys):
@@ -169,16 +182,23 @@ def test_prepare_data_local_txt_holds_out_validation(tmp_path):
     train_tokens, val_tokens = common.read_bin(data / "notes.bin"), common.read_bin(
         data / "notes.validation.bin")
     assert len(val_tokens) == int((len(train_tokens) + len(val_tokens)) * 0.1) and train_tokens[0] == common.BOS
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "hello.txt").write_text("hello world")  # BOS hello world: 0.03 tokens, yet one held out
+    prepare_data.main(["--local", str(tmp_path / "tiny"), "--data_dir", str(tmp_path / "d2"), "--val_fraction", "0.01"])
+    assert [len(common.read_bin(tmp_path / "d2" / n)) for n in ("hello.bin", "hello.validation.bin")] == [2, 1]
 
 
 def test_prepare_data_overwrite_prepares_anew_with_new_settings(tmp_path):
     (tmp_path / "notes.txt").write_text("one two three four five six seven eight nine ten " * 40)
     data = tmp_path / "data"
     prepare_data.main(["--local", str(tmp_path / "notes.txt"), "--data_dir", str(data), "--val_fraction", "0.1"])
-    prepare_data.main(["--local", str(tmp_path / "notes.txt"), "--data_dir", str(data), "--val_fraction", "0.5",
+    (data / "prepare.json").unlink()  # shards whose settings are not recorded go too
+    common.write_bin(str(data / "stray.bin"), [1, 2])
+    prepare_data.main(["--local", str(tmp_path / "notes.txt"), "--data_dir", str(data), "--val_fraction", "0.3",
                        "--overwrite"])
     train_tokens, val_tokens = (common.read_bin(data / n) for n in ("notes.bin", "notes.validation.bin"))
-    assert len(val_tokens) == int((len(train_tokens) + len(val_tokens)) * 0.5)
+    assert len(val_tokens) == int((len(train_tokens) + len(val_tokens)) * 0.3) == 120  # of 402: 120.6, floored
+    assert not (data / "stray.bin").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1225,6 +1245,8 @@ def workspace(tmp_path_factory, assign_run, c4_data):
     prepare_data.main(["--local", str(root / "notes.txt"), "--data_dir", str(root / "prepared")])
     os.makedirs(root / "empty_cache")
     (root / "bad.json.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")
+    (root / "notext.jsonl").write_text('{"text": "a document"}\n{"url": "no text field"}\n')
+    (root / "notjson.jsonl").write_text('{"text": "a document"}\nnot json\n')
     return root
 
 
@@ -1321,6 +1343,8 @@ BAD_INPUTS = [
     (["prepare_data.py", "--local", "notes.txt", "--data_dir", "prepared", "--val_fraction", "0.2"],
      "--data_dir prepared holds shards made with val_fraction 0.01"),
     (["prepare_data.py", "--local", "bad.json.gz", "--data_dir", "new"], "bad.json.gz is truncated or corrupt"),
+    (["prepare_data.py", "--local", "notext.jsonl", "--data_dir", "new"], "notext.jsonl is truncated or corrupt"),
+    (["prepare_data.py", "--local", "notjson.jsonl", "--data_dir", "new"], "notjson.jsonl is truncated or corrupt"),
     (["prepare_data.py", "--local", "nothing_here", "--data_dir", "new"], "no .json.gz, .jsonl or .txt files"),
     (["prepare_data.py", "--local", "notes.txt", "--data_dir", "a_file"], "--data_dir a_file is a file"),
     (["prepare_data.py", "--local", "notes.txt", "--data_dir", "a_file/d"],
