@@ -99,7 +99,7 @@ def write_atomic(path, write):
     try:
         write(tmp)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # (the write's own error is the one to report)
             os.remove(tmp)
         raise
     os.replace(tmp, path)

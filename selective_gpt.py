@@ -70,8 +70,9 @@ class GPTConfig:
     @property
     def rule(self):
         """The selection rule's switches, the ablations of §9 (all off: §1 exactly), as selective_mask, the paths and
-        KVBuffer take them. A new switch goes here, in selective_mask (the parallel passes) and in
-        KVBuffer.update_running_mask (decoding); test_selective.py's test_ablated_model_* checks that they agree."""
+        KVBuffer take them (as keyword arguments). A new switch goes here, into selective_mask (the parallel passes)
+        and KVBuffer.update_running_mask (decoding), and as a keyword into the paths that pass it on to them;
+        test_selective.py's test_ablated_model_* checks that they agree."""
         return {"mask_bos": self.mask_bos, "mask_self": self.mask_self}
 
 
@@ -149,16 +150,16 @@ def attention_path(attention, q, dropout_p=0.0, ablated=False):
     return attention
 
 
-def selective_attention(q, k, v, dropout_p=0.0, attention="auto", mask_bos=False, mask_self=False):
+def selective_attention(q, k, v, dropout_p=0.0, attention="auto", **rule):
     """Selective attention of q, k, v: (B, H, T, head_dim) by the path `attention` names; returns y like q: 'tiled'
     (kernels.tiled_selective_attention, no T x T tensor), 'mask' (selective_attention_sdpa) or 'reference'.
-    mask_bos, mask_self: the ablations of §9 ('mask' and 'reference' only)."""
-    path = attention_path(attention, q, dropout_p, ablated=mask_bos or mask_self)
+    rule: GPTConfig.rule's switches, the ablations of §9 ('mask' and 'reference' only)."""
+    path = attention_path(attention, q, dropout_p, ablated=any(rule.values()))
     if path == "tiled":
         return kernels.tiled_selective_attention(q, k, v)
     if path == "mask":
-        return selective_attention_sdpa(q, k, v, dropout_p, mask_bos=mask_bos, mask_self=mask_self)[0]
-    return selective_attention_reference(q, k, v, mask_bos, mask_self)[0]
+        return selective_attention_sdpa(q, k, v, dropout_p, **rule)[0]
+    return selective_attention_reference(q, k, v, **rule)[0]
 
 
 def selective_attention_sdpa(q, k, v, dropout_p=0.0, budget=None, mask_bos=False, mask_self=False):

@@ -23,6 +23,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 import torch
 
@@ -155,7 +156,7 @@ def test_prepare_data_tokenises_a_download_already_in_data_dir_without_fetching_
     served.mkdir()
     data.mkdir()
     texts = random_texts(5, 30, seed=2)
-    write_c4_shard(data / prepare_data.c4_name("train", 0), texts)  # fetched whole by a run that stopped after
+    write_c4_shard(data / prepare_data.c4_name("train", 0), texts)  # fetched by a run stopped before tokenising
     with shard_server(served) as (url, requests):
         prepare_data.main(["--base_url", url, "--data_dir", str(data), "--val_shards", "0"])
     assert requests == [] and documents_of(data / "c4-train.00000-of-01024.bin") == texts
@@ -183,7 +184,7 @@ def test_prepare_data_local_txt_holds_out_validation(tmp_path):
         data / "notes.validation.bin")
     assert len(val_tokens) == int((len(train_tokens) + len(val_tokens)) * 0.1) and train_tokens[0] == common.BOS
     (tmp_path / "tiny").mkdir()
-    (tmp_path / "tiny" / "hello.txt").write_text("hello world")  # BOS hello world: 0.03 tokens, yet one held out
+    (tmp_path / "tiny" / "hello.txt").write_text("hello world")  # BOS hello world: 3 x 0.01 tokens; one held out
     prepare_data.main(["--local", str(tmp_path / "tiny"), "--data_dir", str(tmp_path / "d2"), "--val_fraction", "0.01"])
     assert [len(common.read_bin(tmp_path / "d2" / n)) for n in ("hello.bin", "hello.validation.bin")] == [2, 1]
 
@@ -272,12 +273,12 @@ def test_the_logged_attention_path_is_the_one_that_runs(assign_run, tmp_path):
     """With the memory loss on, every layer keeps F, and an ablation of the rule has no tiled kernel: the mask path
     runs, and the log says so (else what 'auto' picks: tiled here)."""
     assert log_records(assign_run)[0]["attention_path"] == "tiled"
-    for flag, value in (("--memory_loss_weight", "0.1"), ("--mask_self", None)):
-        out = str(tmp_path / flag)
-        code, text = run_main("train.py", "--dataset", "assign", "--selective", *TINY, "--max_iters", "1", flag,
-                              *([value] if value else []), "--out_dir", out)
+    for name, flags in (("memory_loss", ["--memory_loss_weight", "0.1"]), ("ablation", ["--mask_self"])):
+        out = str(tmp_path / name)
+        code, text = run_main("train.py", "--dataset", "assign", "--selective", *TINY, "--max_iters", "1", *flags,
+                              "--out_dir", out)
         assert code == 0, text
-        assert log_records(out)[0]["attention_path"] == "mask", flag
+        assert log_records(out)[0]["attention_path"] == "mask", name
 
 
 def test_train_c4_end_to_end(tmp_path, c4_data):
@@ -321,9 +322,9 @@ def test_read_bin_refuses_another_format_version(tmp_path):
     path = str(tmp_path / "c4-train-00000.bin")
     common.write_bin(path, [1, 2, 3])
     assert common.read_bin(path).tolist() == [1, 2, 3]
-    header = common.np.fromfile(path, dtype=common.np.int32)
+    header = np.memmap(path, dtype=np.int32, mode="r+", shape=(2,))  # magic, version: the tokens stay as they are
     header[1] = common.VERSION + 1
-    header.tofile(path)
+    header.flush()
     with pytest.raises(ValueError, match="bad header"):
         common.read_bin(path)
 
@@ -394,14 +395,23 @@ def test_resume_keeps_float16s_loss_scale(assign_run, tmp_path):
     assert resumed.state_dict() == scaler.state_dict() and resumed.get_scale() == 1024.0
 
 
+def tiny_training(tmp_path, *flags):
+    """train.py's args, model, raw model, optimizer and scaler for a tiny assign run in tmp_path, on the CPU."""
+    args, _ = train.parse_args(["--dataset", "assign", *TINY, *flags, "--out_dir", str(tmp_path)])
+    return args, *train.build(args, None, "cpu", "float32", False, 0)
+
+
+def watch_updates(optimizer, watch):
+    """Call watch() just before each optimizer step: it sees the gradients the update is made from."""
+    step = optimizer.step
+    optimizer.step = lambda *args, **kwargs: watch() or step(*args, **kwargs)
+
+
 def test_the_optimizer_sees_the_gradient_clipped_to_grad_clip(tmp_path):
-    args, _ = train.parse_args(["--dataset", "assign", "--selective", *TINY, "--out_dir", str(tmp_path)])
-    model, raw, optimizer, scaler = train.build(args, None, "cpu", "float32", False, 0)
-    seen, step = [], optimizer.step
-    def watched_step(*a, **k):  # the norm of the gradient the update is made from
-        seen.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in raw.parameters()])).item())
-        return step(*a, **k)
-    optimizer.step = watched_step
+    args, model, raw, optimizer, scaler = tiny_training(tmp_path, "--selective")
+    seen = []
+    watch_updates(optimizer, lambda: seen.append(
+        torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in raw.parameters()])).item()))
     for clip in (1e-3, 0.0):  # 0: off
         args.grad_clip = clip
         train.train_step(args, model, optimizer, scaler, contextlib.nullcontext(), None, 0, 0, 1, "cpu")
@@ -411,17 +421,15 @@ def test_the_optimizer_sees_the_gradient_clipped_to_grad_clip(tmp_path):
 def test_an_iteration_averages_the_gradients_of_its_micro_steps(tmp_path):
     """--grad_accum 3: the update is made from the mean of the micro-batches' gradients (each batch as get_batch
     draws it), and the loss returned is the last micro-batch's."""
-    args, _ = train.parse_args(["--dataset", "assign", *TINY, "--grad_accum", "3", "--grad_clip", "0",
-                                "--out_dir", str(tmp_path)])
-    model, raw, optimizer, scaler = train.build(args, None, "cpu", "float32", False, 0)
+    args, model, raw, optimizer, scaler = tiny_training(tmp_path, "--grad_accum", "3", "--grad_clip", "0")
     losses, grads = [], []
     for micro in range(3):
         x, y = common.get_batch(vars(args), "train", 5, micro)
         loss = raw(x, targets=y)[1]
         grads.append(torch.autograd.grad(loss, list(raw.parameters())))
         losses.append(loss.item())
-    seen, step = [], optimizer.step
-    optimizer.step = lambda *a, **k: seen.append([p.grad.clone() for p in raw.parameters()]) or step(*a, **k)
+    seen = []
+    watch_updates(optimizer, lambda: seen.append([p.grad.clone() for p in raw.parameters()]))
     last = train.train_step(args, model, optimizer, scaler, contextlib.nullcontext(), None, 5, 0, 1, "cpu")
     assert last == pytest.approx(losses[-1], rel=1e-5)
     for p_grad, *micro_grads in zip(seen[0], *grads):
@@ -443,10 +451,9 @@ def test_the_schedule_warms_up_then_decays_by_a_cosine_to_min_lr():
 
 
 def test_a_checkpoint_save_cut_short_leaves_the_last_checkpoint_whole(tmp_path, monkeypatch):
-    """A run killed while saving (here: torch.save fails half-way) keeps its previous ckpt.pt, loadable, and
-    leaves no partial file behind."""
-    args, _ = train.parse_args(["--dataset", "assign", *TINY, "--out_dir", str(tmp_path)])
-    _, raw, optimizer, scaler = train.build(args, None, "cpu", "float32", False, 0)
+    """A save that fails half-way (torch.save on a full disk) keeps the previous ckpt.pt, loadable, and leaves no
+    partial file behind (a kill leaves at most a .tmp, which no run reads)."""
+    args, _, raw, optimizer, scaler = tiny_training(tmp_path)
     train.save_checkpoint(args, raw, optimizer, scaler, 3, 1.0, {}, improved=True)
     saved = common.load_checkpoint(str(tmp_path / "ckpt.pt"))
 
@@ -498,11 +505,14 @@ def test_resume_to_a_reached_target_stops_and_a_larger_one_extends_the_schedule(
                                     max_iters=12)
     assert all(lrs[it] == pytest.approx(train.get_lr(it - 1, args)) for it in range(7, 13))
     assert lrs[7] > 1e-4 * 1.5  # not stuck at min_lr after the old schedule's end
-    ckpt = common.load_checkpoint(os.path.join(out, "ckpt.pt"))  # max_iters 12 now
-    for saved, resumed in ((20, 20), (12, None)):  # a length of its own stays; one resolved to max_iters follows it
+
+
+def test_a_resume_keeps_a_decay_length_of_its_own_and_stretches_one_that_was_max_iters(assign_run, tmp_path):
+    ckpt = common.load_checkpoint(os.path.join(assign_run, "ckpt.pt"))  # max_iters 30
+    for saved, resumed in ((40, 40), (30, None)):  # None: decay_iters follows the new max_iters
         (tmp_path / f"decay{saved}").mkdir()
         torch.save(dict(ckpt, args=dict(ckpt["args"], lr_decay_iters=saved)), tmp_path / f"decay{saved}" / "ckpt.pt")
-        args, _ = train.parse_args(["--resume", "--max_iters", "30", "--out_dir", str(tmp_path / f"decay{saved}")])
+        args, _ = train.parse_args(["--resume", "--max_iters", "50", "--out_dir", str(tmp_path / f"decay{saved}")])
         assert args.lr_decay_iters == resumed
 
 
@@ -537,6 +547,7 @@ def test_overwrite_starts_over(tmp_path):
     assert (tmp_path / "o" / "notes.txt").read_text() == "mine", "--overwrite deletes the run's files, no others"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the stand-in reaches train.py by run_main's fork")
 def test_ctrl_c_before_the_first_checkpoint_says_to_start_again(tmp_path, monkeypatch):
     def interrupted(*args):
         raise KeyboardInterrupt
@@ -547,8 +558,7 @@ def test_ctrl_c_before_the_first_checkpoint_says_to_start_again(tmp_path, monkey
 
 
 def test_evaluate_averages_the_fixed_evaluation_batches_of_each_split(tmp_path):
-    args, _ = train.parse_args(["--dataset", "assign", *TINY, "--eval_iters", "3", "--out_dir", str(tmp_path)])
-    _, raw, _, _ = train.build(args, None, "cpu", "float32", False, 0)
+    args, _, raw, _, _ = tiny_training(tmp_path, "--eval_iters", "3")
     got = train.evaluate(raw, args, None, contextlib.nullcontext(), "cpu")
     for split in ("train", "val"):
         with torch.no_grad():
@@ -558,16 +568,21 @@ def test_evaluate_averages_the_fixed_evaluation_batches_of_each_split(tmp_path):
     assert raw.training, "evaluate leaves the model training"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the stand-in reaches train.py by run_main's fork")
 def test_ckpt_best_holds_the_lowest_validation_loss_and_ckpt_the_latest(tmp_path, monkeypatch):
-    val_losses = iter([3.0, 2.0, 2.5, 2.8])
-    monkeypatch.setattr(train, "evaluate", lambda *args: (lambda v: {"train_loss": v, "val_loss": v, "val_ppl": 9.0,
-                                                                     "val_accuracy": 0.5})(next(val_losses)))
+    val_losses = iter([3.0, 2.0, 2.5, 2.8])  # at iterations 0, 1, 2, 3
+
+    def stand_in_evaluate(*args):
+        v = next(val_losses)
+        return {"train_loss": v, "val_loss": v, "val_ppl": math.exp(v), "val_accuracy": 0.5}
+    monkeypatch.setattr(train, "evaluate", stand_in_evaluate)
     out = str(tmp_path / "o")
     code, text = run_main("train.py", "--dataset", "assign", *TINY, "--max_iters", "3", "--eval_interval", "1",
                           "--out_dir", out)
     assert code == 0, text
     best, last = (common.load_checkpoint(os.path.join(out, name)) for name in ("ckpt_best.pt", "ckpt.pt"))
-    assert (best["iter_num"], best["best_val_loss"]) == (1, 2.0) and (last["iter_num"], last["best_val_loss"]) == (3, 2.0)
+    assert (best["iter_num"], best["best_val_loss"]) == (1, 2.0)
+    assert (last["iter_num"], last["best_val_loss"]) == (3, 2.0)
 
 
 def test_log_progress_counts_tokens_and_flops_over_every_process(tmp_path):
@@ -689,9 +704,10 @@ def test_recipe_stages_with_another_init_run_apart_and_have_rows_of_their_own(tm
     assert width[0]["name"] == "recipe-train_py-std-s1-width-float32" and width[0]["init"] == "width"
     assert (experiments.plain_dtype(old[0]), experiments.plain_dtype(width[0])) == ("bfloat16", "float32")
     jobs = old + width
-    diagnostics = lambda it, grad, adam: {"iter": it, "grad_norm_max": grad, "grad_norm_qk0_max": grad / 2,  # noqa: E731
-                                          "adam_step_qk0": adam, "adam_step_qk_rest": 2 * adam}
-    logs = {j["name"]: [{"config": {}}, diagnostics(100, 2.0, 0.1), diagnostics(200, 50.0, 0.3),
+    def diagnostics(it, grad, adam):
+        return {"iter": it, "grad_norm_max": grad, "grad_norm_qk0_max": grad / 2, "adam_step_qk0": adam,
+                "adam_step_qk_rest": 2 * adam}
+    logs = {j["name"]: [{"config": {}}, diagnostics(100, 2.0, 0.1), diagnostics(600, 50.0, 0.3),
                         diagnostics(700, 90.0, 0.9), {"iter": 1500, "val_loss": 5.0 + 0.1 * i}]
             for i, j in enumerate(jobs)}
     rows = experiments.recipe_rows(jobs, logs)
@@ -714,7 +730,8 @@ def test_assign_guard_needs_every_seed_to_learn_and_to_leave_few_of_standards_er
     assert not experiments.assign_guard_holds(row([0.98, 0.95, 0.99], [0.999, 0.995, 0.997]), cfg)  # 0.3 of 0.01
     assert not experiments.assign_guard_holds(row([0.5, 0.5, 0.5], [0.89, 0.95, 0.95]), cfg)  # one seed below 0.9
     assert not experiments.assign_guard_holds(row([0.98, 0.95], [0.999, 0.995]), cfg)  # a seed missing
-    assert experiments.assign_guard_holds(row([0.5, 0.5, 0.5], [0.9, 0.9, 0.9]), cfg)  # 0.9, a fifth: both allowed
+    assert experiments.assign_guard_holds(row([0.5, 0.5, 0.5], [0.9, 0.9, 0.9]), cfg)  # 0.9 itself is allowed
+    assert experiments.assign_guard_holds(row([0.6875] * 3, [0.9375] * 3), cfg)  # a fifth, exactly in binary too
     assert experiments.assign_guard_holds(row([1.0, 1.0, 1.0], [1.0, 1.0, 1.0]), cfg)  # no errors left to either
     text = "\n".join(experiments.guard_table({"row": row([0.98], [0.999]) | {"init": "nanogpt"}, "holds": True,
                                                "settings": cfg}))
@@ -875,11 +892,11 @@ def test_init_decision_takes_the_candidate_fastest_in_every_loop_unless_it_hurts
                                               "default": "nanogpt"}
     slow = [row("c4_plain", "width", [5.7, 5.8], [6.6, 6.1, [5.8, 5.8]])]  # the loops disagree: 0.02 stays
     assert decide(assign + c4[:1] + slow)["default"] == "nanogpt"
-    hurt = [row("c4_plain", "width", [6.0, 6.05], [6.0, 5.6, [5.0, 5.5]])]  # 0.175 worse; standard's spread 0.1
-    assert decide(c4[:1] + hurt)["loops"]["c4_plain"]["hurts_standard"] == ["width"]  # (selective's 0.5: not it)
-    late = [row("c4_plain", "width", [5.8, 5.9], [6.2, 6.2, [6.0, 6.0]])]  # ahead early, behind at the end:
-    assert decide(c4[:1] + late)["loops"]["c4_plain"]["fastest"] == "nanogpt"  # 6.133 against nanogpt's 6.083
-    assert decide(assign + c4[:1] + slow)["default"] == "nanogpt"
+    hurt_a_little = [row("c4_plain", "width", [6.0, 6.05], [6.0, 5.6, [5.0, 5.5]])]  # 0.175 worse, spread 0.1
+    assert decide(c4[:1] + hurt_a_little)["loops"]["c4_plain"]["hurts_standard"] == ["width"]  # selective's 0.5 not
+    # ahead on the early steps' mean (6.2 against 6.25), behind with the last step: 6.133 against nanogpt's 6.083
+    late = [row("c4_plain", "width", [5.8, 5.9], [6.2, 6.2, [6.0, 6.0]])]
+    assert decide(c4[:1] + late)["loops"]["c4_plain"]["fastest"] == "nanogpt"
     with pytest.raises(ValueError, match="no nanogpt runs"):
         decide(assign + c4[1:])
     experiments.check_c4_candidates(decide(assign + c4), experiments.FULL["init"])  # C4 ran the winner
@@ -1010,7 +1027,8 @@ def test_sample_prune_eval_and_find_budgets(assign_run, capsys, tmp_path):
                  "--dtype", "float32"])
     found = json.load(open(os.path.join(assign_run, "budgets.json")))
     assert found["target_ppl"] == pytest.approx(1.05 * found["unpruned_val_ppl"]) and len(found["budgets"]) == 2
-    assert found["val_ppl"] <= found["target_ppl"] and found["unpruned_val_ppl"] == pytest.approx(float(unpruned), 1e-3)
+    assert found["val_ppl"] <= found["target_ppl"]
+    assert found["unpruned_val_ppl"] == pytest.approx(float(unpruned), rel=1e-3)
     assert found["memory_factor"] == pytest.approx(2 * 24 / sum(found["budgets"]))
     sample.main(["--out_dir", assign_run, "--eval_ppl", "--dtype", "float32"])  # budgets.json is picked up
     assert f"with budgets {found['budgets']}" in capsys.readouterr().out
@@ -1028,9 +1046,13 @@ def test_sample_prune_compares_with_the_keys_an_unpruned_buffer_holds(assign_run
     assert f"peak 4 cached keys (final 4) vs {unpruned[1]} without pruning" in text
 
 
-def test_budgets_are_for_the_weights_they_were_searched_with_count_at_most_t_keys_and_ppl_is_exp_mean_loss():
+def test_a_budget_above_block_size_keeps_block_size_keys():
     model = GPT(GPTConfig(block_size=24, vocab_size=99, n_layer=2, n_head=2, n_embd=16, selective=True))
-    assert sample.memory_factor(model, [100, 12]) == 2 * 24 / (24 + 12)  # a budget above T keeps T keys
+    assert sample.memory_factor(model, [100, 12]) == 2 * 24 / (24 + 12)
+
+
+def test_budgets_json_names_the_weights_its_budgets_were_searched_with():
+    model = GPT(GPTConfig(block_size=24, vocab_size=99, n_layer=2, n_head=2, n_embd=16, selective=True))
     same = GPT(model.config)
     same.load_state_dict(model.state_dict())
     assert sample.model_fingerprint(same) == sample.model_fingerprint(model)
@@ -1038,11 +1060,13 @@ def test_budgets_are_for_the_weights_they_were_searched_with_count_at_most_t_key
         same.transformer.h[1].mlp.c_fc.weight[3, 5] += 1e-3
     assert sample.model_fingerprint(same) != sample.model_fingerprint(model)
 
+
+def test_perplexity_is_the_exp_of_the_mean_loss():
     class Losses:  # a stand-in model whose batch x has loss x
         def __call__(self, x, targets, budgets=None):
             self.loss_terms = {"ce": torch.tensor(x)}
-    assert sample.perplexity(Losses(), [(1.0, None), (3.0, None)], contextlib.nullcontext()) == pytest.approx(
-        math.exp(2.0)), "the exp of the mean loss per token"
+    ppl = sample.perplexity(Losses(), [(1.0, None), (3.0, None)], contextlib.nullcontext())
+    assert ppl == pytest.approx(math.exp(2.0))
 
 
 def test_find_budgets_shrinks_the_layer_whose_shrinking_costs_least_while_within_the_target(monkeypatch):
@@ -1163,7 +1187,10 @@ def test_explain_shows_the_last_row_of_F_and_the_eviction_order_on_a_hand_built_
     rows = text.splitlines()[2:]
     assert len(rows) == 9 and all(f"{F[0, -1, j].item():6.2f}" in rows[j] for j in range(9))
     for row, t in zip(rows, layer["evicted_at"]):  # the query at which the token left the buffer
-        assert f"ev@{t:<3d}" in row if t is not None else "ev@" not in row
+        if t is None:
+            assert "ev@" not in row
+        else:
+            assert f"ev@{t:<3d}" in row
     assert [sample.masked_bar(f) for f in (0.0, 50.0, math.log(2))] == ["     ", "█████", "██▌  "]  # 1 - exp(-F)
 
 

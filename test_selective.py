@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 import warnings
 
 import torch
@@ -386,8 +387,7 @@ def test_auto_takes_the_mask_path_on_a_gpu_without_the_shared_memory_the_kernel_
     """On CUDA, 'auto' asks the Triton kernel's own limits with the GPU's shared memory per block (bf16, head dim
     64: 72 KB for the smallest backward candidate); a stand-in GPU here."""
     shape = (1, 1, 4, 64)
-    gpu_q = type("OnCuda", (), {"device": torch.device("cuda"), "dtype": torch.bfloat16,
-                                "size": lambda self, dim: shape[dim]})()
+    gpu_q = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16, size=lambda dim: shape[dim])
     monkeypatch.setattr(kernels, "triton", kernels.triton or object())
     monkeypatch.setattr(kernels, "shared_memory_limit", lambda device: 71 * 1024)
     assert "needs 72 KB of shared memory" in kernels.why_not_tiled(gpu_q) and attention_path("auto", gpu_q) == "mask"
@@ -857,10 +857,11 @@ def test_triton_every_launch_configuration_matches_the_reference(dtype, D):
     fwd, bwd = ([list(c[:4]) for c in kernels.launchable(getattr(cfg, which), H)] for which in ("fwd", "bwd"))
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     for i in range(max(len(fwd), len(bwd))):
-        f, b = fwd[min(i, len(fwd) - 1)], bwd[min(i, len(bwd) - 1)]
-        got = grads_of(lambda a, b_, c: kernels.triton_forward(a, b_, c, cfg.BM, f, b)[0], q, k, v, dy)
+        fwd_pass, bwd_pass = fwd[min(i, len(fwd) - 1)], bwd[min(i, len(bwd) - 1)]
+        got = grads_of(lambda a, b, c: kernels.triton_forward(a, b, c, cfg.BM, fwd_pass, bwd_pass)[0], q, k, v, dy)
         for name, w, g in zip(["y", "dq", "dk", "dv"], want, got):
-            torch.testing.assert_close(g.double(), w, rtol=tol, atol=tol, msg=f"{name}, forward {f}, backward {b}")
+            torch.testing.assert_close(g.double(), w, rtol=tol, atol=tol,
+                                       msg=f"{name}, forward {fwd_pass}, backward {bwd_pass}")
 
 
 @pytest.fixture

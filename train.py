@@ -280,9 +280,9 @@ def run_attention_path(args, device, dtype):
     """The path the run's selective attention takes (None: standard attention); refused, in every process and before
     anything is written, where this device has no kernel for it."""
     q = torch.empty(1, args.n_head, 1, args.n_embd // args.n_head, device=device, dtype=getattr(torch, dtype))
+    ablated = any(GPTConfig(**model_args(args)).rule.values())
     try:
-        path = attention_path(args.attention, q, args.dropout, any(GPTConfig(**model_args(args)).rule.values())) \
-            if args.selective else None
+        path = attention_path(args.attention, q, args.dropout, ablated) if args.selective else None
     except ValueError as e:
         raise SystemExit(f"train.py: error: --attention {args.attention}: {e}")
     return "mask" if args.memory_loss_weight > 0 else path  # the memory loss keeps every layer's F: mask (SPEC §7)
