@@ -458,7 +458,8 @@ def decode_logits(model, idx, budgets=None, record=None, prompt=1):
 @pytest.mark.parametrize("autocast", [False, True])
 def test_bytes_per_key_is_what_the_buffers_hold(selective, autocast):
     """sample.py --prune reports the KV memory from it: k and v in the dtype they were computed in (bf16 under
-    autocast, with float32 weights), positions and f."""
+    autocast, with float32 weights), positions and f; bench.py's decoding table counts the same bytes per key."""
+    import bench
     model = tiny_model(selective, dtype=torch.float32)
     idx = torch.randint(0, 61, (3, 9), generator=torch.Generator().manual_seed(3))
     budgets = 6 if selective else None
@@ -470,6 +471,8 @@ def test_bytes_per_key_is_what_the_buffers_hold(selective, autocast):
         assert buffer.k.dtype == (torch.bfloat16 if autocast else torch.float32)
         assert buffer.bytes_per_key() * 3 * buffer.k.size(2) == held
         assert buffer.bytes_per_key() == model.decode_stats["bytes_per_key"]
+    in_use = [buffer.n for buffer in state["layers"]]  # 6 pruned, all 9 unpruned (of 48 slots)
+    assert bench.kv_stats(state) == (max(in_use), sum(in_use) * 3 * state["layers"][0].bytes_per_key())
 
 
 @pytest.mark.parametrize("selective", [False, True])
