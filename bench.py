@@ -465,8 +465,11 @@ def main(argv=None):
         return measure_memory_here(json.loads(sys.argv[2]))
     parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=type(
         "Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))
-    parser.add_argument("what", nargs="?", choices=["speed", "kernels", "compile", "gpu"], default="speed")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("what", nargs="?", choices=["speed", "kernels", "compile", "gpu"], default="speed",
+                        help="speed: training step and decoding; kernels: the attention op; compile: the Triton "
+                             "kernels for sm_90, no GPU needed; gpu: the Triton kernel on a GPU")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where speed and kernels run")
     parser.add_argument("--repeats", type=positive_int, default=5,
                         help="timed alternations per case (the median counts)")
     parser.add_argument("--json", default=None, help="also write the results to this new file")

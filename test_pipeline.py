@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -110,9 +111,10 @@ def shard_server(root, drop_after=None, ranges=True):
         server.server_close()
 
 
-def documents_of(bin_path):
+def documents_of(*bin_paths):
+    """The documents of token shards read one after the other (a train shard and the validation held out of it)."""
     enc = common.gpt2_encoder()
-    tokens = common.read_bin(bin_path).tolist()
+    tokens = [t for path in bin_paths for t in common.read_bin(path).tolist()]
     assert tokens[0] == common.BOS
     docs, current = [], []
     for t in tokens[1:] + [common.BOS]:
@@ -174,6 +176,24 @@ def test_prepare_data_stops_on_a_corrupt_shard_and_writes_nothing(tmp_path, caps
         with pytest.raises(SystemExit, match="c4-train.00000-of-01024.json.gz is truncated or corrupt.*fetched anew"):
             prepare_data.main(["--base_url", url, "--data_dir", str(data), "--val_shards", "0"])
     assert not [p for p in os.listdir(data) if p.endswith((".bin", ".tmp"))]
+
+
+def test_token_shards_have_llm_c_layout(tmp_path):
+    """A header of 256 int32 (magic 20240520, version 1, token count), then the tokens as uint16."""
+    path = str(tmp_path / "c4-train.bin")
+    common.write_bin(path, [1, 2, 50256])
+    header = np.fromfile(path, dtype=np.int32, count=256)
+    assert header[:3].tolist() == [20240520, 1, 3] and not header[3:].any() and os.path.getsize(path) == 1024 + 6
+    assert np.fromfile(path, dtype=np.uint16, offset=1024).tolist() == [1, 2, 50256]
+
+
+def test_prepare_data_reads_local_json_lines_and_points_at_a_mirror(tmp_path, monkeypatch):
+    texts = random_texts(4, 30, seed=5)
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t, "url": "u"}) + "\n" for t in texts))
+    prepare_data.main(["--local", str(tmp_path / "docs.jsonl"), "--data_dir", str(tmp_path / "d")])
+    assert documents_of(tmp_path / "d" / "docs.bin", tmp_path / "d" / "docs.validation.bin") == texts
+    monkeypatch.setenv("HF_ENDPOINT", "https://mirror.example/")
+    assert prepare_data.default_base_url("abc") == "https://mirror.example/datasets/allenai/c4/resolve/abc/en/"
 
 
 def test_prepare_data_local_txt_holds_out_validation(tmp_path):
@@ -578,8 +598,9 @@ def test_ckpt_best_holds_the_lowest_validation_loss_and_ckpt_the_latest(tmp_path
     monkeypatch.setattr(train, "evaluate", stand_in_evaluate)
     out = str(tmp_path / "o")
     code, text = run_main("train.py", "--dataset", "assign", *TINY, "--max_iters", "3", "--eval_interval", "1",
-                          "--out_dir", out)
+                          "--peak_flops", "1e12", "--out_dir", out)
     assert code == 0, text
+    assert log_records(out)[0]["peak_flops"] == 1e12  # given, not measured
     best, last = (common.load_checkpoint(os.path.join(out, name)) for name in ("ckpt_best.pt", "ckpt.pt"))
     assert (best["iter_num"], best["best_val_loss"]) == (1, 2.0)
     assert (last["iter_num"], last["best_val_loss"]) == (3, 2.0)
@@ -997,12 +1018,31 @@ def test_default_dtype_is_bfloat16_only_on_a_cpu_that_has_it(monkeypatch):
 
 def test_help_shows_every_default():
     for script, flag in (("train.py", "--learning_rate"), ("sample.py", "--temperature"),
-                         ("prepare_data.py", "--val_fraction"), ("experiments.py", "--only")):
+                         ("prepare_data.py", "--val_fraction"), ("experiments.py", "--only"), ("bench.py", "--device")):
         code, text = run_main(script, "--help")
         entries = re.split(r"\n(?=  -)", text.split("\noptions:\n")[1])[1:]  # one per flag, after -h
         assert code == 0 and any(e.startswith(f"  {flag} ") for e in entries), script
         assert all(e.count("(default:") == 1 for e in entries), [e for e in entries if e.count("(default:") != 1]
     assert "repeat the flag" in run_main("experiments.py", "--help")[1]
+    assert "gpu: the Triton kernel on a GPU (default: speed)" in " ".join(run_main("bench.py", "--help")[1].split())
+
+
+def test_train_py_defaults_are_the_readmes():
+    args, _ = train.parse_args([])
+    assert (args.out_dir, args.data_dir, args.block_size, args.n_layer, args.n_embd, args.n_head) == \
+        ("out-c4", "data/c4", 256, 4, 128, 4)
+    assert (args.beta1, args.beta2, args.grad_clip, args.init_std, args.selective) == (0.9, 0.95, 1.0, None, False)
+    args, _ = train.parse_args(["--dataset", "assign"])
+    assert (args.out_dir, args.block_size) == ("out-assign", 96)
+
+
+def test_a_selective_run_without_either_guard_against_spikes_is_warned(tmp_path):
+    for flags, warned in ((["--beta2", "0.999", "--grad_clip", "0"], True), (["--beta2", "0.999"], False),
+                          (["--grad_clip", "0"], False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tiny_training(tmp_path, "--selective", *flags)
+        assert any("SPEC.md §8" in str(w.message) for w in caught) == warned, flags
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -572,6 +572,10 @@ def test_generate_past_block_size_keeps_memory_bounded():
     assert out.shape == (2, 51) and max(model.decode_stats["peak"]) <= 16
     out = model.generate(prompt, max_new_tokens=50, top_k=1, budgets=[3, 5, 4])
     assert out.shape == (2, 51) and model.decode_stats["peak"] == [3, 5, 4]
+    _, state = model.prefill(out[:, :12], budgets=[3, 5, 4])
+    for t in range(12, 15):  # a pruned buffer is allocated at its budget: a step's work does not grow with t
+        model.decode(out[:, t:t + 1], state)
+    assert [tuple(buffer.k.shape) for buffer in state["layers"]] == [(2, 4, K, 8) for K in (3, 5, 4)]
     # once positions 0-15 are cached (17 tokens), the context is re-encoded as BOS + the latest block_size // 2 - 1
     # = 7 tokens, and decoding goes on from there: the next tokens are those a fresh prompt of those 8 gives
     prompt = torch.cat([prompt, torch.randint(1, 61, (2, 11), generator=torch.Generator().manual_seed(6))], dim=1)
