@@ -467,7 +467,8 @@ def main(argv=None):
         "Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))
     parser.add_argument("what", nargs="?", choices=["speed", "kernels", "compile", "gpu"], default="speed",
                         help="speed: training step and decoding; kernels: the attention op; compile: the Triton "
-                             "kernels for sm_90, no GPU needed; gpu: the Triton kernel on a GPU")
+                             "kernels for sm_90, no GPU needed; gpu (CUDA): the Triton kernel against the reference, "
+                             "against flash attention and a training step")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where speed and kernels run")
     parser.add_argument("--repeats", type=positive_int, default=5,
