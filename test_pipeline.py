@@ -1236,6 +1236,37 @@ def test_explain_shows_the_last_row_of_F_and_the_eviction_order_on_a_hand_built_
     assert [sample.masked_bar(f) for f in (0.0, 50.0, math.log(2))] == ["     ", "█████", "██▌  "]  # 1 - exp(-F)
 
 
+def test_explain_png_draws_F_below_the_diagonal_and_dots_the_evicted_keys(tmp_path, monkeypatch):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    g = torch.Generator().manual_seed(5)
+    layers = []
+    for budget, scale in ((3, 1.0), (5, 4.0)):  # two layers, one colour scale: the larger F sets it
+        S = (torch.rand(7, 7, generator=g) * scale).tril(-1)
+        S[:, 0] = 0
+        F = torch.cumsum(torch.nn.functional.pad(S[:-1], (0, 0, 1, 0)), dim=0)[None]
+        layers.append(sample.summarise_layer(F[0], pruned_visibility(F, budget)[0]))
+    plt.close("all")
+    monkeypatch.setattr(plt, "close", lambda fig: None)  # keep the figure to read back what was drawn
+    png = tmp_path / "f.png"
+    assert sample.explain_png(str(png), [f"w{j}" for j in range(7)], layers, [3, 5]) and png.stat().st_size > 1000
+    fig = plt.gcf()
+    top = max(layer["F"].max().item() for layer in layers)
+    heatmaps = [ax for ax in fig.axes if ax.images]
+    assert [ax.get_title() for ax in heatmaps] == ["layer 0, budget 3", "layer 1, budget 5"]
+    for ax, layer in zip(heatmaps, layers):
+        drawn = np.ma.filled(ax.images[0].get_array().astype(float), np.nan)
+        future = np.triu(np.ones((7, 7), dtype=bool), 1)
+        assert np.isnan(drawn[future]).all()  # queries (rows) see no later key: nothing drawn there
+        np.testing.assert_allclose(drawn[~future], layer["F"].numpy()[~future])
+        assert ax.images[0].get_clim() == (0, top)
+        t, j = layer["gone"].nonzero(as_tuple=True)
+        assert len(t) > 0  # the test means something: both budgets evict
+        dots = ax.collections[0].get_offsets()
+        assert sorted(map(tuple, np.asarray(dots).tolist())) == sorted(zip(j.tolist(), t.tolist()))  # (key, query)
+    monkeypatch.undo()
+    plt.close("all")
+
+
 def test_explain_on_a_tiny_model_equals_selective_mask_and_pruned_visibility():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=20, n_layer=2, n_head=2, n_embd=16, selective=True,
