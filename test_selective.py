@@ -23,8 +23,9 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 import kernels  # noqa: E402
-from selective_gpt import (GPT, GPTConfig, CausalSelfAttention, attention_path, memory_loss,  # noqa: E402
-                           pruned_visibility, selective_attention, selective_attention_reference, selective_mask)
+from selective_gpt import (GPT, GPTConfig, CausalSelfAttention, attention_path, future_mask, head0_logits,  # noqa: E402
+                           memory_loss, pruned_visibility, selective_attention, selective_attention_reference,
+                           selective_mask)
 
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=60,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -429,6 +430,37 @@ def test_selection_off_equals_standard(path):
     zero_head0_queries(standard)
     zero_head0_queries(selective)
     torch.testing.assert_close(selective(idx, targets=idx)[0], standard(idx, targets=idx)[0])
+
+
+def reorder_heads(model, order):
+    """Every layer's heads in `order` (head order[0] first): the rows of c_attn's q, k and v, the columns of c_proj."""
+    with torch.no_grad():
+        for block in model.transformer.h:
+            d, C = block.attn.head_dim, block.attn.c_proj.weight.size(0)
+            cols = torch.cat([torch.arange(h * d, (h + 1) * d) for h in order])
+            rows = torch.cat([cols + part * C for part in range(3)])  # q | k | v
+            block.attn.c_attn.weight.copy_(block.attn.c_attn.weight[rows].clone())
+            block.attn.c_attn.bias.copy_(block.attn.c_attn.bias[rows].clone())
+            block.attn.c_proj.weight.copy_(block.attn.c_proj.weight[:, cols].clone())
+
+
+def test_which_head_selects_is_a_label_that_reordering_the_heads_moves():
+    """SPEC §1.1: reordering heads leaves a standard model's output unchanged, and makes the head moved first the
+    selecting one."""
+    standard = tiny_model(selective=False)
+    idx = torch.randint(0, 61, (2, 20), generator=torch.Generator().manual_seed(4))
+    x = standard.transformer.wte(idx) + standard.transformer.wpe(torch.arange(20))  # layer 0's input
+    q, k = (t.view(2, 20, 4, 8).transpose(1, 2)
+            for t in standard.transformer.h[0].attn.c_attn(standard.transformer.h[0].ln_1(x)).split(32, dim=2)[:2])
+    before = standard(idx, targets=idx)[0]
+    reorder_heads(standard, [2, 0, 3, 1])
+    torch.testing.assert_close(standard(idx, targets=idx)[0], before)
+    selective = tiny_model(selective=True)
+    selective.load_state_dict(standard.state_dict())
+    F = selective.selective_masks(idx)[0][0]
+    expected = selective_mask(head0_logits(q[:, 2:], k[:, 2:]).masked_fill(future_mask(20, "cpu"), float("-inf")))
+    torch.testing.assert_close(F, expected.float())  # layer 0's F is the former head 2's
+    assert F.max() > 1  # the test means something: that head masks
 
 
 def test_standard_state_dict_loads_into_selective():
