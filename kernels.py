@@ -25,6 +25,7 @@ sums of S over all earlier tiles, so F never needs to exist beyond one tile:
 
 import collections
 import math
+from typing import Sequence  # torch 2.4's custom_op takes typing's Sequence[int], not list[int]
 
 import torch
 from torch.nn import functional as nnf
@@ -94,9 +95,9 @@ def tiled_selective_attention(q, k, v):
 # sums over the chunks are float32.
 
 def chunk_rows(T, H):
-    """Rows per query chunk: the backward's (H, C, T) float32 block near 2 MiB, but at least 128 rows (fewer rows make
-    more, smaller matmuls; the measurements behind both bounds: docs/PERFORMANCE.md)."""
-    return min(256, max(128, 1 << ((2 ** 19) // (H * T)).bit_length() - 1))
+    """Rows per query chunk: 256 while the backward's (H, 256, T) float32 block fits in 2 MiB, else 128 (fewer rows
+    make more, smaller matmuls; the measurements behind both numbers: docs/PERFORMANCE.md)."""
+    return 256 if H * 256 * T * 4 <= 2 ** 21 else 128
 
 
 def selection(q0, k0, r0, r1, scale):
@@ -601,7 +602,7 @@ def launch(kernel, tuned, grid, chosen, *args, **constexprs):
 
 
 @torch.library.custom_op("selective_gpt::triton_forward", mutates_args=())
-def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, BM: int, fwd: list[int], bwd: list[int]
+def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, BM: int, fwd: Sequence[int], bwd: Sequence[int]
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns o, the base-2 log-sum-exp of each row (for the backward), and the per-tile carries of S's column
     sums (base 2). fwd, bwd: each pass's [BN, G, warps, stages], or [] to autotune it."""
@@ -632,7 +633,7 @@ def _(q, k, v, BM, fwd, bwd):
 
 @torch.library.custom_op("selective_gpt::triton_backward", mutates_args=())
 def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                    lse: torch.Tensor, carry: torch.Tensor, BM: int, bwd: list[int]
+                    lse: torch.Tensor, carry: torch.Tensor, BM: int, bwd: Sequence[int]
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v, do = unit_stride(q), unit_stride(k), unit_stride(v), unit_stride(do)
     B, H, T, D = q.shape

@@ -220,6 +220,15 @@ def test_cpu_path_never_makes_a_T_by_T_tensor(dtype):
     assert B * H * T * D <= max(forward.largest, backward.largest) <= max(B * H * T * D, H * C * T)
 
 
+@given(st.integers(1, 2 ** 17), st.integers(1, 256))
+def test_chunk_rows_is_256_while_the_backward_block_fits_in_2_MiB_else_128(T, H):
+    """docs/PERFORMANCE.md, Query chunk rows; any T and H, those with H * T > 2^19 too (where a shift count once went
+    negative)."""
+    rows = kernels.chunk_rows(T, H)
+    assert rows == 128 or rows == 256 and H * rows * T * 4 <= 2 * 2 ** 20
+    assert rows == 256 or H * 256 * T * 4 > 2 * 2 ** 20
+
+
 @given(st.integers(1, 300), st.integers(1, 40), st.sampled_from([1, 4, 16]), st.booleans(), st.integers(0, 99))
 def test_running_sum_in_blocks_equals_a_plain_loop(c, n, block, reverse, seed):
     """The CPU path's in-chunk running sums (of S for F, of dF for dS) in blocks of rows: out[i] = sum of X[k] over
