@@ -256,8 +256,10 @@ def bench_gpu(repeats, results):
     """The GPU check, one script (a few minutes on an H100): the Triton kernel against the reference on CUDA, then
     its time and memory against flash attention, then a GPT-2-small-sized training step."""
     import kernels
-    if not torch.cuda.is_available() or kernels.triton is None:
-        raise SystemExit("bench.py gpu: needs CUDA and triton (pip install triton)")
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.py gpu: needs a CUDA GPU, and torch sees none")
+    if kernels.triton is None:
+        raise SystemExit(f"bench.py gpu: {kernels.TRITON_MISSING}")
     failures = check_triton("cuda", results) + check_large_offsets(results)
     bench_kernels("cuda", "bf16", repeats, results, Ts=(1024, 4096, 16384), timed_up_to=16384)  # autotunes
     # what the timing ran: the autotuner's picks for these keys (T, H, D, dtype; not B), against the reference
@@ -351,7 +353,7 @@ def compile_kernels(results):
                          "interpreter; unset it (TRITON_INTERPRET= python bench.py compile)")
     import kernels
     if kernels.triton is None:
-        raise SystemExit("bench.py compile: triton is not installed (pip install triton)")
+        raise SystemExit(f"bench.py compile: {kernels.TRITON_MISSING}")
     print(f"\nTriton kernels compiled for sm_90 (triton {kernels.triton.__version__}); shared memory limit "
           f"{SM90_SHARED_LIMIT // 1024} KB; '#' = the pass's candidate (0: the first, used untimed), G = heads per "
           "program; 'loop' = SASS instructions one warp runs per trip of the main loop (one tile off the diagonal); "

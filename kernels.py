@@ -25,6 +25,7 @@ sums of S over all earlier tiles, so F never needs to exist beyond one tile:
 
 import collections
 import math
+import re
 from typing import Sequence  # torch 2.4's custom_op takes typing's Sequence[int], not list[int]
 
 import torch
@@ -36,6 +37,28 @@ try:
 except ImportError:  # triton is optional: without it CUDA uses the 'mask' path
     triton = None
 
+TRITON_OLDEST = (3, 9)  # the oldest Triton all of the kernel's tests pass on (triton_unusable)
+
+
+def triton_unusable(module):
+    """Why the Triton kernel cannot use this triton module (None: not installed), or None. Its tests fail on older
+    ones: in the CPU interpreter 3.0 and 3.1 compute wrong outputs, 3.2 and 3.3 cannot import this file without a
+    GPU; 3.4 computes right there, but it, 3.6 and 3.8 compile some launch candidates for sm_90 to more shared memory
+    than TRITON_CONFIGS declares (3.8: 96 KB against 80), and the declared figure decides what a GPU may launch. So
+    an older Triton is left unused, as if it were not installed: 'auto' takes the mask path."""
+    if module is None:
+        return "triton is not installed (pip install triton)"
+    version = tuple(int(part) for part in re.findall(r"\d+", module.__version__)[:2])
+    if version < TRITON_OLDEST:
+        return (f"triton {module.__version__} is older than {'.'.join(map(str, TRITON_OLDEST))}, the oldest the "
+                f"Triton kernel is tested on (pip install -U triton)")
+    return None
+
+
+TRITON_MISSING = triton_unusable(triton)  # None: the Triton kernel is available
+if TRITON_MISSING:
+    triton = None
+
 
 def why_not_tiled(q, dropout_p=0.0):
     """Whether tiled_selective_attention runs these inputs: None if it does, else why not (the one place that says;
@@ -44,7 +67,7 @@ def why_not_tiled(q, dropout_p=0.0):
         return "it has no dropout"
     if q.device.type == "cuda":
         if triton is None:
-            return "triton is not installed (pip install triton)"
+            return TRITON_MISSING
         return triton_refuses(q.size(-1), q.dtype, shared_memory_limit(q.device))
     return None if q.device.type == "cpu" else f"it has no kernel for {q.device.type}"
 
@@ -519,7 +542,11 @@ TRITON_CONFIGS = {
 
 
 def padded_head_dim(D):
-    return max(16, 1 << (D - 1).bit_length())
+    """D rounded up to a power of two, at least 16 (tl.arange; the K of a tl.dot)."""
+    BD = 16
+    while BD < D:  # a loop, not int.bit_length: torch 2.4's dynamo traces this (torch.compile) and not that
+        BD *= 2
+    return BD
 
 
 def triton_config(D, dtype):
@@ -538,10 +565,12 @@ def check_blocks(BM, BN):
 def heads_per_program(H, G):
     """The largest power of two <= G that divides H (a program takes G heads of one sequence; tl.arange needs a
     power of two)."""
-    G = 1 << (G.bit_length() - 1)
-    while H % G:
-        G //= 2
-    return G
+    power = 1
+    while power * 2 <= G:
+        power *= 2
+    while H % power:
+        power //= 2
+    return power
 
 
 def dot_precision(dtype):

@@ -393,6 +393,23 @@ def test_attention_paths_are_chosen_and_checked():
     assert kernels.why_not_tiled(q) is None and kernels.why_not_tiled(q, dropout_p=0.1) == "it has no dropout"
 
 
+def test_a_triton_older_than_the_oldest_tested_is_left_unused(monkeypatch):
+    """kernels.triton_unusable: versions compare as numbers (3.10 is newer than 3.9); an older one is named, with
+    what to do, and on CUDA 'auto' takes the mask path as if triton were not installed (a stand-in GPU here)."""
+    unusable = lambda version: kernels.triton_unusable(types.SimpleNamespace(__version__=version))  # noqa: E731
+    assert unusable("3.9.0") is None and unusable("3.10.1+git1234") is None and unusable("4.0") is None
+    assert unusable("3.8.0") == ("triton 3.8.0 is older than 3.9, the oldest the Triton kernel is tested on (pip "
+                                 "install -U triton)")
+    assert "older than 3.9" in unusable("2.3.0") and "older than 3.9" in unusable("3.4.0")
+    assert kernels.triton_unusable(None) == "triton is not installed (pip install triton)"
+    assert (kernels.triton is None) == (kernels.TRITON_MISSING is not None)  # this machine's triton, as tested
+    shape = (1, 1, 4, 64)
+    gpu_q = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16, size=lambda dim: shape[dim])
+    monkeypatch.setattr(kernels, "triton", None)
+    monkeypatch.setattr(kernels, "TRITON_MISSING", unusable("3.2.0"))
+    assert kernels.why_not_tiled(gpu_q) == unusable("3.2.0") and attention_path("auto", gpu_q) == "mask"
+
+
 def test_auto_takes_the_mask_path_on_a_gpu_without_the_shared_memory_the_kernel_needs(monkeypatch):
     """On CUDA, 'auto' asks the Triton kernel's own limits with the GPU's shared memory per block (bf16, head dim
     64: 72 KB for the smallest backward candidate); a stand-in GPU here."""
@@ -750,8 +767,8 @@ def test_init_std_002_is_nanogpts_init_and_the_default_none_is_the_width_rule(mo
 # runs them after the default run); only a change to the kernel needs them.
 
 def triton_missing(test):
-    return pytest.mark.triton(pytest.mark.skipif(kernels.triton is None, reason="triton is not installed (pip "
-                                                 "install triton): the Triton kernel was NOT tested")(test))
+    return pytest.mark.triton(pytest.mark.skipif(kernels.triton is None, reason=f"{kernels.TRITON_MISSING}: the "
+                                                 "Triton kernel was NOT tested")(test))
 
 
 @triton_missing
@@ -961,11 +978,11 @@ def test_triton_float32_under_tf32(tf32_dots, precision, tol, T, D):
 
 
 @pytest.mark.triton
+@pytest.mark.skipif(kernels.triton is None, reason=f"{kernels.TRITON_MISSING}: the GPU compile was NOT checked")
 def test_triton_kernels_compile_for_sm90():
     """Every launch configuration (each pass's every autotuning candidate) compiles for an H100/H200 (sm_90) here,
     without a GPU, and fits its shared memory; `python bench.py compile` prints the table (registers, spills,
     instructions per tile)."""
-    pytest.importorskip("triton", reason="triton is not installed: the GPU compile was NOT checked")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = os.path.join(os.environ.get("PYTEST_TMP", "/tmp"), f"compile-{os.getpid()}.json")
     run = subprocess.run([sys.executable, "bench.py", "compile", "--json", out], env=env, capture_output=True,
