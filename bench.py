@@ -259,7 +259,7 @@ def bench_gpu(repeats, results):
     if not torch.cuda.is_available():
         raise SystemExit("bench.py gpu: needs a CUDA GPU, and torch sees none")
     if kernels.triton is None:
-        raise SystemExit(f"bench.py gpu: {kernels.TRITON_MISSING}")
+        raise SystemExit(f"bench.py gpu: {kernels.WHY_NO_TRITON}")
     failures = check_triton("cuda", results) + check_large_offsets(results)
     bench_kernels("cuda", "bf16", repeats, results, Ts=(1024, 4096, 16384), timed_up_to=16384)  # autotunes
     # what the timing ran: the autotuner's picks for these keys (T, H, D, dtype; not B), against the reference
@@ -353,7 +353,7 @@ def compile_kernels(results):
                          "interpreter; unset it (TRITON_INTERPRET= python bench.py compile)")
     import kernels
     if kernels.triton is None:
-        raise SystemExit(f"bench.py compile: {kernels.TRITON_MISSING}")
+        raise SystemExit(f"bench.py compile: {kernels.WHY_NO_TRITON}")
     print(f"\nTriton kernels compiled for sm_90 (triton {kernels.triton.__version__}); shared memory limit "
           f"{SM90_SHARED_LIMIT // 1024} KB; '#' = the pass's candidate (0: the first, used untimed), G = heads per "
           "program; 'loop' = SASS instructions one warp runs per trip of the main loop (one tile off the diagonal); "

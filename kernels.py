@@ -3,7 +3,7 @@ The tiled fast paths of selective attention (the 'tiled' path of selective_gpt.s
 is checked against selective_gpt.selective_attention_reference by test_selective.py.
 
   tiled_selective_attention(q, k, v)   selective attention that never keeps H x T x T logits:
-      CUDA (triton installed): a Triton kernel, forward and backward (docs/KERNEL.md). No T x T tensor at all.
+      CUDA (triton 3.9 or newer): a Triton kernel, forward and backward (docs/KERNEL.md). No T x T tensor at all.
       CPU: query chunks: per chunk one scaled_dot_product_attention call with the float mask -F (forward), and a
            backward that walks the chunks last to first, recomputing each chunk's probabilities and adding the
            gradient through F. No T x T tensor either way.
@@ -41,22 +41,25 @@ TRITON_OLDEST = (3, 9)  # the oldest Triton all of the kernel's tests pass on (t
 
 
 def triton_unusable(module):
-    """Why the Triton kernel cannot use this triton module (None: not installed), or None. Its tests fail on older
-    ones: in the CPU interpreter 3.0 and 3.1 compute wrong outputs, 3.2 and 3.3 cannot import this file without a
-    GPU; 3.4 computes right there, but it, 3.6 and 3.8 compile some launch candidates for sm_90 to more shared memory
-    than TRITON_CONFIGS declares (3.8: 96 KB against 80), and the declared figure decides what a GPU may launch. So
-    an older Triton is left unused, as if it were not installed: 'auto' takes the mask path."""
+    """module: the imported triton, or None where it is not installed. Returns why the Triton kernel cannot use it, or
+    None where it can. The kernel's tests fail on older ones: in the CPU interpreter 3.0 and 3.1 compute wrong outputs,
+    3.2 and 3.3 cannot import this file without a GPU; 3.4 computes right there, but it, 3.6 and 3.8 compile some launch
+    candidates for sm_90 to more shared memory than TRITON_CONFIGS declares (3.8: 96 KB against 80), and the declared
+    figure decides what a GPU may launch. So an older Triton is left unused, as if it were not installed: 'auto' takes
+    the mask path."""
     if module is None:
         return "triton is not installed (pip install triton)"
     version = tuple(int(part) for part in re.findall(r"\d+", module.__version__)[:2])
+    if len(version) < 2:
+        return f"cannot read triton's version {module.__version__!r} (pip install -U triton)"
     if version < TRITON_OLDEST:
         return (f"triton {module.__version__} is older than {'.'.join(map(str, TRITON_OLDEST))}, the oldest the "
                 f"Triton kernel is tested on (pip install -U triton)")
     return None
 
 
-TRITON_MISSING = triton_unusable(triton)  # None: the Triton kernel is available
-if TRITON_MISSING:
+WHY_NO_TRITON = triton_unusable(triton)  # None: the Triton kernel is available
+if WHY_NO_TRITON:
     triton = None
 
 
@@ -67,7 +70,7 @@ def why_not_tiled(q, dropout_p=0.0):
         return "it has no dropout"
     if q.device.type == "cuda":
         if triton is None:
-            return TRITON_MISSING
+            return WHY_NO_TRITON
         return triton_refuses(q.size(-1), q.dtype, shared_memory_limit(q.device))
     return None if q.device.type == "cpu" else f"it has no kernel for {q.device.type}"
 

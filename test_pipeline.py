@@ -1236,7 +1236,7 @@ def test_explain_shows_the_last_row_of_F_and_the_eviction_order_on_a_hand_built_
     assert [sample.masked_bar(f) for f in (0.0, 50.0, math.log(2))] == ["     ", "█████", "██▌  "]  # 1 - exp(-F)
 
 
-def test_explain_png_draws_F_below_the_diagonal_and_dots_the_evicted_keys(tmp_path, monkeypatch):
+def test_explain_png_draws_F_below_the_diagonal_and_dots_evicted_keys(tmp_path, monkeypatch, request):
     plt = pytest.importorskip("matplotlib.pyplot")
     g = torch.Generator().manual_seed(5)
     layers = []
@@ -1246,11 +1246,16 @@ def test_explain_png_draws_F_below_the_diagonal_and_dots_the_evicted_keys(tmp_pa
         F = torch.cumsum(torch.nn.functional.pad(S[:-1], (0, 0, 1, 0)), dim=0)[None]
         layers.append(sample.summarise_layer(F[0], pruned_visibility(F, budget)[0]))
     plt.close("all")
+    request.addfinalizer(lambda: plt.close("all"))
     monkeypatch.setattr(plt, "close", lambda fig: None)  # keep the figure to read back what was drawn
     png = tmp_path / "f.png"
-    assert sample.explain_png(str(png), [f"w{j}" for j in range(7)], layers, [3, 5]) and png.stat().st_size > 1000
-    fig = plt.gcf()
-    top = max(layer["F"].max().item() for layer in layers)
+    try:
+        assert sample.explain_png(str(png), [f"w{j}" for j in range(7)], layers, [3, 5])
+        fig = plt.gcf()
+    finally:
+        monkeypatch.undo()
+    assert png.stat().st_size > 1000
+    top = max(1.0, max(layer["F"].max().item() for layer in layers))
     heatmaps = [ax for ax in fig.axes if ax.images]
     assert [ax.get_title() for ax in heatmaps] == ["layer 0, budget 3", "layer 1, budget 5"]
     for ax, layer in zip(heatmaps, layers):
@@ -1263,8 +1268,6 @@ def test_explain_png_draws_F_below_the_diagonal_and_dots_the_evicted_keys(tmp_pa
         assert len(t) > 0  # the test means something: both budgets evict
         dots = ax.collections[0].get_offsets()
         assert sorted(map(tuple, np.asarray(dots).tolist())) == sorted(zip(j.tolist(), t.tolist()))  # (key, query)
-    monkeypatch.undo()
-    plt.close("all")
 
 
 def test_explain_on_a_tiny_model_equals_selective_mask_and_pruned_visibility():

@@ -227,6 +227,8 @@ def test_chunk_rows_is_256_while_the_backward_block_fits_in_2_MiB_else_128(T, H)
     rows = kernels.chunk_rows(T, H)
     assert rows == 128 or rows == 256 and H * rows * T * 4 <= 2 * 2 ** 20
     assert rows == 256 or H * 256 * T * 4 > 2 * 2 ** 20
+    assert [kernels.chunk_rows(T, H) for T, H in ((2048, 1), (2049, 1), (512, 4), (513, 4), (2 ** 17, 256))] == \
+        [256, 128, 256, 128, 128]  # the edge: H * T = 2048
 
 
 @given(st.integers(1, 300), st.integers(1, 40), st.sampled_from([1, 4, 16]), st.booleans(), st.integers(0, 99))
@@ -402,12 +404,26 @@ def test_a_triton_older_than_the_oldest_tested_is_left_unused(monkeypatch):
                                  "install -U triton)")
     assert "older than 3.9" in unusable("2.3.0") and "older than 3.9" in unusable("3.4.0")
     assert kernels.triton_unusable(None) == "triton is not installed (pip install triton)"
-    assert (kernels.triton is None) == (kernels.TRITON_MISSING is not None)  # this machine's triton, as tested
+    assert unusable("main") == "cannot read triton's version 'main' (pip install -U triton)"
     shape = (1, 1, 4, 64)
     gpu_q = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16, size=lambda dim: shape[dim])
     monkeypatch.setattr(kernels, "triton", None)
-    monkeypatch.setattr(kernels, "TRITON_MISSING", unusable("3.2.0"))
+    monkeypatch.setattr(kernels, "WHY_NO_TRITON", unusable("3.2.0"))
     assert kernels.why_not_tiled(gpu_q) == unusable("3.2.0") and attention_path("auto", gpu_q) == "mask"
+
+
+def test_importing_kernels_beside_an_old_triton_leaves_it_unused(tmp_path):
+    """A stand-in triton 3.8.0 on the path: kernels imports (builds no kernel, no autotuner) and says why not."""
+    (tmp_path / "triton").mkdir()
+    (tmp_path / "triton" / "__init__.py").write_text('__version__ = "3.8.0"\n')
+    (tmp_path / "triton" / "language.py").write_text("")
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = "import kernels; print(kernels.triton); print(kernels.WHY_NO_TRITON)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=here,
+                         env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), here])))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.splitlines() == ["None", "triton 3.8.0 is older than 3.9, the oldest the Triton kernel is "
+                                       "tested on (pip install -U triton)"]
 
 
 def test_auto_takes_the_mask_path_on_a_gpu_without_the_shared_memory_the_kernel_needs(monkeypatch):
@@ -767,7 +783,7 @@ def test_init_std_002_is_nanogpts_init_and_the_default_none_is_the_width_rule(mo
 # runs them after the default run); only a change to the kernel needs them.
 
 def triton_missing(test):
-    return pytest.mark.triton(pytest.mark.skipif(kernels.triton is None, reason=f"{kernels.TRITON_MISSING}: the "
+    return pytest.mark.triton(pytest.mark.skipif(kernels.triton is None, reason=f"{kernels.WHY_NO_TRITON}: the "
                                                  "Triton kernel was NOT tested")(test))
 
 
@@ -978,7 +994,7 @@ def test_triton_float32_under_tf32(tf32_dots, precision, tol, T, D):
 
 
 @pytest.mark.triton
-@pytest.mark.skipif(kernels.triton is None, reason=f"{kernels.TRITON_MISSING}: the GPU compile was NOT checked")
+@pytest.mark.skipif(kernels.triton is None, reason=f"{kernels.WHY_NO_TRITON}: the GPU compile was NOT checked")
 def test_triton_kernels_compile_for_sm90():
     """Every launch configuration (each pass's every autotuning candidate) compiles for an H100/H200 (sm_90) here,
     without a GPU, and fits its shared memory; `python bench.py compile` prints the table (registers, spills,
@@ -1031,6 +1047,7 @@ def test_triton_refuses_what_no_gpu_compiles():
     assert "head_dim <= 128, got 256" in kernels.triton_refuses(256, torch.bfloat16)
     assert "float64" in kernels.triton_refuses(64, torch.float64)
     assert [kernels.heads_per_program(H, G) for H, G in ((3, 3), (12, 4), (6, 4), (8, 6))] == [1, 4, 2, 4]
+    assert [kernels.padded_head_dim(D) for D in (1, 16, 17, 33, 64, 65, 128)] == [16, 16, 32, 64, 64, 128, 128]
     assert kernels.triton_refuses(64, torch.bfloat16, shared_limit=227 * 1024) is None
     # the smallest candidates of bf16 d 64 need 56 KB (forward) and 72 KB (backward): a GPU with 72 KB runs them
     assert kernels.triton_refuses(64, torch.bfloat16, shared_limit=72 * 1024) is None
