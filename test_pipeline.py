@@ -1314,6 +1314,38 @@ def test_explain_refuses_a_standard_model(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# bench.py: how its ratios are measured (its numbers are benchmarks, not tests)
+
+def test_bench_alternates_the_contenders_and_divides_each_by_the_base_of_its_own_alternation(monkeypatch):
+    """Side by side: one warm-up call each, then every contender once per alternation, in turn; a ratio is a
+    contender's time over the base's in the same alternation, so that noise which drifts hits both alike. On a fake
+    clock, each call taking longer than the last."""
+    import bench
+    calls, now = [], [0.0]
+
+    def contender(name, seconds):
+        def call():
+            calls.append(name)
+            now[0] += seconds * len(calls)
+        return call
+    monkeypatch.setattr(bench, "time", argparse.Namespace(perf_counter=lambda: now[0]))
+    times = bench.side_by_side({"sel": contender("sel", 3.0), "std": contender("std", 1.0)}, "cpu", 3)
+    assert calls == ["sel", "std"] * 4
+    assert times == {"sel": [9.0, 15.0, 21.0], "std": [4.0, 6.0, 8.0]}
+    assert bench.ratios(times, "sel", "std") == [9 / 4, 15 / 6, 21 / 8]
+    assert bench.spread(bench.ratios(times, "sel", "std")) == "2.500 [2.250-2.625]"  # median [min-max]
+
+
+def test_bench_peak_memory_on_the_cpu_sees_the_mask_that_flash_attention_never_builds():
+    """bench.py's CPU memory figure (the peak resident set a case adds, in a subprocess): the selective mask path
+    holds at least the T x T float mask, 4 * T^2 bytes, which flash causal attention never materialises (its extra
+    memory is linear in T: a fifth of that at T = 2048, one head of width 64)."""
+    import bench
+    case = dict(kind="attention", B=1, H=1, T=2048, D=64, dtype="fp32")
+    with_mask, flash = (bench.peak_memory(dict(case, path=path), "cpu") for path in ("mask", "standard"))
+    assert with_mask >= 4 * 2048 ** 2 > 2 * flash > 0
+
+# ---------------------------------------------------------------------------------------------------------------
 # Bad input, every script: a non-zero exit, a short message that names the flag or file, no traceback, and
 # nothing on disk changed.
 
