@@ -1232,12 +1232,9 @@ def main(argv=None):
     if os.path.exists(results_path):
         with open(results_path) as f:
             results = json.load(f)
-    wall = results.setdefault("wall_seconds", {})
     for what in todo:
         print(f"{what}:", flush=True)
-        started = time.time()
         results[what] = run_section(what, cfg, args.data_dir, out_root, assets)
-        wall[what] = time.time() - started
         results.setdefault("settings", {})[what] = cfg[what]  # the settings of the code that ran it
         results["machine"] = f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, " \
                              f"torch {torch.__version__}"

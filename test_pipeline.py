@@ -1569,7 +1569,7 @@ def test_experiments_quick(tmp_path):
     assert code == 0, text
     results = json.load(open(tmp_path / "runs" / "assets" / "results.json"))
     assert {"heads", "heads_width", "ablations", "assign", "pruning", "tiles", "recipe", "init", "guard",
-            "wall_seconds", "commit", "machine"} <= results.keys()
+            "commit", "machine"} <= results.keys()
     assert len(results["heads"]["rows"]) == 2 and len(results["pruning"]) == 2
     assert (results["heads"]["init_std"], results["heads_width"]["init_std"]) == (0.02, "width")
     assert [(r["recipe"], r["init"]) for r in results["recipe"]["confirmation"]] == [
