@@ -1319,7 +1319,7 @@ def test_explain_refuses_a_standard_model(tmp_path, capsys):
 def test_bench_alternates_the_contenders_and_divides_each_by_the_base_of_its_own_alternation(monkeypatch):
     """Side by side: one warm-up call each, then every contender once per alternation, in turn; a ratio is a
     contender's time over the base's in the same alternation, so that noise which drifts hits both alike. On a fake
-    clock, each call taking longer than the last."""
+    clock that drifts: the n-th call of all takes its contender's base time x n."""
     import bench
     calls, now = [], [0.0]
 
@@ -1336,14 +1336,23 @@ def test_bench_alternates_the_contenders_and_divides_each_by_the_base_of_its_own
     assert bench.spread(bench.ratios(times, "sel", "std")) == "2.500 [2.250-2.625]"  # median [min-max]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="bench.py's CPU memory figure reads /proc")
 def test_bench_peak_memory_on_the_cpu_sees_the_mask_that_flash_attention_never_builds():
-    """bench.py's CPU memory figure (the peak resident set a case adds, in a subprocess): the selective mask path
-    holds at least the T x T float mask, 4 * T^2 bytes, which flash causal attention never materialises (its extra
-    memory is linear in T: a fifth of that at T = 2048, one head of width 64)."""
+    """bench.py's CPU memory figure (the peak resident set a case adds, in a subprocess with this process's thread
+    count): the selective mask path holds at least the T x T float mask, 4 * T^2 bytes, which flash causal attention
+    never materialises (its extra memory is linear in T, plus a block buffer per thread: on one thread about 3 MB at
+    T = 2048, one head of width 64, against the mask's 16.8 MB)."""
     import bench
     case = dict(kind="attention", B=1, H=1, T=2048, D=64, dtype="fp32")
-    with_mask, flash = (bench.peak_memory(dict(case, path=path), "cpu") for path in ("mask", "standard"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with_mask, flash = (bench.peak_memory(dict(case, path=path), "cpu") for path in ("mask", "standard"))
+    finally:
+        torch.set_num_threads(threads)
+    assert None not in (with_mask, flash), "bench.py _memory failed: python bench.py kernels says why"
     assert with_mask >= 4 * 2048 ** 2 > 2 * flash > 0
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Bad input, every script: a non-zero exit, a short message that names the flag or file, no traceback, and
