@@ -38,7 +38,7 @@ import torch
 
 from torch.nn import functional as nnf
 
-from common import write_json
+from common import make_dir, write_json
 from selective_gpt import GPT, GPTConfig, selective_attention
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -483,6 +483,8 @@ def main(argv=None):
         parser.error(f"--json {args.json}: the file exists; name a new one (bench.py does not overwrite results)")
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         parser.error(f"--json {args.json}: its directory does not exist")
+    if args.json:
+        make_dir(os.path.dirname(os.path.abspath(args.json)), "--json")  # can it be written in?
     started = time.time()
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
     print(f"bench.py {args.what} on {args.device} ({device_name}, {torch.get_num_threads()} threads), "

@@ -14,6 +14,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -59,6 +60,7 @@ def at_least(low):
 positive = checked(float, lambda v: 0 < v < math.inf, "must be a positive number")
 non_negative = checked(float, lambda v: 0 <= v < math.inf, "must be >= 0")
 fraction = checked(float, lambda v: 0 <= v < 1, "must be in [0, 1)")
+random_seed = checked(int, lambda v: 0 <= v < 2 ** 63, "must be in 0 .. 2**63 - 1 (torch.manual_seed's range)")
 
 
 def std_or_width(text):
@@ -133,13 +135,21 @@ def read_jsonl(path):
 
 
 def make_dir(path, flag):
-    """os.makedirs for the directory a flag names, ending in one clear line where it cannot be made (under a file,
-    read-only, a place like /proc) instead of a traceback; the scripts call it before they write anything."""
+    """os.makedirs for the directory a flag names, then a trial write in it: one clear line where it cannot be made
+    or written in (under a file, read-only, a place like /proc or /sys) instead of a traceback; the scripts call it
+    before they write anything."""
+    script = os.path.basename(sys.argv[0])
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
-        raise SystemExit(f"{os.path.basename(sys.argv[0])}: error: {flag} {path}: cannot create this directory "
-                         f"({e.strerror}); give another {flag}")
+        raise SystemExit(f"{script}: error: {flag} {path}: cannot create this directory ({e.strerror}); give another "
+                         f"{flag}")
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise SystemExit(f"{script}: error: {flag} {path}: cannot write in this directory ({e.strerror}); give "
+                         f"another {flag}")
 
 
 def git_commit():

@@ -134,9 +134,9 @@ def selection(q0, k0, r0, r1, scale):
     return S
 
 
-def minus_F(S, carry, r0, r1):
-    """-F on the chunk (c, r1), from its S and the carry: carry[j] = sum of S[k, j] over the rows k < r0 (§1.3 split
-    at the chunk). The causal mask is the caller's to add."""
+def minus_F(S, carry, r1):
+    """-F on the chunk of rows r0:r1, (c, r1), from its S and the carry: carry[j] = sum of S[k, j] over the rows
+    k < r0 (§1.3 split at the chunk). The causal mask is the caller's to add."""
     return running_sum(S).add_(carry[:r1]).neg_()  # -(carry + sum_{k < i} S[k])
 
 
@@ -192,7 +192,7 @@ def forward_chunks(q, k, v, C):
         for r0 in range(0, T, C):
             r1 = min(T, r0 + C)
             S = selection(q0, k0, r0, r1, scale)
-            neg_F = minus_F(S, carry, r0, r1)
+            neg_F = minus_F(S, carry, r1)
             neg_F[:, r0:].masked_fill_(torch.ones(r1 - r0, r1 - r0, dtype=torch.bool).triu_(1), float("-inf"))
             if r1 < T:
                 carry[:r1] += S.sum(0)
@@ -243,7 +243,7 @@ def backward_chunks(dy, q, k, v, C):
             A = logits[:H * c * r1].view(H, c, r1)
             P = probs[:H * c * r1].view(H, c, r1)
             q_rows = q[b, :, r0:r1]
-            neg_F = minus_F(S, carries[n], r0, r1)
+            neg_F = minus_F(S, carries[n], r1)
             neg_F[:, r0:].masked_fill_(future[:c, :c], float("-inf"))  # causal, once for every head
             torch.baddbmm(neg_F, q_rows.to(f32), k32[:, :r1].transpose(1, 2), alpha=scale, out=A)  # A_h - F
             torch.ops.aten._softmax.out(A, -1, False, out=P)
@@ -292,7 +292,8 @@ chunked_forward.register_autograd(_chunked_backward_rule, setup_context=_chunked
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CUDA: the Triton kernel (docs/KERNEL.md). Three launches forward and two backward:
+# CUDA: the Triton kernel (docs/KERNEL.md). Two kernels forward (a torch cumsum of the carries between them), two
+# backward:
 #   _colsum_kernel   per (query tile, sequence): head 0's S, summed down each tile's rows (the carries' parts)
 #   _fwd_kernel      per (query tile, sequence, group of G heads): S and F once per tile for the whole group, then
 #                    FlashAttention's online softmax of Z = A_h - F for each head of the group
@@ -474,9 +475,10 @@ if triton is not None:
                     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, G: tl.constexpr, DOT: tl.constexpr):
         """FlashAttention-2's backward for key tile J of G heads, walking the query tiles from last to first, plus
         the group's share of the gradient through F (docs/KERNEL.md §2): dF = -sum over the group of dZ_h,
-        dS = R + reverse exclusive sum of dF down the tile (a matmul; R: column sums of dF over the later tiles),
-        dA_0 = dS where S > 0, into head 0's dq (DQ, float32) and dk (DK0, float32). DQ rows get a share from every
-        key tile and DK0 from every group: both are added with relaxed atomics (only the sum matters)."""
+        dS = R + reverse exclusive sum of dF down the tile (a matmul for bf16/fp16, a scan for float32; R: column
+        sums of dF over the later tiles), dA_0 = dS where S > 0, into head 0's dq (DQ, float32) and dk (DK0,
+        float32). DQ rows get a share from every key tile and DK0 from every group: both are added with relaxed
+        atomics (only the sum matters)."""
         pid_n, b, h0 = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64) * G
         offs_n = pid_n * BN + tl.arange(0, BN)
         offs_d = tl.arange(0, BD)

@@ -25,7 +25,8 @@ import zlib
 
 import numpy as np
 
-from common import BOS, ArgumentParser, checked, gpt2_encoder, make_dir, read_bin, split_of, write_bin, write_json
+from common import (BOS, ArgumentParser, checked, given_flags, gpt2_encoder, make_dir, read_bin, split_of, write_bin,
+                    write_json)
 
 C4_REVISION = "1ddc917116b730e1859edef32896ec5c16be51d0"  # a fixed commit of allenai/c4, so the data never moves
 C4_SHARDS = {"train": 1024, "validation": 8}
@@ -110,9 +111,12 @@ def read_documents(path):
         return
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             if line.strip():
-                yield json.loads(line)["text"]
+                document = json.loads(line)
+                if not isinstance(document, dict) or not isinstance(document.get("text"), str):
+                    raise ValueError(f"line {number} is not a JSON object with a string field 'text'")
+                yield document["text"]
 
 
 def tokenize_file(src, encoder, downloaded, batch=256):
@@ -137,7 +141,7 @@ def tokenize_file(src, encoder, downloaded, batch=256):
                 print(f"\r  {os.path.basename(src)} ({size / 1e6:.1f} MB): {docs} documents, "
                       f"{len(tokens) / 1e6:.2f}M tokens, {rate / 1e3:.0f}k tokens/s", end="", flush=True)
         flush(texts)
-    except (EOFError, OSError, zlib.error, UnicodeDecodeError, json.JSONDecodeError, KeyError) as e:
+    except (EOFError, OSError, zlib.error, ValueError) as e:  # ValueError: JSON, UTF-8, or read_documents' own
         print()
         advice = "Delete it and run again: it is fetched anew." if downloaded else \
             "Check the file (is it complete, gzip or JSON lines with a 'text' field, UTF-8?) or leave it out."
@@ -170,8 +174,14 @@ def check_settings(parser, args, settings):
     shards = glob.glob(os.path.join(args.data_dir, "*.bin"))
     saved = None
     if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except ValueError:  # not JSON, not UTF-8
+            saved = "damaged"
+    if shards and not args.overwrite and not isinstance(saved, (dict, type(None))):
+        parser.error(f"--data_dir {args.data_dir}: its {SETTINGS_FILE} is damaged, so what made its shards is unknown. "
+                     f"Use another --data_dir, or --overwrite to delete its .bin files and prepare anew")
     if shards and saved != settings and not args.overwrite:
         was = "settings it does not record (no prepare.json)" if saved is None else \
             ", ".join(f"{k} {saved.get(k)!r}" for k in sorted(settings) if saved.get(k) != settings[k])
@@ -207,6 +217,24 @@ def get_parser():
     p.add_argument("--overwrite", action="store_true",
                    help="delete the .bin files of data_dir first (when it was prepared with other settings)")
     return p
+
+
+DOWNLOAD_FLAGS = ("train_shards", "val_shards", "base_url", "revision", "keep_downloads")
+
+
+def check_flags(parser, args, given, inputs):
+    """A flag this run would not use is refused, not ignored. given: the flags on the command line."""
+    if args.local:
+        unused = [f"--{k}" for k in DOWNLOAD_FLAGS if k in given]
+        if unused:
+            parser.error(f"{', '.join(unused)}: for downloads, not --local (which tokenizes the files it names): "
+                         f"drop {'it' if len(unused) == 1 else 'them'}")
+        if "val_fraction" in given and any(split_of(path) == "validation" for path, _ in inputs):
+            parser.error(f"--val_fraction: {args.local} has a validation file, so nothing is held out: drop it")
+    elif "val_fraction" in given:
+        parser.error("--val_fraction is for --local files without a validation file: C4 has validation shards")
+    if "revision" in given and args.base_url:
+        parser.error("--revision picks the hub's commit, --base_url a server with its own files: give one of them")
 
 
 def inputs_of(args):
@@ -247,12 +275,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
         parser.error(f"--data_dir {args.data_dir} is a file: give a directory")
+    inputs = inputs_of(args)
+    check_flags(parser, args, given_flags(parser, argv), inputs)
     settings = {"encoding": "gpt2", "bos": BOS}
     settings |= {"local": os.path.abspath(args.local), "val_fraction": args.val_fraction} if args.local else \
         {"c4_revision": args.revision}  # any mirror (--base_url, HF_ENDPOINT) serves the same files
     check_settings(parser, args, settings)
     encoder = gpt2_encoder()
-    inputs = inputs_of(args)
     # local data without a validation file: the tail of the last file is held out for validation
     carve = args.local and not any(split_of(path) == "validation" for path, _ in inputs)
     for n, (source, remote) in enumerate(inputs):

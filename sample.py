@@ -9,8 +9,8 @@ Sample from a trained model, prune its context (SPEC §4), and measure what prun
     python sample.py --find_budgets --target_ppl 31.4                  # ... down to a given perplexity
     python sample.py --explain --start "a=3 b=1 a=7 a?"                # what each layer masks (SPEC §1, §4)
 
-Budgets found by --find_budgets are saved to out_dir/budgets.json and used by --prune / --eval_ppl when no
---budget(s) flag is given.
+Budgets found by --find_budgets are saved to out_dir/budgets.json (an earlier search is replaced only with
+--overwrite) and used by --prune / --eval_ppl when no --budget(s) flag is given.
 """
 
 import hashlib
@@ -24,7 +24,8 @@ import torch
 
 from common import (BOS, ArgumentParser, CheckpointError, add_device_flags, assign_decode, assign_encode, at_least,
                     autocast, autocast_dtype, checked, get_batch, given_flags, gpt2_encoder, load_checkpoint,
-                    load_shards, non_negative, pick_device, strip_compile_prefix, write_atomic, write_json)
+                    load_shards, make_dir, non_negative, pick_device, random_seed, strip_compile_prefix,
+                    write_atomic, write_json)
 from selective_gpt import GPT, GPTConfig
 
 DEFAULT_RUNS = ("out-c4", "out-assign")  # train.py's default out_dir per dataset
@@ -41,7 +42,7 @@ def get_parser():
     p.add_argument("--temperature", type=checked(float, lambda v: 0 <= v < math.inf, "must be >= 0 (0: greedy)"),
                    default=0.8, help="softmax temperature; 0: greedy (like --top_k 1)")
     p.add_argument("--top_k", type=at_least(1), default=200, help="sample from the k likeliest tokens (1: greedy)")
-    p.add_argument("--seed", type=int, default=1337, help="of the sampling")
+    p.add_argument("--seed", type=random_seed, default=1337, help="of the sampling")
     add_device_flags(p)
     p.add_argument("--prune", action="store_true", help="generate with pruned buffers and report the memory saved")
     p.add_argument("--budget", type=at_least(2), default=None, help="keys every layer may keep (BOS, current included)")
@@ -62,6 +63,8 @@ def get_parser():
                    "the evictions) to this PNG (needs matplotlib)")
     p.add_argument("--data_dir", default=None, help="--eval_ppl, --find_budgets with a c4 run: its token shards "
                    "(None: the run's --data_dir, relative to where it was trained)")
+    p.add_argument("--overwrite", action="store_true", help="--find_budgets: replace out_dir/budgets.json; "
+                   "--explain_png: replace the file")
     return p
 
 
@@ -140,7 +143,7 @@ USED_BY = {  # the flags that only some jobs use
     **dict.fromkeys(("budget", "budgets"), ("prune", "eval_ppl", "explain")),
     **dict.fromkeys(("eval_iters", "batch_size", "data_dir"), ("eval_ppl", "find_budgets")),
     **dict.fromkeys(("target_ppl", "tolerance", "shrink"), ("find_budgets",)),
-    "explain_png": ("explain",)}
+    "explain_png": ("explain",), "overwrite": ("find_budgets", "explain")}
 
 
 def check_args(parser, args, given):
@@ -163,6 +166,11 @@ def check_args(parser, args, given):
         parser.error(f"--explain_png {args.explain_png} is a directory: give a file name in it, e.g. F.png")
     if args.explain_png is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.explain_png))):
         parser.error(f"--explain_png {args.explain_png}: its folder does not exist")
+    if args.explain_png is not None:
+        make_dir(os.path.dirname(os.path.abspath(args.explain_png)), "--explain_png")  # can it be written in?
+    if args.explain_png is not None and os.path.exists(args.explain_png) and not args.overwrite:
+        parser.error(f"--explain_png {args.explain_png}: the file exists: give another name, or --overwrite to "
+                     f"replace it")
     if args.budgets is not None:
         try:
             args.budgets = [int(b) for b in args.budgets.split(",")]
@@ -176,6 +184,11 @@ def check_args(parser, args, given):
             parser.error(f"no --out_dir given, and {found} ({args.ckpt}): name the run with --out_dir")
         args.out_dir = runs[0]
         print(f"sample.py: using the run in {args.out_dir}")
+    if args.find_budgets and os.path.isdir(args.out_dir):
+        make_dir(args.out_dir, "--out_dir")  # can budgets.json be written there?
+    if args.find_budgets and os.path.exists(os.path.join(args.out_dir, "budgets.json")) and not args.overwrite:
+        parser.error(f"--find_budgets: {args.out_dir}/budgets.json holds an earlier search: --overwrite replaces "
+                     f"it (or copy it away first)")
 
 
 def saved_budgets(model, out_dir):

@@ -169,7 +169,8 @@ def selective_attention_sdpa(q, k, v, dropout_p=0.0, budget=None, mask_bos=False
     causal = future_mask(q.size(-2), q.device)
     F = selective_mask(head0_logits(q, k).masked_fill(causal, float("-inf")), mask_bos, mask_self)
     visible = ~causal if budget is None else pruned_visibility(F, budget)
-    bias = (-F).masked_fill(~visible, float("-inf"))  # causal (and pruned) minus F, float32
+    # causal (and pruned) minus F, float32; under autocast SDPA takes it in the autocast dtype, as q and k (§1.5)
+    bias = (-F).masked_fill(~visible, float("-inf"))
     y = nnf.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None], dropout_p=dropout_p)  # over the heads
     return y, F, visible
 
@@ -196,7 +197,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # fused q | k | v
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.attn_dropout = config.dropout
+        self.attn_dropout_p = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
         self.head_dim = config.n_embd // config.n_head
@@ -210,7 +211,7 @@ class CausalSelfAttention(nn.Module):
         path, which makes F once. With a KVBuffer, x is one new token at position t: a decoding step (§3)."""
         B, T, C = x.size()
         q, k, v = [a.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for a in self.c_attn(x).split(C, dim=2)]
-        p = self.attn_dropout if self.training else 0.0
+        p = self.attn_dropout_p if self.training else 0.0
         F = visible = None
         if buffer is not None:  # decoding: O(buffer) work, never the whole context again
             buffer.add(k, v, t)
@@ -370,6 +371,7 @@ class GPT(nn.Module):
         """A prompt idx (B, T), BOS first, in one parallel pass -> (logits (B, V) for the next token, state =
         {'t': the next position, 'layers': one KVBuffer per layer (§3), of at most budgets keys (§4)})."""
         x, attended = self.run_blocks(idx, budgets=budgets, keep=True)
+        # a layer without a budget keeps every key: block_size of them at most, as generate re-encodes there
         capacities = [min(b or self.config.block_size, self.config.block_size) for b in self.layer_budgets(budgets)]
         layers = [KVBuffer.after_prompt(*a, capacity, self.config.rule) for a, capacity in zip(attended, capacities)]
         return self.lm_head(x[:, -1]), {"t": idx.size(1), "layers": layers}
@@ -420,7 +422,8 @@ class KVBuffer:
     A new key takes a free slot, or the slot of the key it evicts: a step costs O(capacity), never O(context)."""
 
     def __init__(self, k, v, positions, f, capacity, rule):
-        free = capacity - k.size(2)
+        free = capacity - k.size(2)  # slots padded with zeros (position 0): never read, as reads take the first
+        # n slots and only a full buffer evicts
         self.k, self.v = nnf.pad(k, (0, 0, 0, free)), nnf.pad(v, (0, 0, 0, free))  # (B, H, capacity, head_dim)
         self.pos = nnf.pad(positions, (0, free))
         self.f = None if f is None else nnf.pad(f, (0, free))

@@ -1007,6 +1007,18 @@ def test_ddp_two_processes_match_one_with_twice_the_accumulation(tmp_path):
     assert code != 0 and text.count("--grad_accum (3) must be a multiple of the 2 processes") == 1
 
 
+def test_a_rank_without_torchruns_environment_is_refused_clearly(tmp_path, monkeypatch):
+    """RANK in the environment means torchrun started train.py, which also sets WORLD_SIZE: a stray or damaged RANK
+    gets one line, not a traceback, and nothing is written."""
+    for env in ({"RANK": "0"}, {"RANK": "", "WORLD_SIZE": "2"}, {"RANK": "1", "WORLD_SIZE": "two"}):
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        code, text = run_main("train.py", "--dataset", "assign", *TINY, "--out_dir", str(tmp_path / "run"))
+        assert code == 1 and "RANK is set, but RANK and WORLD_SIZE are not the whole numbers torchrun sets" in text
+        assert "Traceback" not in text and not os.path.exists(tmp_path / "run"), text
+
+
 def test_default_dtype_is_bfloat16_only_on_a_cpu_that_has_it(monkeypatch):
     """Emulated bfloat16 (AVX2 CPUs) makes a matmul ~100x slower than float32: the default there is float32."""
     for avx512_bf16, amx, expected in ((False, False, "float32"), (True, False, "bfloat16"), (False, True, "bfloat16")):
@@ -1129,7 +1141,7 @@ def test_find_budgets_shrinks_the_layer_whose_shrinking_costs_least_while_within
 def test_sample_ignores_budgets_searched_for_another_model(assign_run, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(assign_run, out)
-    sample.main(["--out_dir", str(out), "--find_budgets", "--tolerance", "0.05", "--dtype", "float32"])
+    sample.main(["--out_dir", str(out), "--find_budgets", "--tolerance", "0.05", "--dtype", "float32", "--overwrite"])
     capsys.readouterr()
     searched = (out / "budgets.json").read_text()
     code, text = run_script("train.py", "--dataset", "assign", "--selective", *TINY, "--n_layer", "3",
@@ -1391,6 +1403,16 @@ def workspace(tmp_path_factory, assign_run, c4_data):
     (root / "bad.json.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")
     (root / "notext.jsonl").write_text('{"text": "a document"}\n{"url": "no text field"}\n')
     (root / "notjson.jsonl").write_text('{"text": "a document"}\nnot json\n')
+    (root / "notobject.jsonl").write_text('{"text": "a document"}\n["a list"]\n')
+    (root / "nulltext.jsonl").write_text('{"text": null}\n')
+    (root / "with_validation").mkdir()
+    for name in ("docs.txt", "docs.validation.txt"):
+        (root / "with_validation" / name).write_text("one two three four five " * 20)
+    for name, damage in (("damaged_settings", "{broken"), ("listed_settings", "[1, 2]")):
+        shutil.copytree(root / "prepared", root / name)
+        (root / name / "prepare.json").write_text(damage)
+    shutil.copytree(assign_run, root / "searched")  # a run with an earlier budget search
+    (root / "searched" / "budgets.json").write_text("{}")
     return root
 
 
@@ -1437,6 +1459,18 @@ BAD_INPUTS = [
      "attention 'tiled' has no dropout"),
     ([*A, "--selective", "--attention", "reference", "--dropout", "0.1", "--out_dir", "new"],
      "attention 'reference' has no dropout"),
+    ([*A, "--attention", "mask", "--out_dir", "new"], "--attention mask picks how selective attention is computed"),
+    ([*A, "--memory_tau", "2", "--out_dir", "new"], "--memory_tau shapes the memory loss, which is off"),
+    ([*A, "--data_dir", "prepared", "--out_dir", "new"], "--data_dir is for --dataset c4"),
+    ([*A, "--min_lr", "0.01", "--out_dir", "new"], "--min_lr 0.01 is above --learning_rate 0.001"),
+    ([*A, "--seed", str(2 ** 64), "--out_dir", "new"], f"--seed {2 ** 64} must be in 0 .. 2**63 - 1"),
+    ([*A, "--data_seed", "-1", "--out_dir", "new"], "--data_seed -1 must be in 0 .. 2**63 - 1"),
+    # --resume keeps the run's settings: the optimiser's state and the RNG come from the checkpoint
+    (["train.py", "--resume", "--weight_decay", "0", "--out_dir", "run"], "--weight_decay 0.1 -> 0.0 would change it"),
+    (["train.py", "--resume", "--seed", "7", "--learning_rate", "3e-3", "--out_dir", "run"], "--seed 1337 -> 7 would"),
+    (["train.py", "--resume", "--learning_rate", "1e-3", "--out_dir", "run"], "--learning_rate 0.003 -> 0.001 would"),
+    *([([*A, "--out_dir", "/sys"], "--out_dir /sys: cannot write in this directory")]
+      if sys.platform.startswith("linux") else []),
     # sample.py
     ([*S, "--temperature", "-1"], "--temperature -1.0 must be >= 0"),
     ([*S, "--top_k", "0"], "--top_k 0 must be at least 1"),
@@ -1473,6 +1507,10 @@ BAD_INPUTS = [
     ([*S, "--explain_png", "x.png"], "--explain_png is for --explain, not generation"),
     ([*S, "--explain", "--explain_png", "nowhere/x.png"], "--explain_png nowhere/x.png: its folder does not exist"),
     ([*S, "--explain", "--explain_png", "folder"], "--explain_png folder is a directory"),
+    ([*S, "--explain", "--explain_png", "notes.txt"], "--explain_png notes.txt: the file exists"),
+    (["sample.py", "--out_dir", "searched", "--find_budgets"], "searched/budgets.json holds an earlier search"),
+    ([*S, "--overwrite"], "--overwrite is for --find_budgets or --explain, not generation"),
+    ([*S, "--seed", "-1"], "--seed -1 must be in 0 .. 2**63 - 1"),
     ([*A, "--out_dir", ""], "--out_dir is empty"),
     ([*S, "--explain", "--start", "a=1 " * 30], "--explain: the prompt has 31 tokens with BOS, more than block_size"),
     (["sample.py", "--out_dir", "truncated"], "truncated/ckpt.pt is damaged"),
@@ -1489,7 +1527,22 @@ BAD_INPUTS = [
     (["prepare_data.py", "--local", "bad.json.gz", "--data_dir", "new"], "bad.json.gz is truncated or corrupt"),
     (["prepare_data.py", "--local", "notext.jsonl", "--data_dir", "new"], "notext.jsonl is truncated or corrupt"),
     (["prepare_data.py", "--local", "notjson.jsonl", "--data_dir", "new"], "notjson.jsonl is truncated or corrupt"),
+    (["prepare_data.py", "--local", "notobject.jsonl", "--data_dir", "new"],
+     "line 2 is not a JSON object with a string field 'text'"),
+    (["prepare_data.py", "--local", "nulltext.jsonl", "--data_dir", "new"],
+     "line 1 is not a JSON object with a string field 'text'"),
     (["prepare_data.py", "--local", "nothing_here", "--data_dir", "new"], "no .json.gz, .jsonl or .txt files"),
+    (["prepare_data.py", "--local", "notes.txt", "--data_dir", "damaged_settings"],
+     "--data_dir damaged_settings: its prepare.json is damaged"),
+    (["prepare_data.py", "--local", "notes.txt", "--data_dir", "listed_settings"],
+     "--data_dir listed_settings: its prepare.json is damaged"),
+    (["prepare_data.py", "--local", "notes.txt", "--data_dir", "new", "--train_shards", "2", "--keep_downloads"],
+     "--train_shards, --keep_downloads: for downloads, not --local"),
+    (["prepare_data.py", "--local", "with_validation", "--data_dir", "new", "--val_fraction", "0.1"],
+     "--val_fraction: with_validation has a validation file, so nothing is held out"),
+    (["prepare_data.py", "--data_dir", "new", "--val_fraction", "0.1"], "--val_fraction is for --local files"),
+    (["prepare_data.py", "--base_url", "http://127.0.0.1:9/", "--revision", "main", "--data_dir", "new"],
+     "--revision picks the hub's commit, --base_url a server with its own files"),
     (["prepare_data.py", "--local", "notes.txt", "--data_dir", "a_file"], "--data_dir a_file is a file"),
     (["prepare_data.py", "--local", "notes.txt", "--data_dir", "a_file/d"],
      "--data_dir a_file/d: cannot create this directory (Not a directory)"),
@@ -1506,6 +1559,10 @@ BAD_INPUTS = [
       if not torch.cuda.is_available() else []),  # with a GPU it would run the whole benchmark
     (["bench.py", "compile", "--json", "notes.txt"], "--json notes.txt: the file exists"),
     (["bench.py", "compile", "--json", "nowhere/out.json"], "--json nowhere/out.json: its directory does not exist"),
+    *([(["bench.py", "compile", "--json", "/sys/out.json"], "--json /sys: cannot write in this directory"),
+       (["prepare_data.py", "--local", "notes.txt", "--data_dir", "/sys"], "--data_dir /sys: cannot write in this"),
+       ([*S, "--explain", "--explain_png", "/sys/F.png"], "--explain_png /sys: cannot write in this directory")]
+      if sys.platform.startswith("linux") else []),
 ]
 
 

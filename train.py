@@ -27,7 +27,8 @@ import torch
 from common import (ASSIGN_TOKENS, BOS, ArgumentParser, CheckpointError, add_device_flags, answers_right, as_flag,
                     at_least, autocast, autocast_dtype, fraction, get_batch, git_commit, given_flags, load_checkpoint,
                     load_shards, make_dir, measure_peak_flops, non_negative, pick_device, positive, append_jsonl,
-                    read_jsonl, std_or_width, strip_compile_prefix, synchronize, write_atomic, write_jsonl)
+                    random_seed, read_jsonl, std_or_width, strip_compile_prefix, synchronize, write_atomic,
+                    write_jsonl)
 from selective_gpt import ATTENTION_PATHS, GPT, GPTConfig, attention_path
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -77,9 +78,10 @@ def get_parser():
     r("--eval_iters", type=at_least(1), default=20, help="batches per evaluation")
     r("--log_interval", type=at_least(1), default=10, help="iterations between progress lines")
     r("--compile", action="store_true", help="torch.compile the model")
-    r("--seed", type=at_least(0), default=1337, help="initialisation, dropout and (by default) data order")
-    r("--data_seed", type=at_least(0), default=None, help="data order only (None: --seed): another init, same data")
-    r("--resume", action="store_true", help="continue from out_dir/ckpt.pt with its settings")
+    r("--seed", type=random_seed, default=1337, help="initialisation, dropout and (by default) data order")
+    r("--data_seed", type=random_seed, default=None, help="data order only (None: --seed): another init, same data")
+    r("--resume", action="store_true", help="continue from out_dir/ckpt.pt with its settings (these may change: "
+      "--max_iters, --lr_decay_iters, --attention, --data_dir, device and reporting flags)")
     r("--overwrite", action="store_true", help="start over in an out_dir that holds a run (deletes its files)")
     r("--peak_flops", type=positive, default=None, help="the device's peak FLOP/s for MFU (None: measured at start)")
     return p
@@ -89,6 +91,10 @@ MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig)]  # each has a fla
 # a checkpoint or log without a field (assets/logs keeps such) meant the field's default; without init_std, 0.02 (§10)
 FIELDS_BEFORE = {f.name: f.default for f in dataclasses.fields(GPTConfig)} | {"init_std": 0.02}
 RUN_FILES = ("ckpt.pt", "ckpt_best.pt", "log.jsonl", "budgets.json")  # what --overwrite deletes
+# --resume continues a run exactly: it keeps every setting but these (how far it trains, which path computes the same
+# model, where it runs, how often it reports); any other flag given must repeat the run's own value
+MAY_CHANGE_ON_RESUME = ("max_iters", "lr_decay_iters", "attention", "data_dir", "device", "dtype", "compile",
+                        "eval_interval", "eval_iters", "log_interval", "peak_flops", "out_dir")
 
 
 def parse_args(argv=None):
@@ -107,6 +113,16 @@ def parse_args(argv=None):
         parser.error(f"--out_dir {out_dir} holds a run already (its ckpt.pt or log.jsonl). Continue it with "
                      f"--resume, start over with --overwrite (deletes it), or give another --out_dir")
     args = fill_in(argparse.Namespace(**{**defaults, **given, "out_dir": out_dir}))
+    if "data_dir" in given and args.dataset == "assign":
+        parser.error("--data_dir is for --dataset c4: the assign task makes its own data, so drop it")
+    if "attention" in given and not args.selective:
+        parser.error(f"--attention {args.attention} picks how selective attention is computed: add --selective, "
+                     f"or drop it (a standard model has one way)")
+    if "memory_tau" in given and args.memory_loss_weight == 0:
+        parser.error("--memory_tau shapes the memory loss, which is off: add --memory_loss_weight, or drop it")
+    if args.min_lr > args.learning_rate:
+        parser.error(f"--min_lr {args.min_lr} is above --learning_rate {args.learning_rate}: the schedule decays from "
+                     f"the peak down to min_lr, so give a smaller --min_lr")
     tokens = len(ASSIGN_TOKENS) if args.dataset == "assign" else BOS + 1
     if args.vocab_size < tokens:
         parser.error(f"--vocab_size {args.vocab_size} is smaller than the {tokens} tokens of --dataset {args.dataset}")
@@ -129,8 +145,8 @@ def fill_in(args):
 
 
 def resumed_settings(parser, given, defaults, out_dir):
-    """--resume: the checkpoint, and the run's settings as the new defaults. The model's flags may not change
-    (--attention may: it picks how the same model is computed); a new --max_iters stretches a schedule following it."""
+    """--resume: the checkpoint, and the run's settings as the new defaults. Only MAY_CHANGE_ON_RESUME's flags may
+    change; a new --max_iters stretches a schedule following it."""
     if given.get("overwrite"):
         parser.error("--resume continues the run in out_dir, --overwrite deletes it: give one of them")
     try:
@@ -143,6 +159,13 @@ def resumed_settings(parser, given, defaults, out_dir):
     if changed:
         parser.error(f"--resume: {out_dir}/ckpt.pt is a checkpoint of a different model: {', '.join(changed)}. "
                      f"Drop those flags, or use another --out_dir")
+    # the optimiser's state, the RNG and the batches come from the run: another value would be ignored or break
+    # the exact continuation
+    changed = [f"--{k} {saved[k]} -> {given[k]}" for k in given if k in saved and given[k] != saved[k]
+               and k not in MODEL_FIELDS + ["dataset", *MAY_CHANGE_ON_RESUME]]
+    if changed:
+        parser.error(f"--resume continues the run in {out_dir} exactly, with its own settings: {', '.join(changed)} "
+                     f"would change it. Drop those flags, or start a new run with another --out_dir")
     if "max_iters" in given and "lr_decay_iters" not in given and saved.get("lr_decay_iters") == saved["max_iters"]:
         saved["lr_decay_iters"] = None  # the schedule was saved resolved to max_iters: it follows the new one
     return ckpt, {**defaults, **saved}
@@ -388,8 +411,12 @@ def log_progress(args, raw, log, started, it, loss, lr, dt, world, peak_flops):
 
 def main(argv=None):
     sys.stdout.reconfigure(line_buffering=True)  # progress lines show up in a log file as they happen
-    ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    ddp = "RANK" in os.environ  # launched by torchrun, which also sets WORLD_SIZE and LOCAL_RANK
+    try:
+        rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    except (KeyError, ValueError):
+        raise SystemExit("train.py: RANK is set, but RANK and WORLD_SIZE are not the whole numbers torchrun sets: "
+                         "launch data-parallel runs with torchrun, or unset RANK") from None
     args, ckpt = parse_args(argv)
     if ddp and args.grad_accum % world:
         raise SystemExit(f"train.py: --grad_accum ({args.grad_accum}) must be a multiple of the {world} processes"
