@@ -314,13 +314,13 @@ def load_shards(data_dir, split, block_size=1):
     """The token shards of a split, checked to hold at least one window of block_size tokens."""
     paths = [p for p in sorted(glob.glob(os.path.join(data_dir, "*.bin"))) if split_of(p) == split]
     if not paths:
-        raise FileNotFoundError(f"no {split} shards (*.bin) in {data_dir}: run  python prepare_data.py  (downloads "
-                                f"C4; --local PATH for files you have), or train offline with --dataset assign")
+        raise FileNotFoundError(f"no {split} shards (*.bin) in {data_dir}: point --data_dir at them, or make them with"
+                                f"  python prepare_data.py  (downloads C4; --local PATH for files you have)")
     shards = [read_bin(p) for p in paths]
     longest = max(len(s) for s in shards)
     if longest < block_size:
-        raise ValueError(f"the {split} split in {data_dir} has at most {longest} tokens in a shard, fewer than "
-                         f"--block_size {block_size}: prepare more data or lower --block_size")
+        raise ValueError(f"the {split} split in {data_dir} has at most {longest} tokens in a shard, fewer than the "
+                         f"block size {block_size}: prepare more data, or train with a smaller --block_size")
     return shards
 
 

@@ -91,7 +91,8 @@ def model_fingerprint(model):
 
 def validation_batches(run, n, batch_size, device, data_dir=None):
     """The run's own fixed evaluation batches (train.py's), n of them; data_dir overrides the run's."""
-    shards = {"validation": load_shards(data_dir or run["data_dir"], "validation")} if run["dataset"] == "c4" else None
+    shards = {"validation": load_shards(data_dir or run["data_dir"], "validation", run["block_size"])} \
+        if run["dataset"] == "c4" else None
     for k in range(n):
         x, y = get_batch(dict(run, batch_size=batch_size), "val", -1, k, shards)
         yield x.to(device), y.to(device)
@@ -407,7 +408,7 @@ def main(argv=None):
             batches = list(validation_batches(run, args.eval_iters or run["eval_iters"],
                                               args.batch_size or run["batch_size"], device, args.data_dir))
         except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"sample.py: {e}{'' if args.data_dir else ' (or point --data_dir at the shards)'}")
+            raise SystemExit(f"sample.py: {e}")
         return search_budgets(args, model, run, batches, ctx) if args.find_budgets else \
             compare_perplexity(model, batches, ctx, budgets)
     if run["dataset"] == "assign":

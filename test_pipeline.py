@@ -1198,6 +1198,9 @@ def test_sample_data_dir_works_from_anywhere(tmp_path, c4_data):
     assert code != 0 and "--data_dir" in text and "Traceback" not in text
     code, text = run_script(os.path.join(HERE, "sample.py"), *flags, "--data_dir", c4_data, cwd=elsewhere)
     assert code == 0 and "with budgets [4, 4]" in text, text
+    common.write_bin(str(elsewhere / "c4-validation.00000-of-00001.bin"), [common.BOS] + [11] * 9)
+    code, text = run_script(os.path.join(HERE, "sample.py"), *flags, "--data_dir", ".", cwd=elsewhere)
+    assert code != 0 and "has at most 10 tokens in a shard, fewer than the block size 24" in text, text
 
 
 def test_sample_refuses_budgets_for_a_standard_model(tmp_path, capsys):
@@ -1435,8 +1438,9 @@ BAD_INPUTS = [
     ([*A, "--beta2", "1", "--out_dir", "new"], "--beta2 1.0 must be in [0, 1)"),
     ([*A, "--min_lr=-1", "--out_dir", "new"], "--min_lr -1.0 must be >= 0"),
     (["train.py", "--dataset", "c4", "--data_dir", "short", *TINY[:6], "--out_dir", "new"],
-     "the validation split in short has at most 100 tokens in a shard, fewer than --block_size 256"),
-    (["train.py", "--dataset", "c4", "--data_dir", "nowhere", "--out_dir", "new"], "prepare_data.py"),
+     "the validation split in short has at most 100 tokens in a shard, fewer than the block size 256"),
+    (["train.py", "--dataset", "c4", "--data_dir", "nowhere", "--out_dir", "new"],
+     "no train shards (*.bin) in nowhere: point --data_dir at them, or make them with  python prepare_data.py"),
     ([*A, "--out_dir", "a_file"], "--out_dir a_file is a file"),
     ([*A, "--out_dir", "a_file/run"], "--out_dir a_file/run: cannot create this directory (Not a directory)"),
     ([*A, "--device", "cuda", "--out_dir", "new"], "--device cuda: no such device here; this machine has: cpu"),

@@ -356,7 +356,9 @@ def train(args, ckpt, ddp, rank, world):
     if args.dataset == "c4":
         try:
             shards = {s: load_shards(args.data_dir, s, args.block_size) for s in ("train", "validation")}
-        except (FileNotFoundError, ValueError) as e:
+        except FileNotFoundError as e:
+            raise SystemExit(f"train.py: {e}; or train offline with --dataset assign")
+        except ValueError as e:
             raise SystemExit(f"train.py: {e}")
     model, raw, optimizer, scaler = build(args, ckpt, device, dtype, ddp, rank)
     peak_flops = args.peak_flops or measure_peak_flops(device, getattr(torch, dtype))
