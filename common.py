@@ -320,7 +320,8 @@ def load_shards(data_dir, split, block_size=1):
     longest = max(len(s) for s in shards)
     if longest < block_size:
         raise ValueError(f"the {split} split in {data_dir} has at most {longest} tokens in a shard, fewer than the "
-                         f"block size {block_size}: prepare more data, or train with a smaller --block_size")
+                         f"block size {block_size}: point --data_dir at longer shards, or prepare more data (or train "
+                         f"with a smaller --block_size)")
     return shards
 
 

@@ -6,7 +6,7 @@ Sample from a trained model, prune its context (SPEC §4), and measure what prun
     python sample.py --prune --budgets 96,64,32,32                     # one budget per layer
     python sample.py --eval_ppl --budgets 96,64,32,32                  # validation perplexity, pruned vs not
     python sample.py --find_budgets --tolerance 0.01                   # greedy per-layer budgets (SPEC §4)
-    python sample.py --find_budgets --target_ppl 31.4                  # ... down to a given perplexity
+    python sample.py --find_budgets --target_ppl 31.4 --overwrite      # ... to a perplexity, replacing the first
     python sample.py --explain --start "a=3 b=1 a=7 a?"                # what each layer masks (SPEC §1, §4)
 
 Budgets found by --find_budgets are saved to out_dir/budgets.json (an earlier search is replaced only with
@@ -169,6 +169,8 @@ def check_args(parser, args, given):
         parser.error(f"--explain_png {args.explain_png}: its folder does not exist")
     if args.explain_png is not None:
         make_dir(os.path.dirname(os.path.abspath(args.explain_png)), "--explain_png")  # can it be written in?
+    if args.overwrite and args.explain and args.explain_png is None:
+        parser.error("--overwrite replaces --explain_png's file: give --explain_png, or drop --overwrite")
     if args.explain_png is not None and os.path.exists(args.explain_png) and not args.overwrite:
         parser.error(f"--explain_png {args.explain_png}: the file exists: give another name, or --overwrite to "
                      f"replace it")

@@ -1010,13 +1010,19 @@ def test_ddp_two_processes_match_one_with_twice_the_accumulation(tmp_path):
 def test_a_rank_without_torchruns_environment_is_refused_clearly(tmp_path, monkeypatch):
     """RANK in the environment means torchrun started train.py, which also sets WORLD_SIZE: a stray or damaged RANK
     gets one line, not a traceback, and nothing is written."""
-    for env in ({"RANK": "0"}, {"RANK": "", "WORLD_SIZE": "2"}, {"RANK": "1", "WORLD_SIZE": "two"}):
-        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for env in ({"RANK": "0"}, {"RANK": "", "WORLD_SIZE": "2"}, {"RANK": "1", "WORLD_SIZE": "two"},
+                {"RANK": "1", "WORLD_SIZE": "2"}):  # the last without LOCAL_RANK
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            monkeypatch.delenv(key, raising=False)
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         code, text = run_main("train.py", "--dataset", "assign", *TINY, "--out_dir", str(tmp_path / "run"))
-        assert code == 1 and "RANK is set, but RANK and WORLD_SIZE are not the whole numbers torchrun sets" in text
+        assert code == 1 and "RANK is set, but RANK, WORLD_SIZE and LOCAL_RANK are not the whole numbers" in text
         assert "Traceback" not in text and not os.path.exists(tmp_path / "run"), text
+    monkeypatch.setenv("RANK", "-1")  # as unset (nanoGPT's convention)
+    code, text = run_main("train.py", "--dataset", "assign", *TINY, "--max_iters", "1",
+                          "--out_dir", str(tmp_path / "r"))
+    assert code == 0 and "world 1" in text, text
 
 
 def test_default_dtype_is_bfloat16_only_on_a_cpu_that_has_it(monkeypatch):
@@ -1141,9 +1147,11 @@ def test_find_budgets_shrinks_the_layer_whose_shrinking_costs_least_while_within
 def test_sample_ignores_budgets_searched_for_another_model(assign_run, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(assign_run, out)
+    (out / "budgets.json").write_text("{}")  # an earlier search: --overwrite replaces it
     sample.main(["--out_dir", str(out), "--find_budgets", "--tolerance", "0.05", "--dtype", "float32", "--overwrite"])
     capsys.readouterr()
     searched = (out / "budgets.json").read_text()
+    assert "budgets" in json.loads(searched)
     code, text = run_script("train.py", "--dataset", "assign", "--selective", *TINY, "--n_layer", "3",
                             "--max_iters", "1", "--overwrite", "--out_dir", str(out))
     assert code == 0, text
@@ -1309,15 +1317,16 @@ def test_explain_on_a_tiny_model_equals_selective_mask_and_pruned_visibility():
 
 def test_explain_command_prints_the_view_and_draws_the_png(assign_run, tmp_path, capsys):
     png = tmp_path / "f.png"
+    png.write_bytes(b"an earlier drawing")  # --overwrite replaces it
     sample.main(["--out_dir", assign_run, "--explain", "--start", "a=3 b=1 a=7 c=2 a?", "--budget", "3",
-                 "--explain_png", str(png), "--dtype", "float32"])
+                 "--explain_png", str(png), "--overwrite", "--dtype", "float32"])
     text = capsys.readouterr().out
     assert "What each layer masks for the last query, 'a?'" in text and "<BOS>" in text and "a=7" in text
     try:
         import matplotlib  # noqa: F401
-        assert png.stat().st_size > 1000 and "drawn to" in text
+        assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 1000 and "drawn to" in text
     except ImportError:
-        assert not png.exists() and "pip install matplotlib" in text
+        assert png.read_bytes() == b"an earlier drawing" and "pip install matplotlib" in text
 
 
 def test_explain_refuses_a_standard_model(tmp_path, capsys):
@@ -1441,6 +1450,8 @@ BAD_INPUTS = [
      "the validation split in short has at most 100 tokens in a shard, fewer than the block size 256"),
     (["train.py", "--dataset", "c4", "--data_dir", "nowhere", "--out_dir", "new"],
      "no train shards (*.bin) in nowhere: point --data_dir at them, or make them with  python prepare_data.py"),
+    (["train.py", "--dataset", "c4", "--data_dir", "nowhere", "--out_dir", "new"],
+     "for files you have); or train offline with --dataset assign"),
     ([*A, "--out_dir", "a_file"], "--out_dir a_file is a file"),
     ([*A, "--out_dir", "a_file/run"], "--out_dir a_file/run: cannot create this directory (Not a directory)"),
     ([*A, "--device", "cuda", "--out_dir", "new"], "--device cuda: no such device here; this machine has: cpu"),
@@ -1473,6 +1484,7 @@ BAD_INPUTS = [
     (["train.py", "--resume", "--weight_decay", "0", "--out_dir", "run"], "--weight_decay 0.1 -> 0.0 would change it"),
     (["train.py", "--resume", "--seed", "7", "--learning_rate", "3e-3", "--out_dir", "run"], "--seed 1337 -> 7 would"),
     (["train.py", "--resume", "--learning_rate", "1e-3", "--out_dir", "run"], "--learning_rate 0.003 -> 0.001 would"),
+    (["train.py", "--resume", "--eval_iters", "5", "--out_dir", "run"], "--eval_iters 2 -> 5 would change it"),
     *([([*A, "--out_dir", "/sys"], "--out_dir /sys: cannot write in this directory")]
       if sys.platform.startswith("linux") else []),
     # sample.py
@@ -1514,6 +1526,7 @@ BAD_INPUTS = [
     ([*S, "--explain", "--explain_png", "notes.txt"], "--explain_png notes.txt: the file exists"),
     (["sample.py", "--out_dir", "searched", "--find_budgets"], "searched/budgets.json holds an earlier search"),
     ([*S, "--overwrite"], "--overwrite is for --find_budgets or --explain, not generation"),
+    ([*S, "--explain", "--overwrite"], "--overwrite replaces --explain_png's file: give --explain_png"),
     ([*S, "--seed", "-1"], "--seed -1 must be in 0 .. 2**63 - 1"),
     ([*A, "--out_dir", ""], "--out_dir is empty"),
     ([*S, "--explain", "--start", "a=1 " * 30], "--explain: the prompt has 31 tokens with BOS, more than block_size"),
@@ -1565,7 +1578,8 @@ BAD_INPUTS = [
     (["bench.py", "compile", "--json", "nowhere/out.json"], "--json nowhere/out.json: its directory does not exist"),
     *([(["bench.py", "compile", "--json", "/sys/out.json"], "--json /sys: cannot write in this directory"),
        (["prepare_data.py", "--local", "notes.txt", "--data_dir", "/sys"], "--data_dir /sys: cannot write in this"),
-       ([*S, "--explain", "--explain_png", "/sys/F.png"], "--explain_png /sys: cannot write in this directory")]
+       ([*S, "--explain", "--explain_png", "/sys/F.png"], "--explain_png /sys: cannot write in this directory"),
+       (["sample.py", "--out_dir", "/sys", "--find_budgets"], "--out_dir /sys: cannot write in this directory")]
       if sys.platform.startswith("linux") else []),
 ]
 

@@ -81,7 +81,8 @@ def get_parser():
     r("--seed", type=random_seed, default=1337, help="initialisation, dropout and (by default) data order")
     r("--data_seed", type=random_seed, default=None, help="data order only (None: --seed): another init, same data")
     r("--resume", action="store_true", help="continue from out_dir/ckpt.pt with its settings (these may change: "
-      "--max_iters, --lr_decay_iters, --attention, --data_dir, device and reporting flags)")
+      "--max_iters, --lr_decay_iters, --data_dir, --eval_interval, --log_interval, --peak_flops; and --attention, "
+      "--device, --dtype, --compile, which change the rounding)")
     r("--overwrite", action="store_true", help="start over in an out_dir that holds a run (deletes its files)")
     r("--peak_flops", type=positive, default=None, help="the device's peak FLOP/s for MFU (None: measured at start)")
     return p
@@ -94,7 +95,7 @@ RUN_FILES = ("ckpt.pt", "ckpt_best.pt", "log.jsonl", "budgets.json")  # what --o
 # --resume continues a run exactly: it keeps every setting but these (how far it trains, which path computes the same
 # model, where it runs, how often it reports); any other flag given must repeat the run's own value
 MAY_CHANGE_ON_RESUME = ("max_iters", "lr_decay_iters", "attention", "data_dir", "device", "dtype", "compile",
-                        "eval_interval", "eval_iters", "log_interval", "peak_flops", "out_dir")
+                        "eval_interval", "log_interval", "peak_flops", "out_dir")
 
 
 def parse_args(argv=None):
@@ -120,7 +121,7 @@ def parse_args(argv=None):
                      f"or drop it (a standard model has one way)")
     if "memory_tau" in given and args.memory_loss_weight == 0:
         parser.error("--memory_tau shapes the memory loss, which is off: add --memory_loss_weight, or drop it")
-    if args.min_lr > args.learning_rate:
+    if ("min_lr" in given or "learning_rate" in given) and args.min_lr > args.learning_rate:
         parser.error(f"--min_lr {args.min_lr} is above --learning_rate {args.learning_rate}: the schedule decays from "
                      f"the peak down to min_lr, so give a smaller --min_lr")
     tokens = len(ASSIGN_TOKENS) if args.dataset == "assign" else BOS + 1
@@ -160,9 +161,10 @@ def resumed_settings(parser, given, defaults, out_dir):
         parser.error(f"--resume: {out_dir}/ckpt.pt is a checkpoint of a different model: {', '.join(changed)}. "
                      f"Drop those flags, or use another --out_dir")
     # the optimiser's state, the RNG and the batches come from the run: another value would be ignored or break
-    # the exact continuation
-    changed = [f"--{k} {saved[k]} -> {given[k]}" for k in given if k in saved and given[k] != saved[k]
-               and k not in MODEL_FIELDS + ["dataset", *MAY_CHANGE_ON_RESUME]]
+    # the exact continuation (a setting an older checkpoint lacks is taken at its default, so compared with that)
+    was = {**defaults, **saved}
+    changed = [f"--{k} {was[k]} -> {given[k]}" for k in given
+               if given[k] != was[k] and k not in MODEL_FIELDS + ["dataset", "resume", *MAY_CHANGE_ON_RESUME]]
     if changed:
         parser.error(f"--resume continues the run in {out_dir} exactly, with its own settings: {', '.join(changed)} "
                      f"would change it. Drop those flags, or start a new run with another --out_dir")
@@ -413,12 +415,12 @@ def log_progress(args, raw, log, started, it, loss, lr, dt, world, peak_flops):
 
 def main(argv=None):
     sys.stdout.reconfigure(line_buffering=True)  # progress lines show up in a log file as they happen
-    ddp = "RANK" in os.environ  # launched by torchrun, which also sets WORLD_SIZE and LOCAL_RANK
+    ddp = os.environ.get("RANK", "-1") != "-1"  # launched by torchrun, which also sets WORLD_SIZE and LOCAL_RANK
     try:
-        rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+        rank, world, _ = [int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")] if ddp else (0, 1, 0)
     except (KeyError, ValueError):
-        raise SystemExit("train.py: RANK is set, but RANK and WORLD_SIZE are not the whole numbers torchrun sets: "
-                         "launch data-parallel runs with torchrun, or unset RANK") from None
+        raise SystemExit("train.py: RANK is set, but RANK, WORLD_SIZE and LOCAL_RANK are not the whole numbers "
+                         "torchrun sets: launch data-parallel runs with torchrun, or unset RANK") from None
     args, ckpt = parse_args(argv)
     if ddp and args.grad_accum % world:
         raise SystemExit(f"train.py: --grad_accum ({args.grad_accum}) must be a multiple of the {world} processes"
