@@ -135,8 +135,8 @@ def selection(q0, k0, r0, r1, scale):
 
 
 def minus_F(S, carry, r1):
-    """-F on the chunk of rows r0:r1, (c, r1), from its S and the carry: carry[j] = sum of S[k, j] over the rows
-    k < r0 (§1.3 split at the chunk). The causal mask is the caller's to add."""
+    """-F on a chunk of c query rows ending at r1, (c, r1), from its S and the carry: carry[j] = sum of S[k, j] over
+    the rows before the chunk (§1.3 split at the chunk). The causal mask is the caller's to add."""
     return running_sum(S).add_(carry[:r1]).neg_()  # -(carry + sum_{k < i} S[k])
 
 
