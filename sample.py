@@ -5,7 +5,7 @@ Sample from a trained model, prune its context (SPEC §4), and measure what prun
     python sample.py --prune --budget 64                               # every layer keeps at most 64 keys
     python sample.py --prune --budgets 96,64,32,32                     # one budget per layer
     python sample.py --eval_ppl --budgets 96,64,32,32                  # validation perplexity, pruned vs not
-    python sample.py --find_budgets --tolerance 0.01                   # greedy per-layer budgets (SPEC §4)
+    python sample.py --find_budgets --tolerance 0.01                   # greedy per-layer budgets (SPEC §4.3)
     python sample.py --find_budgets --target_ppl 31.4 --overwrite      # ... to a perplexity, replacing the first
     python sample.py --explain --start "a=3 b=1 a=7 a?"                # what each layer masks (SPEC §1, §4)
 

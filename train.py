@@ -7,8 +7,8 @@ Train a standard or selective GPT (selective_gpt.py): nanoGPT's train.py, driven
     python train.py --resume                                  # carry on from out_dir/ckpt.pt, exactly
 
 Every training and evaluation window starts with BOS (SPEC §2). Each batch comes from a generator seeded by (seed,
-split, iteration, micro-step): a resumed run sees the batches of an uninterrupted one, and N DDP processes see what
-one process with N times the gradient accumulation sees.
+split, iteration, micro-step): a resumed run sees the batches of an uninterrupted one, and N DDP processes with
+--grad_accum G (micro-steps over all processes) see what one process with --grad_accum G sees.
 """
 
 import argparse
@@ -161,7 +161,7 @@ def resumed_settings(parser, given, defaults, out_dir):
         parser.error(f"--resume: {out_dir}/ckpt.pt is a checkpoint of a different model: {', '.join(changed)}. "
                      f"Drop those flags, or use another --out_dir")
     # the optimiser's state, the RNG and the batches come from the run: another value would be ignored or break
-    # the exact continuation (a setting an older checkpoint lacks is taken at its default, so compared with that)
+    # the exact continuation (a setting the checkpoint lacks means its default, so is compared with that)
     was = {**defaults, **saved}
     changed = [f"--{k} {was[k]} -> {given[k]}" for k in given
                if given[k] != was[k] and k not in MODEL_FIELDS + ["dataset", "resume", *MAY_CHANGE_ON_RESUME]]
@@ -169,7 +169,7 @@ def resumed_settings(parser, given, defaults, out_dir):
         parser.error(f"--resume continues the run in {out_dir} exactly, with its own settings: {', '.join(changed)} "
                      f"would change it. Drop those flags, or start a new run with another --out_dir")
     if "max_iters" in given and "lr_decay_iters" not in given and saved.get("lr_decay_iters") == saved["max_iters"]:
-        saved["lr_decay_iters"] = None  # the schedule was saved resolved to max_iters: it follows the new one
+        saved["lr_decay_iters"] = None  # a decay as long as the run is the run's length: it follows the new one
     return ckpt, {**defaults, **saved}
 
 
