@@ -527,6 +527,45 @@ def test_resume_to_a_reached_target_stops_and_a_larger_one_extends_the_schedule(
     assert lrs[7] > 1e-4 * 1.5  # not stuck at min_lr after the old schedule's end
 
 
+def valid(action, text):
+    """text as the flag reads it, or None where the flag refuses it."""
+    try:
+        return action.type(text) if action.type else text
+    except argparse.ArgumentTypeError:
+        return None
+
+
+def test_resume_refuses_another_value_for_every_setting_outside_may_change_on_resume(assign_run, capsys):
+    """--resume continues exactly: every flag outside MAY_CHANGE_ON_RESUME, given a value other than the run's, is
+    refused by name; those inside are taken."""
+    saved = common.load_checkpoint(os.path.join(assign_run, "ckpt.pt"))["args"]
+    tried = []
+    for action in train.get_parser()._actions:
+        name, was = action.dest, saved.get(action.dest)
+        if name in ("help", "resume", "overwrite", *train.MAY_CHANGE_ON_RESUME):
+            continue
+        if action.choices:
+            flag = [action.option_strings[0], next(str(c) for c in action.choices if c != was)]
+        elif isinstance(action, argparse.BooleanOptionalAction):
+            flag = [f"--no-{name}" if was else f"--{name}"]
+        elif action.nargs == 0:  # a switch that is on stays on: not given is not another value
+            if was:
+                continue
+            flag = [action.option_strings[0]]
+        else:
+            flag = [action.option_strings[0], next(v for v in ("3", "0.5", "7") if valid(action, v) not in (None, was))]
+        with pytest.raises(SystemExit):
+            train.parse_args(["--resume", "--out_dir", assign_run, *flag])
+        err = capsys.readouterr().err
+        assert "--resume" in err and f"--{name} " in err, (flag, err)
+        tried.append(name)
+    assert {"batch_size", "grad_accum", "warmup_iters", "grad_clip", "data_seed", "seed", "n_head"} <= set(tried)
+    may_change = ["--max_iters", "40", "--lr_decay_iters", "40", "--eval_interval", "5", "--log_interval", "5",
+                  "--peak_flops", "1e12", "--dtype", "float32", "--attention", "mask", "--device", "cpu"]
+    args, _ = train.parse_args(["--resume", "--out_dir", assign_run, *may_change])
+    assert (args.max_iters, args.eval_interval, args.attention) == (40, 5, "mask")
+
+
 def test_a_resume_keeps_a_decay_length_of_its_own_and_stretches_one_that_was_max_iters(assign_run, tmp_path):
     ckpt = common.load_checkpoint(os.path.join(assign_run, "ckpt.pt"))  # max_iters 30
     for saved, resumed in ((40, 40), (30, None)):  # None: decay_iters follows the new max_iters
@@ -604,6 +643,11 @@ def test_ckpt_best_holds_the_lowest_validation_loss_and_ckpt_the_latest(tmp_path
     best, last = (common.load_checkpoint(os.path.join(out, name)) for name in ("ckpt_best.pt", "ckpt.pt"))
     assert (best["iter_num"], best["best_val_loss"]) == (1, 2.0)
     assert (last["iter_num"], last["best_val_loss"]) == (3, 2.0)
+    val_losses = iter([2.6])  # at iteration 4, after a resume: worse than the run's best, which resumes with it
+    code, text = run_main("train.py", "--resume", "--max_iters", "4", "--out_dir", out)
+    assert code == 0, text
+    best, last = (common.load_checkpoint(os.path.join(out, name)) for name in ("ckpt_best.pt", "ckpt.pt"))
+    assert (best["iter_num"], last["iter_num"], last["best_val_loss"]) == (1, 4, 2.0)
 
 
 def test_log_progress_counts_tokens_and_flops_over_every_process(tmp_path):
@@ -1095,15 +1139,19 @@ def test_sample_prune_eval_and_find_budgets(assign_run, capsys, tmp_path):
 
 
 def test_sample_prune_compares_with_the_keys_an_unpruned_buffer_holds(assign_run, capsys):
-    """--prune's 'without pruning' is the peak of an unpruned generate of the same prompt and length."""
+    """--prune's 'without pruning' is the peak of an unpruned generate of the same prompt and length; the KV MiB
+    count every layer's keys of every sample."""
     sample.main(["--out_dir", assign_run, "--start", "a=3 b=1 a?", "--max_new_tokens", "5", "--top_k", "1",
-                 "--prune", "--budget", "4", "--dtype", "float32"])
+                 "--prune", "--budget", "4", "--num_samples", "3", "--dtype", "float32"])
     text = capsys.readouterr().out
     model, _ = sample.load_model(assign_run, "ckpt.pt", "cpu")
     model.generate(torch.tensor([[0] + common.assign_encode("a=3 b=1 a?")]), 5, top_k=1)
     unpruned = model.decode_stats["peak"]
     assert unpruned[0] < model.config.block_size and text.count(f"vs {unpruned[0]} without pruning") == 2
     assert f"peak 4 cached keys (final 4) vs {unpruned[1]} without pruning" in text
+    per_key = 2 * 32 * 4 + 8 + 4  # k and v (n_embd 32, float32), an int64 position, f in float32
+    mib = [float(m) for m in re.search(r"KV cache: (\S+) MiB with pruning vs (\S+) MiB without", text).groups()]
+    assert mib == [round(3 * sum(keys) * per_key / 2 ** 20, 3) for keys in ([4, 4], unpruned)], text
 
 
 def test_a_budget_above_block_size_keeps_block_size_keys():

@@ -23,6 +23,7 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 import kernels  # noqa: E402
+import selective_gpt  # noqa: E402
 from selective_gpt import (GPT, GPTConfig, CausalSelfAttention, attention_path, future_mask, head0_logits,  # noqa: E402
                            memory_loss, pruned_visibility, selective_attention, selective_attention_reference,
                            selective_mask)
@@ -332,6 +333,8 @@ def test_compiled_selective_model_has_no_graph_breaks_and_matches_eager():
 def test_tiled_custom_ops_pass_opcheck():
     q, k, v = random_qkv(B=2, H=2, T=9, D=8)
     torch.library.opcheck(torch.ops.selective_gpt.chunked_forward.default, (q, k, v, 4))
+    dy = torch.randn_like(q)
+    torch.library.opcheck(torch.ops.selective_gpt.chunked_backward.default, (dy, *(t.detach() for t in (q, k, v)), 4))
 
 
 @given(causal_logits(), st.booleans(), st.booleans())
@@ -392,7 +395,39 @@ def test_attention_paths_are_chosen_and_checked():
         attention_path("tiled", q, dropout_p=0.1)
     with pytest.raises(ValueError, match="attention must be auto, reference, mask, tiled"):
         GPTConfig(attention="fused")
+    with pytest.raises(ValueError, match="memory loss needs every layer's F"):
+        GPTConfig(selective=True, memory_loss_weight=0.1, attention="tiled")
     assert kernels.why_not_tiled(q) is None and kernels.why_not_tiled(q, dropout_p=0.1) == "it has no dropout"
+
+
+@pytest.mark.parametrize("config,path", [
+    (dict(), "tiled"), (dict(attention="tiled"), "tiled"), (dict(attention="mask"), "mask"),
+    (dict(attention="reference"), "reference"), (dict(dropout=0.1), "mask"), (dict(mask_self=True), "mask"),
+    (dict(memory_loss_weight=0.1), "mask"), (dict(selective=False), None)])
+def test_a_model_trains_on_the_path_its_config_names(config, path, monkeypatch):
+    """Every path gives the same y, so no equivalence test can tell which one ran: count the calls of each path's
+    function in a training step (forward and backward) of a 3-layer model; 'auto' takes tiled where it applies."""
+    calls = []
+    for module, name in ((kernels, "tiled_selective_attention"), (selective_gpt, "selective_attention_sdpa"),
+                         (selective_gpt, "selective_attention_reference")):
+        def counted(*args, _real=getattr(module, name), _name=name, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(module, name, counted)
+    model = tiny_model(**config).train()
+    idx = torch.randint(1, 61, (2, 12), generator=torch.Generator().manual_seed(0))
+    model(idx, targets=idx)[1].backward()
+    names = {"tiled": "tiled_selective_attention", "mask": "selective_attention_sdpa",
+             "reference": "selective_attention_reference", None: None}
+    assert calls == [names[path]] * 3 if path else calls == []
+
+
+def test_forward_without_targets_gives_the_last_positions_logits():
+    model = tiny_model()
+    idx = torch.randint(1, 61, (2, 12), generator=torch.Generator().manual_seed(0))
+    logits, loss = model(idx)
+    assert loss is None and logits.shape == (2, 1, 61)
+    torch.testing.assert_close(logits, model(idx, targets=idx)[0][:, -1:], rtol=1e-12, atol=1e-12)
 
 
 def test_a_triton_older_than_the_oldest_tested_is_left_unused(monkeypatch):
@@ -637,13 +672,18 @@ def test_budget_errors():
         model(torch.zeros(1, 49, dtype=torch.long))
     with pytest.raises(ValueError, match="divisible"):
         GPTConfig(n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match="BOS and one token"):
+        GPTConfig(block_size=1)
 
 
 def test_generate_past_block_size_keeps_memory_bounded():
     model = tiny_model(block_size=16)
     prompt = torch.zeros(2, 1, dtype=torch.long)
     out = model.generate(prompt, max_new_tokens=50, top_k=1)
-    assert out.shape == (2, 51) and max(model.decode_stats["peak"]) <= 16
+    assert out.shape == (2, 51)
+    for budgets in (None, [100, 100, 100]):  # a buffer holds block_size keys at most: generate re-encodes there
+        _, state = model.prefill(out[:, :12], budgets=budgets)
+        assert [buffer.k.size(2) for buffer in state["layers"]] == [16] * 3
     out = model.generate(prompt, max_new_tokens=50, top_k=1, budgets=[3, 5, 4])
     assert out.shape == (2, 51) and model.decode_stats["peak"] == [3, 5, 4]
     _, state = model.prefill(out[:, :12], budgets=[3, 5, 4])
@@ -1156,14 +1196,20 @@ def test_property_pruned_decoding_equals_the_pruned_parallel_pass_and_buffers_ob
                 before[b] = now
 
 
-@settings(max_examples=20)
+@settings(max_examples=25)
 @given(B=st.integers(1, 2), H=st.integers(1, 3), T=st.integers(1, 40), D=st.sampled_from([1, 4, 8]),
-       scale=st.floats(0.5, 3.0), seed=st.integers(0, 2 ** 16), path=st.sampled_from(["mask", "tiled"]))
-def test_property_every_attention_path_equals_the_reference(B, H, T, D, scale, seed, path):
+       scale=st.floats(0.5, 3.0), seed=st.integers(0, 2 ** 16), path=st.sampled_from(["mask", "tiled", "chunks"]),
+       rows=st.integers(1, 40))
+def test_property_every_attention_path_equals_the_reference(B, H, T, D, scale, seed, path, rows):
+    """'chunks': the CPU tiled path with `rows` query rows per chunk (its own choice is one chunk at these T), so
+    that the carries between chunks are drawn too."""
     q, k, v = (t.detach().mul(scale).requires_grad_() for t in random_qkv(B, H, T, D, torch.float64, seed))
     dy = torch.randn(B, H, T, D, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
     want = grads_of(reference, q, k, v, dy)
-    got = grads_of(lambda a, b, c: selective_attention(a, b, c, attention=path), q, k, v, dy)
+    if path == "chunks":
+        got = grads_of(lambda a, b, c: kernels.chunked_selective_attention(a, b, c, rows), q, k, v, dy)
+    else:
+        got = grads_of(lambda a, b, c: selective_attention(a, b, c, attention=path), q, k, v, dy)
     for name, w, g in zip(["y", "dq", "dk", "dv"], want, got):
         torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-9, msg=f"{path} {name}")
 
