@@ -291,14 +291,17 @@ def test_train_assign_end_to_end(assign_run):
 
 def test_the_logged_attention_path_is_the_one_that_runs(assign_run, tmp_path):
     """With the memory loss on, every layer keeps F, and an ablation of the rule has no tiled kernel: the mask path
-    runs, and the log says so (else what 'auto' picks: tiled here)."""
+    runs, and the log says so (else what 'auto' picks: tiled here); with dropout, training takes mask, evaluations
+    (no dropout) tiled."""
     assert log_records(assign_run)[0]["attention_path"] == "tiled"
-    for name, flags in (("memory_loss", ["--memory_loss_weight", "0.1"]), ("ablation", ["--mask_self"])):
+    for name, flags, path in (("memory_loss", ["--memory_loss_weight", "0.1"], "mask"),
+                              ("ablation", ["--mask_self"], "mask"),
+                              ("dropout", ["--dropout", "0.1"], "mask (evaluation: tiled)")):
         out = str(tmp_path / name)
         code, text = run_main("train.py", "--dataset", "assign", "--selective", *TINY, "--max_iters", "1", *flags,
                               "--out_dir", out)
         assert code == 0, text
-        assert log_records(out)[0]["attention_path"] == "mask", name
+        assert log_records(out)[0]["attention_path"] == path and f"attention path: {path}" in text, name
 
 
 def test_train_c4_end_to_end(tmp_path, c4_data):

@@ -302,15 +302,20 @@ def build(args, ckpt, device, dtype, ddp, rank):
 
 
 def run_attention_path(args, device, dtype):
-    """The path the run's selective attention takes (None: standard attention); refused, in every process and before
-    anything is written, where this device has no kernel for it."""
+    """The path the run's selective attention takes (None: standard attention), and the evaluations' where it
+    differs (they have no dropout); refused, in every process and before anything is written, where this device has
+    no kernel for it."""
+    if not args.selective:
+        return None
+    if args.memory_loss_weight > 0:
+        return "mask"  # the memory loss keeps every layer's F, in evaluations too: the mask path (SPEC §7)
     q = torch.empty(1, args.n_head, 1, args.n_embd // args.n_head, device=device, dtype=getattr(torch, dtype))
     ablated = any(GPTConfig(**model_args(args)).rule.values())
     try:
-        path = attention_path(args.attention, q, args.dropout, ablated) if args.selective else None
+        path, evaluation = (attention_path(args.attention, q, p, ablated) for p in (args.dropout, 0.0))
     except ValueError as e:
         raise SystemExit(f"train.py: error: --attention {args.attention}: {e}")
-    return "mask" if args.memory_loss_weight > 0 else path  # the memory loss keeps every layer's F: mask (SPEC §7)
+    return path if path == evaluation else f"{path} (evaluation: {evaluation})"
 
 
 def start_run(args, ckpt, raw, device, world, dtype, path, peak_flops):
