@@ -1088,22 +1088,33 @@ def plots(assets):
 
 
 def plot_heads(plt, results, assets):
-    h, cfg = results["heads"], results["settings"]["heads"]
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for variant, color, shift in (("standard", "tab:blue", 0.97), ("selective", "tab:red", 1.03)):
-        heads = [r["n_head"] for r in h["rows"]]
-        ax.errorbar([H * shift for H in heads], [r[variant]["mean"] for r in h["rows"]],
-                    yerr=[r[variant]["sd"] for r in h["rows"]], fmt="o-", color=color, capsize=3, label=variant)
-        for r in h["rows"]:  # every seed
-            ax.plot([r["n_head"] * shift] * len(r[variant]["values"]), r[variant]["values"], "x", color=color,
-                    alpha=0.5, ms=5)
+    """Validation loss against heads, every seed; the heads_width section beside the heads section when it ran."""
+    cfg = results["settings"]["heads"]
+    fig, ax = plt.subplots(figsize=(5.5, 4.4 if "heads_width" in results else 3.8))
+    for key, style, fill in (("heads", "o-", None), ("heads_width", "s--", "white")):
+        if key not in results:
+            continue
+        h = results[key]
+        init = "width rule" if h["init_std"] == "width" else f"std {h['init_std']}"
+        for variant, color, shift in (("standard", "tab:blue", 0.97), ("selective", "tab:red", 1.03)):
+            heads = [r["n_head"] for r in h["rows"]]
+            label = variant if "heads_width" not in results else f"{variant}, {init}, {h['dtype']}"
+            ax.errorbar([H * shift for H in heads], [r[variant]["mean"] for r in h["rows"]],
+                        yerr=[r[variant]["sd"] for r in h["rows"]], fmt=style, color=color, mfc=fill or color,
+                        capsize=3, label=label)
+            for r in h["rows"]:  # every seed
+                ax.plot([r["n_head"] * shift] * len(r[variant]["values"]), r[variant]["values"], "x", color=color,
+                        alpha=0.5, ms=5)
     ax.set_xscale("log", base=2)
     ax.set_xticks(heads, [str(H) for H in heads])
     ax.set_xlabel("heads")
     ax.set_ylabel("validation loss")
     ax.set_title(f"C4 sample, {cfg['n_layer']} layers x {cfg['n_embd']}, block {cfg['block_size']}, "
                  f"{h['tokens_per_run'] / 1e6:.1f}M tokens; x: seeds", fontsize=9)
-    ax.legend()
+    if "heads_width" in results:  # four lines: the legend below the axes
+        ax.legend(fontsize=8, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.2))
+    else:
+        ax.legend()
     return fig
 
 
