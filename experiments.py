@@ -393,7 +393,8 @@ def pruning_experiment(cfg, heads_cfg, data_dir, out_root, assets):
     """Per block size: a standard model, and selective ones per memory loss weight, trained like the heads runs (the
     heads sweep's learning rate, the same tokens per step and steps). Each selective model gets two greedy budget
     searches: down to the standard model's val ppl (the paper's criterion, SPEC §4), and down to its own unpruned
-    val ppl + 1% (how far it can be pruned at all); and the no-context control."""
+    val ppl + 1% (how far it can be pruned at all); and the no-context control. The searches pick budgets on their
+    batches, so the found budgets are scored again on as many held-out batches."""
     lr = lr_sweep(heads_cfg, data_dir, out_root, assets)["chosen"]
     ctx = torch.autocast("cpu", dtype=torch.bfloat16)
     jobs = []
@@ -411,8 +412,11 @@ def pruning_experiment(cfg, heads_cfg, data_dir, out_root, assets):
     for run in cfg["runs"]:
         T = run["block_size"]
         std_model, std_run = sample.load_model(os.path.join(out_root, f"pruning-std-T{T}-lr{lr:g}"), "ckpt.pt", "cpu")
-        batches = list(sample.validation_batches(std_run, cfg["search_batches"], run["batch_size"], "cpu"))
+        n = cfg["search_batches"]
+        batches, held_out = (list(sample.validation_batches(std_run, n, run["batch_size"], "cpu", first=first))
+                             for first in (0, n))
         standard_ppl = sample.perplexity(std_model, batches, ctx)
+        standard_held_out = sample.perplexity(std_model, held_out, ctx)
         for weight in run["weights"]:
             name = f"pruning-sel-T{T}-eps{weight}-lr{lr:g}"
             model, _ = sample.load_model(os.path.join(out_root, name), "ckpt.pt", "cpu")
@@ -433,6 +437,11 @@ def pruning_experiment(cfg, heads_cfg, data_dir, out_root, assets):
             # the control: BOS and the current token only (budget 2, SPEC §4). How much of the perplexity needs
             # context at all sets how far any pruning can go at this scale.
             row["no_context_ppl"] = sample.perplexity(model, batches, ctx, [2] * model.config.n_layer)
+            # the searches chose their budgets on `batches`: score them where they did not look
+            found = {key: row[key]["budgets"] for key in ("vs_standard", "vs_itself") if row[key]["budgets"]}
+            row["held_out"] = {"standard_ppl": standard_held_out,
+                               "unpruned_ppl": sample.perplexity(model, held_out, ctx),
+                               **{key: sample.perplexity(model, held_out, ctx, b) for key, b in found.items()}}
             results.append(row)
     return results
 
@@ -1010,7 +1019,18 @@ def pruning_table(rows):
                       f"{r[key]['memory_factor']:.1f}x" if found else "-"]
         lines.append(f"| {r['block_size']} | {r['memory_loss_weight']} | {r['standard_ppl']:.2f} | "
                      f"{r['unpruned_ppl']:.2f} | {r['no_context_ppl']:.2f} | " + " | ".join(cells) + " |")
-    return lines + [""]
+    lines.append("")
+    held = [r for r in rows if "held_out" in r]  # the found budgets on batches the searches did not see
+    if held:
+        lines += ["| held-out batches: block | memory loss weight | standard ppl | selective ppl | at the budgets for "
+                  "ppl <= standard | at the budgets for ppl <= own + 1% |", "|---:|---:|---:|---:|---:|---:|"]
+        for r in held:
+            h = r["held_out"]
+            lines.append(f"| {r['block_size']} | {r['memory_loss_weight']} | {h['standard_ppl']:.2f} | "
+                         f"{h['unpruned_ppl']:.2f} | " + " | ".join(f"{h[key]:.2f}" if key in h else "-"
+                                                                  for key in ("vs_standard", "vs_itself")) + " |")
+        lines.append("")
+    return lines
 
 
 def pm(stats):

@@ -55,7 +55,8 @@ def get_parser():
                    help="--find_budgets without --target_ppl: allowed relative rise over the unpruned perplexity")
     p.add_argument("--shrink", type=checked(float, lambda v: 0 < v < 1, "must be in (0, 1)"), default=0.8,
                    help="--find_budgets: a layer's budget shrinks by this")
-    p.add_argument("--eval_iters", type=at_least(1), default=None, help="validation batches (None: the run's)")
+    p.add_argument("--eval_iters", type=at_least(1), default=None,
+                   help="validation batches (None: the run's); --find_budgets scores its budgets on as many others too")
     p.add_argument("--batch_size", type=at_least(1), default=None, help="validation batch size (None: the run's)")
     p.add_argument("--explain", action="store_true", help="show what each layer masks for the last token of --start "
                    "(F of the last query, and with --budget(s) what each layer's buffer evicted, SPEC §4)")
@@ -89,11 +90,12 @@ def model_fingerprint(model):
     return digest.hexdigest()[:16]
 
 
-def validation_batches(run, n, batch_size, device, data_dir=None):
-    """The run's own fixed evaluation batches (train.py's), n of them; data_dir overrides the run's."""
+def validation_batches(run, n, batch_size, device, data_dir=None, first=0):
+    """The run's own fixed evaluation batches (train.py's), n of them from number `first` (0: the ones train.py
+    evaluates on); data_dir overrides the run's."""
     shards = {"validation": load_shards(data_dir or run["data_dir"], "validation", run["block_size"])} \
         if run["dataset"] == "c4" else None
-    for k in range(n):
+    for k in range(first, first + n):
         x, y = get_batch(dict(run, batch_size=batch_size), "val", -1, k, shards)
         yield x.to(device), y.to(device)
 
@@ -335,8 +337,10 @@ def budgets_of(parser, args, model):
     return budgets
 
 
-def search_budgets(args, model, run, batches, ctx):
-    """--find_budgets: the greedy search (SPEC §4.3), its result saved to out_dir/budgets.json."""
+def search_budgets(args, model, run, batches, held_out, ctx):
+    """--find_budgets: the greedy search (SPEC §4.3) on batches, its result saved to out_dir/budgets.json. The search
+    picks the budgets that score best on its batches, so their perplexity there is optimistic: held_out, batches it
+    never saw, scores them without that bias."""
     L, T = model.config.n_layer, model.config.block_size
     unpruned = perplexity(model, batches, ctx)
     target = args.target_ppl or unpruned * (1 + args.tolerance)
@@ -344,12 +348,16 @@ def search_budgets(args, model, run, batches, ctx):
     budgets, ppl = find_budgets(model, batches, ctx, target, args.shrink)[-1]
     if ppl > target:
         raise SystemExit(f"sample.py: even unpruned, val ppl {ppl:.3f} is above the target {target:.3f}")
+    check = {"batches": len(held_out), "unpruned_val_ppl": perplexity(model, held_out, ctx),
+             "val_ppl": perplexity(model, held_out, ctx, budgets)}
     result = {"budgets": budgets, "val_ppl": ppl, "unpruned_val_ppl": unpruned, "target_ppl": target,
-              "memory_factor": memory_factor(model, budgets), "block_size": T, "n_layer": L,
+              "held_out": check, "memory_factor": memory_factor(model, budgets), "block_size": T, "n_layer": L,
               "checkpoint": args.ckpt, "iter_num": run["iter_num"], "model_fingerprint": model_fingerprint(model)}
     write_json(os.path.join(args.out_dir, "budgets.json"), result)
     print(f"budgets {budgets}: val ppl {ppl:.3f} (unpruned {unpruned:.3f}), {L} x {T} keys -> {sum(budgets)}: "
-          f"memory {result['memory_factor']:.2f}x smaller; saved to {args.out_dir}/budgets.json")
+          f"memory {result['memory_factor']:.2f}x smaller; saved to {args.out_dir}/budgets.json\n"
+          f"on {len(held_out)} validation batches the search did not see: val ppl {check['val_ppl']:.3f} "
+          f"(unpruned {check['unpruned_val_ppl']:.3f}, {check['val_ppl'] / check['unpruned_val_ppl'] - 1:+.1%})")
 
 
 def compare_perplexity(model, batches, ctx, budgets):
@@ -377,10 +385,10 @@ def show_explanation(parser, args, model, prompt, decode, budgets):
             print("--explain_png: matplotlib is not installed (pip install matplotlib); the view above is all")
 
 
-def report_memory(args, model, budgets, prompt_len):
+def report_memory(args, model, budgets):
     """--prune: each layer's peak and final cached keys, and the KV memory against an unpruned buffer."""
-    L, T = model.config.n_layer, model.config.block_size
-    unpruned = min(prompt_len + args.max_new_tokens - 1, T)  # every position of the window, every layer
+    L = model.config.n_layer
+    unpruned = model.decode_stats["context"]  # an unpruned buffer keeps every position of the window, every layer
     bytes_per_key = model.decode_stats["bytes_per_key"]  # k and v, position, f
     for layer, (peak, final) in enumerate(zip(model.decode_stats["peak"], model.decode_stats["final"])):
         print(f"layer {layer}: budget {budgets[layer]}, peak {peak} cached keys (final {final}) vs {unpruned} "
@@ -406,12 +414,14 @@ def main(argv=None):
         parser.error(f"--data_dir: {args.out_dir} trained on --dataset {run['dataset']}, which reads no data files")
     budgets = budgets_of(parser, args, model)
     if args.find_budgets or args.eval_ppl:
+        n, batch_size = args.eval_iters or run["eval_iters"], args.batch_size or run["batch_size"]
         try:
-            batches = list(validation_batches(run, args.eval_iters or run["eval_iters"],
-                                              args.batch_size or run["batch_size"], device, args.data_dir))
+            batches = list(validation_batches(run, n, batch_size, device, args.data_dir))
+            held_out = list(validation_batches(run, n, batch_size, device, args.data_dir, first=n)) \
+                if args.find_budgets else None
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"sample.py: {e}")
-        return search_budgets(args, model, run, batches, ctx) if args.find_budgets else \
+        return search_budgets(args, model, run, batches, held_out, ctx) if args.find_budgets else \
             compare_perplexity(model, batches, ctx, budgets)
     if run["dataset"] == "assign":
         encode, decode, bos = assign_encode, assign_decode, 0
@@ -423,7 +433,8 @@ def main(argv=None):
     except ValueError as e:
         parser.error(str(e))
     if args.explain:
-        return show_explanation(parser, args, model, prompt, decode, budgets)
+        with ctx:  # the dtype generation runs in, so that its evictions are the ones --prune makes
+            return show_explanation(parser, args, model, prompt, decode, budgets)
     if len(prompt) > model.config.block_size:
         print(f"sample.py: the prompt has {len(prompt)} tokens with BOS, more than block_size "
               f"{model.config.block_size}: the model sees BOS and its latest {max(1, model.config.block_size // 2 - 1)}"
@@ -439,7 +450,7 @@ def main(argv=None):
         print("---------------")
     print(f"{args.num_samples * args.max_new_tokens / elapsed:.1f} tokens/s")
     if args.prune:
-        report_memory(args, model, budgets, len(prompt))
+        report_memory(args, model, budgets)
 
 
 if __name__ == "__main__":

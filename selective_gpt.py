@@ -388,11 +388,12 @@ class GPT(nn.Module):
         """Continue idx (B, T), BOS first, by max_new_tokens tokens; top_k=1 or temperature=0 is greedy. With budgets
         (an int, or one per layer) each layer's buffer keeps at most that many keys (§4). At block_size the context
         is re-encoded from BOS + the latest block_size // 2 - 1 tokens (learned positions cannot extrapolate).
-        Afterwards self.decode_stats holds the peak and final number of cached keys per layer, and the bytes one
-        cached key takes per sequence."""
+        Afterwards self.decode_stats holds the peak and final number of cached keys per layer, the peak an unpruned
+        buffer would hold ('context': the longest context a query saw), and the bytes one cached key takes per
+        sequence."""
         block_size = self.config.block_size
         window = max(1, block_size // 2 - 1)
-        peak = [0] * self.config.n_layer
+        peak, longest = [0] * self.config.n_layer, 0
         state = None
         for _ in range(max_new_tokens):
             if state is None or state["t"] == block_size:  # (re-)encode the context in one parallel pass
@@ -400,8 +401,8 @@ class GPT(nn.Module):
                 logits, state = self.prefill(context, budgets)
             else:
                 logits = self.decode(idx[:, -1:], state)
-            peak = [max(p, buffer.n) for p, buffer in zip(peak, state["layers"])]
-            if temperature == 0:  # greedy, like top_k=1
+            peak, longest = [max(p, buffer.n) for p, buffer in zip(peak, state["layers"])], max(longest, state["t"])
+            if temperature == 0 or top_k == 1:  # greedy (argmax: tied logits, frequent in bf16, do not draw)
                 idx_next = logits.argmax(dim=-1, keepdim=True)
             else:
                 logits = logits / temperature
@@ -411,7 +412,7 @@ class GPT(nn.Module):
                 idx_next = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
         self.decode_stats = {"peak": peak, "final": [b.n for b in state["layers"]] if state else [0] * len(peak),
-                             "bytes_per_key": state["layers"][0].bytes_per_key() if state else 0}
+                             "context": longest, "bytes_per_key": state["layers"][0].bytes_per_key() if state else 0}
         return idx
 
 

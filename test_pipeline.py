@@ -1137,6 +1137,13 @@ def test_sample_prune_eval_and_find_budgets(assign_run, capsys, tmp_path):
     assert found["val_ppl"] <= found["target_ppl"]
     assert found["unpruned_val_ppl"] == pytest.approx(float(unpruned), rel=1e-3)
     assert found["memory_factor"] == pytest.approx(2 * 24 / sum(found["budgets"]))
+    model, run = sample.load_model(assign_run, "ckpt.pt", "cpu")
+    others = list(sample.validation_batches(run, 2, 4, "cpu", first=2))  # the 2 after the run's 2 eval batches
+    held = found["held_out"]  # the budgets scored where the search did not look
+    assert held["batches"] == 2 and held["unpruned_val_ppl"] != pytest.approx(found["unpruned_val_ppl"], rel=1e-3)
+    no_autocast = contextlib.nullcontext()  # --dtype float32
+    assert held["unpruned_val_ppl"] == pytest.approx(sample.perplexity(model, others, no_autocast))
+    assert held["val_ppl"] == pytest.approx(sample.perplexity(model, others, no_autocast, found["budgets"]))
     sample.main(["--out_dir", assign_run, "--eval_ppl", "--dtype", "float32"])  # budgets.json is picked up
     assert f"with budgets {found['budgets']}" in capsys.readouterr().out
 
@@ -1155,6 +1162,10 @@ def test_sample_prune_compares_with_the_keys_an_unpruned_buffer_holds(assign_run
     per_key = 2 * 32 * 4 + 8 + 4  # k and v (n_embd 32, float32), an int64 position, f in float32
     mib = [float(m) for m in re.search(r"KV cache: (\S+) MiB with pruning vs (\S+) MiB without", text).groups()]
     assert mib == [round(3 * sum(keys) * per_key / 2 ** 20, 3) for keys in ([4, 4], unpruned)], text
+    long_prompt = " ".join(f"{'abcdefgh'[i % 8]}={i % 10}" for i in range(30)) + " a?"  # 32 tokens with BOS
+    sample.main(["--out_dir", assign_run, "--start", long_prompt, "--max_new_tokens", "3", "--top_k", "1", "--prune",
+                 "--budget", "4", "--dtype", "float32"])
+    assert "vs 14 without pruning" in capsys.readouterr().out, "block 24: BOS + the latest 11 tokens, 2 decoded"
 
 
 def test_a_budget_above_block_size_keeps_block_size_keys():
@@ -1709,6 +1720,7 @@ def test_experiments_quick(tmp_path):
     assert (results["heads"]["init_std"], results["heads_width"]["init_std"]) == (0.02, "width")
     assert [(r["recipe"], r["init"]) for r in results["recipe"]["confirmation"]] == [
         ("train_py", "nanogpt"), ("train_py", "width"), ("plain", "width")]
+    assert {"standard_ppl", "unpruned_ppl"} <= results["pruning"][0]["held_out"].keys()
     assert [len(r["layers"]) for r in results["tiles"]["rows"]] == [2, 2]  # memory loss 0 and 0.1, 2 layers each
     assert all(0 <= share <= 1 for r in results["tiles"]["rows"] for layer in r["layers"] for share in layer.values())
     guard = results["guard"]  # the verdict written is the one its logged accuracies give

@@ -604,6 +604,9 @@ def test_sampling_draws_from_the_top_k_and_temperature_scales_the_logits():
     assert not torch.equal(logits.argmax(-1)[:, 4:], out[:, 5:]), "and not only the likeliest"
     cold = model.generate(prompt, max_new_tokens=40, temperature=1e-3)  # softmax(logits / 1e-3): one-hot
     assert torch.equal(cold, model.generate(prompt, max_new_tokens=40, top_k=1))
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # every logit 0: all tokens tie, as bf16 logits can
+    assert (model.generate(prompt, max_new_tokens=5, top_k=1)[:, 5:] == 0).all(), "top_k=1 is argmax: no draw"
 
 
 def test_budgets_at_least_T_give_the_unpruned_logits():
@@ -680,7 +683,9 @@ def test_generate_past_block_size_keeps_memory_bounded():
     model = tiny_model(block_size=16)
     prompt = torch.zeros(2, 1, dtype=torch.long)
     out = model.generate(prompt, max_new_tokens=50, top_k=1)
-    assert out.shape == (2, 51)
+    assert out.shape == (2, 51) and model.decode_stats["context"] == max(model.decode_stats["peak"]) == 16
+    model.generate(torch.zeros(2, 20, dtype=torch.long), max_new_tokens=3, top_k=1, budgets=[3, 5, 4])
+    assert model.decode_stats["context"] == 8 + 2, "a prompt above block_size: BOS + the latest 7, then 2 decoded"
     for budgets in (None, [100, 100, 100]):  # a buffer holds block_size keys at most: generate re-encodes there
         _, state = model.prefill(out[:, :12], budgets=budgets)
         assert [buffer.k.size(2) for buffer in state["layers"]] == [16] * 3
