@@ -129,7 +129,7 @@ def chunk_rows(T, H):
 def selection(q0, k0, r0, r1, scale):
     """S on the chunk of query rows r0:r1 against keys 0:r1 of one sequence, float32 (c, r1)."""
     S = torch.mm(q0[r0:r1], k0[:r1].t()).mul_(scale).clamp_(min=0)  # §1.1 relu of head 0's logits
-    S[:, r0:].tril_(-1)  # §1.2 strictly below the diagonal: never the future, never itself
+    S[:, r0:].tril_(-1)  # strictly below the diagonal: never the future (§1.1), never itself (§1.2)
     S[:, 0] = 0  # §1.2 never BOS
     return S
 
@@ -146,7 +146,7 @@ def running_sum(X, reverse=False, block=16):
     the blocks' sums; one (c x c) triangular matmul would do c / block times the multiplications (timings:
     docs/PERFORMANCE.md)."""
     c, n = X.shape
-    b = block if c % block == 0 else c  # a ragged last chunk: one block
+    b = block if c % block == 0 else c  # rows not a multiple of block (a ragged last chunk): one block
     m = c // b
     triangle = torch.ones(b, b, dtype=X.dtype)
     out = torch.matmul((triangle.triu_(1) if reverse else triangle.tril_(-1)), X.view(m, b, n))  # inside blocks
@@ -447,8 +447,8 @@ if triton is not None:
         dq = tl.dot(tl.permute(dzt, (0, 2, 1)).to(k.dtype), k, input_precision=DOT) * scale
         dFt = -tl.sum(dzt, axis=0)  # this group's share of dF, transposed
         # dS[k, j] = sum_{i > k} dF[i, j]. For bf16/fp16 inputs, in the tile: dF^T times strictly upper-triangular
-        # ones on the tensor cores (about 40 instructions per warp, a tl.cumsum scan across lanes and warps about
-        # 320: docs/PERFORMANCE.md), dF rounded to the inputs' dtype first, as FlashAttention rounds dS.
+        # ones on the tensor cores (a tl.cumsum scan across lanes and warps takes 320 of a warp's 1,936 instructions
+        # per trip: docs/PERFORMANCE.md), dF rounded to the inputs' dtype first, as FlashAttention rounds dS.
         # float32 inputs keep the exact scan (their matmul would be tf32x3: dearer). S and F, which the softmax
         # sees, keep float32 running sums either way.
         if q.dtype == tl.float32:
