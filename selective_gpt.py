@@ -281,18 +281,20 @@ class GPT(nn.Module):
         self.loss_terms = {}  # the last forward's loss parts, for logging: {'ce': ..., 'mem': ...}
         self.decode_stats = {}  # the last generate's cached keys per layer ('peak', 'final') and 'bytes_per_key'
 
-    def run_blocks(self, idx, start=0, budgets=None, keep=False, buffers=None):
+    def run_blocks(self, idx, start=0, budgets=None, keep=False, buffers=None, then=None):
         """The one walk through the blocks, in parallel or (buffers) a decoding step: tokens idx (B, T) at positions
-        start.. -> the final hidden states (after ln_f) and each layer's Attended (keep=True) or None."""
+        start.. -> the final hidden states (after ln_f) and each layer's Attended (keep=True) or None; or, with
+        then, then(layer, Attended) as each layer finishes, so that its Attended (F: B x T x T) can go at once."""
         L, T = self.config.n_layer, idx.size(1)
         if start + T > self.config.block_size:
             raise ValueError(f"cannot forward a sequence of length {start + T}, block_size is {self.config.block_size}")
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         attended = []
-        for block, budget, buffer in zip(self.transformer.h, self.layer_budgets(budgets), buffers or [None] * L):
+        for layer, (block, budget, buffer) in enumerate(zip(self.transformer.h, self.layer_budgets(budgets),
+                                                            buffers or [None] * L)):
             x, seen = block(x, budget, keep, buffer, start)
-            attended.append(seen)
+            attended.append(seen if then is None else then(layer, seen))
         return self.transformer.ln_f(x), attended
 
     def forward(self, idx, targets=None, budgets=None):
@@ -370,10 +372,11 @@ class GPT(nn.Module):
     def prefill(self, idx, budgets=None):
         """A prompt idx (B, T), BOS first, in one parallel pass -> (logits (B, V) for the next token, state =
         {'t': the next position, 'layers': one KVBuffer per layer (§3), of at most budgets keys (§4)})."""
-        x, attended = self.run_blocks(idx, budgets=budgets, keep=True)
         # a layer without a budget keeps every key: block_size of them at most, as generate re-encodes there
         capacities = [min(b or self.config.block_size, self.config.block_size) for b in self.layer_budgets(budgets)]
-        layers = [KVBuffer.after_prompt(*a, capacity, self.config.rule) for a, capacity in zip(attended, capacities)]
+        # each layer's buffer is built as soon as the layer has run: one layer's F (B x T x T) alive at a time
+        x, layers = self.run_blocks(idx, budgets=budgets, keep=True, then=lambda layer, seen: KVBuffer.after_prompt(
+            *seen, capacities[layer], self.config.rule))
         return self.lm_head(x[:, -1]), {"t": idx.size(1), "layers": layers}
 
     @torch.no_grad()

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import types
 import warnings
+import weakref
 
 import torch
 
@@ -677,6 +678,21 @@ def test_budget_errors():
         GPTConfig(n_embd=30, n_head=4)
     with pytest.raises(ValueError, match="BOS and one token"):
         GPTConfig(block_size=1)
+
+
+def test_prefill_frees_each_layers_F_before_the_next_layer_runs(monkeypatch):
+    """A long prompt's F is B x T x T per layer: prefill builds each layer's buffer as the layer finishes, so the
+    layers' F are never all alive at once (weak references to them die before the next layer's buffer is built)."""
+    model, alive, real = tiny_model(), [], selective_gpt.KVBuffer.after_prompt
+
+    def watched(*args):
+        alive.append([ref() is not None for ref in refs])  # the earlier layers' F, as this layer's buffer is built
+        refs.append(weakref.ref(args[3]))
+        return real(*args)
+    refs = []
+    monkeypatch.setattr(selective_gpt.KVBuffer, "after_prompt", watched)
+    model.prefill(torch.randint(1, 61, (2, 20), generator=torch.Generator().manual_seed(0)))
+    assert alive == [[], [False], [False, False]]
 
 
 def test_generate_past_block_size_keeps_memory_bounded():
