@@ -1020,7 +1020,7 @@ def pruning_table(rows):
         lines.append(f"| {r['block_size']} | {r['memory_loss_weight']} | {r['standard_ppl']:.2f} | "
                      f"{r['unpruned_ppl']:.2f} | {r['no_context_ppl']:.2f} | " + " | ".join(cells) + " |")
     lines.append("")
-    held = [r for r in rows if "held_out" in r]  # the found budgets on batches the searches did not see
+    held = [r for r in rows if "held_out" in r]  # the found budgets on other batches than the searches
     if held:
         lines += ["| held-out batches: block | memory loss weight | standard ppl | selective ppl | at the budgets for "
                   "ppl <= standard | at the budgets for ppl <= own + 1% |", "|---:|---:|---:|---:|---:|---:|"]

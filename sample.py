@@ -339,8 +339,8 @@ def budgets_of(parser, args, model):
 
 def search_budgets(args, model, run, batches, held_out, ctx):
     """--find_budgets: the greedy search (SPEC §4.3) on batches, its result saved to out_dir/budgets.json. The search
-    picks the budgets that score best on its batches, so their perplexity there is optimistic: held_out, batches it
-    never saw, scores them without that bias."""
+    picks the budgets that score best on its batches, so their perplexity there is optimistic: held_out, as many
+    other batches drawn independently, scores them without that bias."""
     L, T = model.config.n_layer, model.config.block_size
     unpruned = perplexity(model, batches, ctx)
     target = args.target_ppl or unpruned * (1 + args.tolerance)
@@ -356,7 +356,7 @@ def search_budgets(args, model, run, batches, held_out, ctx):
     write_json(os.path.join(args.out_dir, "budgets.json"), result)
     print(f"budgets {budgets}: val ppl {ppl:.3f} (unpruned {unpruned:.3f}), {L} x {T} keys -> {sum(budgets)}: "
           f"memory {result['memory_factor']:.2f}x smaller; saved to {args.out_dir}/budgets.json\n"
-          f"on {len(held_out)} validation batches the search did not see: val ppl {check['val_ppl']:.3f} "
+          f"on {len(held_out)} other validation batches (not searched on): val ppl {check['val_ppl']:.3f} "
           f"(unpruned {check['unpruned_val_ppl']:.3f}, {check['val_ppl'] / check['unpruned_val_ppl'] - 1:+.1%})")
 
 

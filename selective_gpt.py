@@ -279,7 +279,7 @@ class GPT(nn.Module):
             if pn.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * config.n_layer))
         self.loss_terms = {}  # the last forward's loss parts, for logging: {'ce': ..., 'mem': ...}
-        self.decode_stats = {}  # the last generate's cached keys per layer ('peak', 'final') and 'bytes_per_key'
+        self.decode_stats = {}  # the last generate's cached keys: 'peak', 'final' per layer, 'context'; 'bytes_per_key'
 
     def run_blocks(self, idx, start=0, budgets=None, keep=False, buffers=None, then=None):
         """The one walk through the blocks, in parallel or (buffers) a decoding step: tokens idx (B, T) at positions
@@ -295,6 +295,7 @@ class GPT(nn.Module):
                                                             buffers or [None] * L)):
             x, seen = block(x, budget, keep, buffer, start)
             attended.append(seen if then is None else then(layer, seen))
+            del seen  # not kept past its layer: with `then`, what the layer saw goes before the next layer runs
         return self.transformer.ln_f(x), attended
 
     def forward(self, idx, targets=None, budgets=None):

@@ -681,16 +681,20 @@ def test_budget_errors():
 
 
 def test_prefill_frees_each_layers_F_before_the_next_layer_runs(monkeypatch):
-    """A long prompt's F is B x T x T per layer: prefill builds each layer's buffer as the layer finishes, so the
-    layers' F are never all alive at once (weak references to them die before the next layer's buffer is built)."""
-    model, alive, real = tiny_model(), [], selective_gpt.KVBuffer.after_prompt
+    """A long prompt's F is B x T x T per layer: prefill builds each layer's buffer as the layer finishes, so one
+    layer's F at most is alive (weak references to the earlier layers' F are dead when a layer starts)."""
+    model, refs, alive = tiny_model(), [], []
+    after_prompt, attend = selective_gpt.KVBuffer.after_prompt, CausalSelfAttention.forward
 
-    def watched(*args):
-        alive.append([ref() is not None for ref in refs])  # the earlier layers' F, as this layer's buffer is built
-        refs.append(weakref.ref(args[3]))
-        return real(*args)
-    refs = []
-    monkeypatch.setattr(selective_gpt.KVBuffer, "after_prompt", watched)
+    def watched_after_prompt(*args):
+        refs.append(weakref.ref(args[3]))  # F
+        return after_prompt(*args)
+
+    def watched_attend(self, *args, **kwargs):
+        alive.append([ref() is not None for ref in refs])
+        return attend(self, *args, **kwargs)
+    monkeypatch.setattr(selective_gpt.KVBuffer, "after_prompt", watched_after_prompt)
+    monkeypatch.setattr(CausalSelfAttention, "forward", watched_attend)
     model.prefill(torch.randint(1, 61, (2, 20), generator=torch.Generator().manual_seed(0)))
     assert alive == [[], [False], [False, False]]
 

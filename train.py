@@ -169,7 +169,7 @@ def resumed_settings(parser, given, defaults, out_dir):
         parser.error(f"--resume continues the run in {out_dir} exactly, with its own settings: {', '.join(changed)} "
                      f"would change it. Drop those flags, or start a new run with another --out_dir")
     if "max_iters" in given and "lr_decay_iters" not in given and saved.get("lr_decay_iters") == saved["max_iters"]:
-        saved["lr_decay_iters"] = None  # a decay as long as the run is the run's length: it follows the new one
+        saved["lr_decay_iters"] = None  # a decay saved equal to max_iters follows the new max_iters
     return ckpt, {**defaults, **saved}
 
 
@@ -301,24 +301,23 @@ def build(args, ckpt, device, dtype, ddp, rank):
     return model, raw, optimizer, scaler
 
 
-def run_attention_path(args, device, dtype):
-    """The path the run's selective attention takes (None: standard attention), and the evaluations' where it
-    differs (they have no dropout); refused, in every process and before anything is written, where this device has
-    no kernel for it."""
+def run_attention_paths(args, device, dtype):
+    """The paths the run's selective attention takes in training and in evaluations, which have no dropout (None:
+    standard attention); refused, in every process and before anything is written, where this device has no kernel
+    for them."""
     if not args.selective:
-        return None
+        return None, None
     if args.memory_loss_weight > 0:
-        return "mask"  # the memory loss keeps every layer's F, in evaluations too: the mask path (SPEC §7)
+        return "mask", "mask"  # the memory loss keeps every layer's F, in evaluations too: the mask path (SPEC §7)
     q = torch.empty(1, args.n_head, 1, args.n_embd // args.n_head, device=device, dtype=getattr(torch, dtype))
     ablated = any(GPTConfig(**model_args(args)).rule.values())
     try:
-        path, evaluation = (attention_path(args.attention, q, p, ablated) for p in (args.dropout, 0.0))
+        return tuple(attention_path(args.attention, q, p, ablated) for p in (args.dropout, 0.0))
     except ValueError as e:
         raise SystemExit(f"train.py: error: --attention {args.attention}: {e}")
-    return path if path == evaluation else f"{path} (evaluation: {evaluation})"
 
 
-def start_run(args, ckpt, raw, device, world, dtype, path, peak_flops):
+def start_run(args, ckpt, raw, device, world, dtype, paths, peak_flops):
     """The run directory (--overwrite clears an old run; parse_args checked the rest), its log, the first lines."""
     make_dir(args.out_dir, "--out_dir")
     for name in RUN_FILES if args.overwrite else ():
@@ -327,10 +326,11 @@ def start_run(args, ckpt, raw, device, world, dtype, path, peak_flops):
     start_log(args, ckpt, os.path.join(args.out_dir, "log.jsonl"), {
         "config": vars(args), "model": model_args(args), "git_commit": git_commit(), "device": device,
         "dtype": dtype, "world_size": world, "tokens_per_iter": tokens_per_iter, "n_params": raw.get_num_params(),
-        "torch": torch.__version__, "peak_flops": peak_flops, "attention_path": path})
+        "torch": torch.__version__, "peak_flops": peak_flops, "attention_path": paths[0], "evaluation_path": paths[1]})
     print(f"{'selective' if args.selective else 'standard'} GPT, {raw.get_num_params() / 1e6:.2f}M parameters, "
           f"{args.dataset}, {device} {dtype}, {tokens_per_iter} tokens/iter, world {world}, out_dir {args.out_dir}"
-          + (f", attention path: {path}" if path else ""))
+          + (f", attention path: {paths[0]}" if paths[0] else "")
+          + (f" (evaluations: {paths[1]})" if paths[1] != paths[0] else ""))
     if ckpt is not None:
         print(say_resume(args, ckpt))
 
@@ -358,7 +358,7 @@ def train(args, ckpt, ddp, rank, world):
     device = setup_device(args, ddp, rank)
     dtype = autocast_dtype(device.split(":")[0], args.dtype)
     ctx = autocast(device.split(":")[0], dtype)
-    path = run_attention_path(args, device, dtype)
+    paths = run_attention_paths(args, device, dtype)
     shards = None
     if args.dataset == "c4":
         try:
@@ -371,7 +371,7 @@ def train(args, ckpt, ddp, rank, world):
     peak_flops = args.peak_flops or measure_peak_flops(device, getattr(torch, dtype))
     log, master, started = os.path.join(args.out_dir, "log.jsonl"), rank == 0, time.time()
     if master:
-        start_run(args, ckpt, raw, device, world, dtype, path, peak_flops)
+        start_run(args, ckpt, raw, device, world, dtype, paths, peak_flops)
     it, best_val_loss = (0, float("inf")) if ckpt is None else (ckpt["iter_num"], ckpt["best_val_loss"])
     t0, timed = time.time(), 0  # the clock of the progress lines: training iterations since t0, evaluations left out
     while True:
