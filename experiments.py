@@ -30,7 +30,7 @@ The paper's claims (SPEC §6), checked at the scale two CPU cores allow. One com
            defaults, no schedule); the candidates left in contention also in two C4 plain loops (the plain recipe,
            train.py's recipe; float32, 600 steps), standard and selective, 3 seeds
   guard    init's assign loop with the default initialisation, 3 seeds: exit 1 unless selective reaches 0.9 answer
-           accuracy with at most a fifth of standard's errors in every seed (under half an hour on 2 cores; no data)
+           accuracy with at most a fifth of standard's errors in every seed (about an hour on 2 cores; no data)
 
 Runs go to out/experiments[-quick]/<name>, two at a time with one thread each, and are skipped once finished (a
 finished run with other settings than this file's and train.py's defaults is refused); a run cut short continues from
@@ -79,7 +79,7 @@ FULL = {
                   check_doublings=2, check_seeds=[1, 2, 3]),
     "ablations": dict(rules=["mask_bos", "mask_self"], n_head=4, seeds=[1, 2]),  # trained like heads
     "assign": dict(n_layer=4, n_embd=128, n_head=4, block_size=96, batch_size=16, max_iters=1500, eval_interval=100,
-                   eval_iters=20, learning_rate=1e-3, warmup_iters=100, init_std=0.02,
+                   eval_iters=20, learning_rate=1e-3, warmup_iters=100, init_std=0.02, dtype="bfloat16",
                    budgets=[2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64, 96]),
     # per block size: the batch that keeps 2,048 tokens per step, and the memory loss weights of its selective models
     # (block 1024, batch 2, weight 0.1 is the paper's 25x case; not run here: docs/RESULTS.md, Context pruning)
@@ -162,8 +162,9 @@ def train(name, out_root, flags, max_iters, threads=None):
         resume = os.path.exists(os.path.join(out, "ckpt.pt")) and os.path.exists(log)
         if resume:
             check_settings(log, flags)
-        else:
-            shutil.rmtree(out, ignore_errors=True)
+        elif os.path.exists(out):
+            print(f"  {name}: {out} holds no run to continue (no ckpt.pt and log.jsonl): starting it again", flush=True)
+            shutil.rmtree(out)
         cmd = [sys.executable, os.path.join(HERE, "train.py"), *flags, "--out_dir", out] + ["--resume"] * resume
         print(f"  {name}: {' '.join(cmd[2:])}", flush=True)
         env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
@@ -448,7 +449,8 @@ def pruning_experiment(cfg, heads_cfg, data_dir, out_root, assets):
 
 def search(model, batches, ctx, target, cfg, path_json):
     """sample.find_budgets, kept in path_json: a rerun reuses a finished search with the same settings."""
-    settings = {"target_ppl": target, "shrink": cfg["shrink"], "search_batches": cfg["search_batches"]}
+    settings = {"target_ppl": target, "shrink": cfg["shrink"], "search_batches": cfg["search_batches"],
+                "model": sample.model_fingerprint(model)}  # a retrained model gets a new search
     if os.path.exists(path_json):
         with open(path_json) as f:
             saved = json.load(f)
@@ -1067,7 +1069,7 @@ def recipe_tables(recipe):
 
     lines = ["| recipe | init, dtype | change from plain | step | standard | selective | std - sel | largest gradient "
              "norm, steps 1-100 (std / sel) | head 0 q/k gradient norm, same (std / sel) | Adam step, head 0 q/k / "
-             "other q/k, steps 100-600 (std; sel) |", "|:---|:---|:---|---:|---:|---:|---:|---:|---:|:---|"]
+             "other q/k, steps 100-600, first seed (std; sel) |", "|:---|:---|:---|---:|---:|---:|---:|---:|---:|:---|"]
     for stage in ("diagnosis", "confirmation", "guard"):
         for r in recipe.get(stage, []):
             gap = [a - b for a, b in zip(r["std"], r["sel"])]
@@ -1272,12 +1274,12 @@ def main(argv=None):
         results["command"] = "python experiments.py" + (" --quick" if args.quick else "")
         results["commit"] = (git_commit() or "")[:7] or None
         write_json(results_path, results)
+        markdown = tables(results) + "\n"  # written with each section, before its guard may exit
+        write_atomic(os.path.join(assets, "results.md"), lambda tmp: pathlib.Path(tmp).write_text(markdown))
         if not args.quick:  # the quick settings check the pipeline: too small for a guard to mean anything
             check_guard(what, results[what])
-    write_atomic(os.path.join(assets, "results.md"), lambda tmp: pathlib.Path(tmp).write_text(tables(results) + "\n"))
     print(tables(results))
     plots(assets)
-
 
 
 if __name__ == "__main__":

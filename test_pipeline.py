@@ -832,6 +832,7 @@ def test_a_failing_guard_exits_1_once_its_section_is_written_but_not_in_a_quick_
     with pytest.raises(SystemExit, match="the assign guard failed"):
         experiments.main(flags)
     assert json.load(open(tmp_path / "assets" / "results.json"))["guard"]["holds"] is False
+    assert "## guard" in (tmp_path / "assets" / "results.md").read_text(), "the tables too, before the exit"
     experiments.main(["--quick", *flags])  # the pipeline check: no exit
 
 
