@@ -349,6 +349,9 @@ def rate_check(cfg, data_dir, out_root, assets, sweep, loss):
     return result
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# ablations: the selection rule without BOS protection and with self-masking (SPEC §9), trained like heads.
+
 def ablations_experiment(cfg, heads_cfg, data_dir, out_root, assets):
     """§9: each ablation of the selection rule at n_head = cfg['n_head'], trained like the heads runs; beside it
     the heads runs of the same seeds (selective and standard)."""
@@ -368,6 +371,9 @@ def ablations_experiment(cfg, heads_cfg, data_dir, out_root, assets):
     return {"n_head": H, "learning_rate": lr, "run_seconds": sum(run_seconds(logs[name]) for name in ablated),
             "rows": [{"variant": v, **mean_sd([loss[(v, s)] for s in seeds])} for v in variants]}
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# assign: the variable-assignment task (common.assign_batch), answer accuracy over training and per pruning budget.
 
 def assign_experiment(cfg, out_root, assets):
     curves = {}
@@ -389,6 +395,9 @@ def accuracy(model, batches, budget):
     right = [answers_right(model(x, targets=y, budgets=budget)[0], y) for x, y in batches]
     return sum(r for r, _ in right) / sum(n for _, n in right)
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# pruning: how far the KV cache can shrink (SPEC §4): greedy per-layer budgets, checked on held-out batches.
 
 def pruning_experiment(cfg, heads_cfg, data_dir, out_root, assets):
     """Per block size: a standard model, and selective ones per memory loss weight, trained like the heads runs (the
@@ -946,6 +955,7 @@ def guard_holds(row):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The tables of assets/results.md, one maker per section (tiles, init and guard keep theirs beside their code).
 
 def tables(results):
     """The results' tables, as markdown (assets/results.md)."""
