@@ -181,8 +181,9 @@ def finished(log, max_iters):
     return os.path.exists(log) and any(r.get("iter") == max_iters and "val_loss" in r for r in read_jsonl(log))
 
 
-# where a run ran, not what it computes: a log and the flags asked now may differ in these
-NOT_COMPARED = ("out_dir", "data_dir", "device", "compile", "resume", "overwrite", "peak_flops")
+# where and how a run ran, not what it computes: a log and the flags asked now may differ in these (the data it read,
+# --data_dir, is compared: a run on other shards is not the run asked for)
+NOT_COMPARED = ("out_dir", "device", "compile", "resume", "overwrite", "peak_flops")
 
 
 def check_settings(log, flags):
