@@ -402,14 +402,16 @@ if triton is not None:
         """DELTA[b, h, i] = sum over d of dO * O for each row (FlashAttention-2's D_h), in float32 from the inputs'
         dtype: in PyTorch, (do.float() * o.float()).sum(-1) would hold three float32 copies of a (B, H, T, D)
         tensor at once, the backward's largest allocation (6x q's size in bf16)."""
-        pid_m, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-        b, h = bh // H, bh % H
+        # one program per (row block, sequence, head): B and H on the grid's 2nd and 3rd axes, each of which CUDA
+        # caps at 65,535 (B * H on one axis would fail at B = 8,192 with 16 heads)
+        pid_m, b, h = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
         offs_m = pid_m * BM + tl.arange(0, BM)
         offs_d = tl.arange(0, BD)
         mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
         o = tl.load(O + b * so_b + h * so_h + offs_m[:, None] * so_t + offs_d[None, :], mask=mask, other=0.0)
         do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_t + offs_d[None, :], mask=mask, other=0.0)
-        tl.store(DELTA + bh * T + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1), mask=offs_m < T)
+        tl.store(DELTA + (b * H + h) * T + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1),
+                 mask=offs_m < T)
 
     @triton.jit
     def _bwd_tile(dk, dv, dk0, R, k, v, k0, Q, DO, LSE, DELTA, CARRY, DQ, b, pid_m, offs_n, offs_g, offs_d, h0,
@@ -672,7 +674,7 @@ def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     q, k, v, do = unit_stride(q), unit_stride(k), unit_stride(v), unit_stride(do)
     B, H, T, D = q.shape
     delta = torch.empty(B, H, T, device=q.device, dtype=torch.float32)  # D_h = rowsum(dO_h * O_h)
-    _delta_kernel[(triton.cdiv(T, DELTA_ROWS), B * H)](o, do, delta, *o.stride()[:3], *do.stride()[:3], T, H, D,
+    _delta_kernel[(triton.cdiv(T, DELTA_ROWS), B, H)](o, do, delta, *o.stride()[:3], *do.stride()[:3], T, H, D,
                                                         BM=DELTA_ROWS, BD=padded_head_dim(D), num_warps=4)
     dq = torch.zeros(B, H, T, D, device=q.device, dtype=torch.float32)  # float32: added to atomically
     dk, dv = torch.empty(B, H, T, D, device=q.device, dtype=k.dtype), torch.empty(B, H, T, D, device=q.device,

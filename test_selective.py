@@ -949,6 +949,31 @@ def test_triton_head_groups_and_strided_inputs(heads):
 
 
 @triton_missing
+def test_triton_grids_keep_batch_and_heads_on_their_own_axes(monkeypatch):
+    """CUDA caps a grid's second and third axes at 65,535 (the interpreter does not): every launch of a forward and
+    backward puts the batch and the heads (or head groups) on those axes apart, never their product on one, so
+    B = 8,192 with 16 heads still launches."""
+    grids, launch = [], kernels.launch
+
+    class Recorded:  # kernel[grid](...), with the grid noted
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return self.kernel[grid]
+    for name in ("_colsum_kernel", "_delta_kernel"):
+        monkeypatch.setattr(kernels, name, Recorded(getattr(kernels, name)))
+    monkeypatch.setattr(kernels, "launch", lambda kernel, tuned, grid, chosen, *args, **kw: (
+        grids.append(grid(*chosen[:2])), launch(kernel, tuned, grid, chosen, *args, **kw)))
+    B, H, T, D = 3, 4, 40, 16
+    q, k, v = random_qkv(B, H, T, D)
+    kernels.triton_selective_attention(q, k, v, (16, 16), (1, 2)).sum().backward()
+    assert len(grids) == 4  # the column sums, the forward; D, the backward
+    assert all(grid[1] <= B and all(n <= H for n in grid[2:]) for grid in grids), grids
+
+
+@triton_missing
 @pytest.mark.skipif(torch.cuda.is_available(), reason="runs the autotuner in Triton's CPU interpreter")
 @pytest.mark.parametrize("dtype, D, tol", [(torch.float32, 16, 1e-4), (torch.float16, 64, 5e-2),
                                            (torch.float32, 128, 1e-4)])
