@@ -1414,23 +1414,30 @@ def test_explain_refuses_a_standard_model(tmp_path, capsys):
 # bench.py: how its ratios are measured (its numbers are benchmarks, not tests)
 
 def test_bench_alternates_the_contenders_and_divides_each_by_the_base_of_its_own_alternation(monkeypatch):
-    """Side by side: one warm-up call each, then every contender once per alternation, in turn; a ratio is a
-    contender's time over the base's in the same alternation, so that noise which drifts hits both alike. On a fake
-    clock that drifts: the n-th call of all takes its contender's base time x n."""
+    """Side by side: one warm-up call each, then every contender once per alternation, the order reversed every
+    other time; a ratio is a contender's time over the base's in the same alternation, so that noise which drifts
+    hits both alike. On a fake clock that drifts: the n-th call of all takes its contender's base time x n. On a GPU
+    a sample repeats each contender until the fastest takes 20 ms, and gives the time per call."""
     import bench
     calls, now = [], [0.0]
 
-    def contender(name, seconds):
+    def contender(name, seconds, drift=True):
         def call():
             calls.append(name)
-            now[0] += seconds * len(calls)
+            now[0] += seconds * (len(calls) if drift else 1)
         return call
     monkeypatch.setattr(bench, "time", argparse.Namespace(perf_counter=lambda: now[0]))
     times = bench.side_by_side({"sel": contender("sel", 3.0), "std": contender("std", 1.0)}, "cpu", 3)
-    assert calls == ["sel", "std"] * 4
-    assert times == {"sel": [9.0, 15.0, 21.0], "std": [4.0, 6.0, 8.0]}
-    assert bench.ratios(times, "sel", "std") == [9 / 4, 15 / 6, 21 / 8]
-    assert bench.spread(bench.ratios(times, "sel", "std")) == "2.500 [2.250-2.625]"  # median [min-max]
+    assert calls == ["sel", "std", "sel", "std", "std", "sel", "sel", "std"]
+    assert times == {"sel": [9.0, 18.0, 21.0], "std": [4.0, 5.0, 8.0]}
+    assert bench.ratios(times, "sel", "std") == [9 / 4, 18 / 5, 21 / 8]
+    assert bench.spread(bench.ratios(times, "sel", "std")) == "2.625 [2.250-3.600]"  # median [min-max]
+    calls.clear()
+    monkeypatch.setattr(bench, "sync", lambda device: None)
+    times = bench.side_by_side({"sel": contender("sel", 0.003, False), "std": contender("std", 0.001, False)},
+                               "cuda", 3)
+    assert len(calls) == 2 + 2 + 3 * 2 * 20  # warm-up, one call each to size the samples, then 20 calls a sample
+    assert times == {"sel": [pytest.approx(0.003)] * 3, "std": [pytest.approx(0.001)] * 3}
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="bench.py's CPU memory figure reads /proc")
