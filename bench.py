@@ -4,6 +4,7 @@ machine noise hits both alike: quote the ratios, not the times.
 
     python bench.py                  # training step, selective / standard, block 256, 512, 1024, fp32 and bf16;
                                      # decoding at contexts 1024, 4096, 8192, batch 1 and 8, budgets none, 256, 64
+    python bench.py steps --blocks 1024 --repeats 7   # the training steps alone (or: decode, the decoding alone)
     python bench.py kernels          # attention alone, forward + backward, T = 512 .. 8192 (memory to 16384):
                                      # standard flash SDPA, selective through an SDPA float mask ('mask'), the
                                      # tiled kernels.py path
@@ -39,7 +40,7 @@ import torch
 
 from torch.nn import functional as nnf
 
-from common import cpu_has_native_bf16, make_dir, write_json
+from common import ArgumentParser, cpu_has_native_bf16, make_dir, write_json
 from selective_gpt import GPT, GPTConfig, attention_path, selective_attention
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -165,12 +166,12 @@ def ratio(a, b):
     return "  n/a" if a is None or b is None or b == 0 else f"{a / b:5.3f}"
 
 
-def bench_steps(device, repeats, results):
+def bench_steps(device, repeats, results, blocks=(256, 512, 1024)):
     print(f"\nTraining step (forward + backward), model {MODEL}, batch 8. Ratios to standard, median of {repeats} "
           f"alternations [min-max]: selective (default path), and selective through the SDPA float mask ('mask'):")
     print(f"{'block':>6} {'dtype':>5} | {'standard s':>10} {'selective x [spread]':>21} {'mask x [spread]':>21} | "
           f"{'std MiB':>8} {'sel mem x':>9} {'mask mem x':>10}")
-    for T in (256, 512, 1024):
+    for T in blocks:
         for dtype in ("fp32", "bf16"):
             step = {"kind": "step", "T": T, "B": 8, "dtype": dtype}
             cases = {"standard": dict(step, selective=False), "selective": dict(step, selective=True),
@@ -475,22 +476,35 @@ def positive_int(text):
     return value
 
 
+def block_sizes(text):
+    try:
+        blocks = [int(b) for b in text.split(",")]
+    except ValueError:
+        blocks = []
+    if not blocks or min(blocks) < 2:
+        raise argparse.ArgumentTypeError(f"{text}: block sizes of at least 2, separated by commas (e.g. 512,1024)")
+    return blocks
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 2 and argv[0] == "_memory":  # peak_memory's subprocess
         return measure_memory_here(json.loads(argv[1]))
-    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=type(
-        "Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))
-    parser.add_argument("what", nargs="?", choices=["speed", "kernels", "compile", "gpu"], default="speed",
-                        help="speed: training step and decoding; kernels: the attention op; compile: the Triton "
-                             "kernels for sm_90, no GPU needed; gpu (CUDA): the Triton kernel against the reference, "
-                             "against flash attention and a training step")
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("what", nargs="?", choices=["speed", "steps", "decode", "kernels", "compile", "gpu"],
+                        default="speed", help="speed: training step and decoding (steps, decode: one of them); "
+                        "kernels: the attention op; compile: the Triton kernels for sm_90, no GPU needed; gpu (CUDA): "
+                        "the Triton kernel against the reference, against flash attention and a training step")
+    parser.add_argument("--blocks", type=block_sizes, default=[256, 512, 1024],
+                        help="speed, steps: the training steps' block sizes")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where speed and kernels run")
     parser.add_argument("--repeats", type=positive_int, default=5,
                         help="timed alternations per case (the median counts)")
     parser.add_argument("--json", default=None, help="also write the results to this new file")
     args = parser.parse_args(argv)
+    if any(a.split("=")[0] == "--blocks" for a in argv) and args.what not in ("speed", "steps"):
+        parser.error(f"--blocks sets the training steps' block sizes: give it with speed or steps, not {args.what}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: this PyTorch sees no CUDA GPU; use --device cpu")
     if args.json and os.path.exists(args.json):  # checked now, not after a run of many minutes
@@ -511,9 +525,11 @@ def main(argv=None):
         compile_kernels(results)
     elif args.what == "gpu":
         bench_gpu(args.repeats, results)
-    elif args.what == "speed":
-        bench_steps(args.device, args.repeats, results)
-        bench_decoding(args.device, args.repeats, results)
+    elif args.what in ("speed", "steps", "decode"):
+        if args.what != "decode":
+            bench_steps(args.device, args.repeats, results, args.blocks)
+        if args.what != "steps":
+            bench_decoding(args.device, args.repeats, results)
     else:
         for dtype in (["bf16"] if args.device == "cuda" else ["fp32", "bf16"]):
             bench_kernels(args.device, dtype, args.repeats, results)

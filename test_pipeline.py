@@ -1650,6 +1650,8 @@ BAD_INPUTS = [
      "--assets a_file/y: cannot create this directory"),
     # bench.py: refused before any benchmark runs, and no results file overwritten
     (["bench.py", "kernels", "--repeats", "0"], "--repeats: 0: at least 1"),
+    (["bench.py", "kernels", "--blocks", "512"], "--blocks sets the training steps' block sizes: give it with speed"),
+    (["bench.py", "steps", "--blocks", "1,x"], "--blocks: 1,x: block sizes of at least 2, separated by commas"),
     (["bench.py", "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
     (["bench.py", "compile", "--js", "out.json"], "unrecognized arguments: --js out.json"),
     *([(["bench.py", "--device", "cuda"], "--device cuda: this PyTorch sees no CUDA GPU")]
