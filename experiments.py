@@ -1237,7 +1237,9 @@ def run_section(what, cfg, data_dir, out_root, assets):
         return tiles_experiment(cfg["tiles"], data_dir, out_root, assets)
     if what == "assign":
         return assign_experiment(cfg["assign"], out_root, assets)
-    return pruning_experiment(cfg["pruning"], cfg["heads"], data_dir, out_root, assets)
+    if what == "pruning":
+        return pruning_experiment(cfg["pruning"], cfg["heads"], data_dir, out_root, assets)
+    raise ValueError(f"no section {what!r}: the sections are {', '.join(SECTIONS)}")
 
 
 def check_guard(what, result):
