@@ -68,14 +68,15 @@ def timed(fn, device, calls=1):
     return (time.perf_counter() - t) / calls
 
 
-def side_by_side(fns, device, repeats):
+def side_by_side(fns, device, repeats, calibrate=True):
     """Seconds per call of each fn in every alternation, after one warm-up each: {name: [seconds, ...]}. The order
-    reverses every other alternation, so that no fn always follows the same one (what it freed, what it cached)."""
+    reverses every other alternation, so that no fn always follows the same one (what it freed, what it cached).
+    calibrate: on a GPU a sample repeats each fn until the fastest takes 20 ms, as one call of a short kernel would
+    time its launches (the CPU's cases take longer than that: one call); False for fns that must run once a sample."""
     for fn in fns.values():
         fn()
-    # on a GPU a sample repeats each fn until the fastest takes 20 ms: one call of a short kernel would time its
-    # launches (the CPU's cases take longer than that: one call)
-    calls = max(1, math.ceil(0.02 / min(timed(fn, device) for fn in fns.values()))) if device == "cuda" else 1
+    calibrated = calibrate and device == "cuda"
+    calls = max(1, math.ceil(0.02 / min(timed(fn, device) for fn in fns.values()))) if calibrated else 1
     times = {name: [] for name in fns}
     order = list(fns.items())
     for i in range(repeats):
@@ -206,7 +207,8 @@ def bench_decoding(device, repeats, results):
 
             def decode(name):
                 return lambda: [model.decode(nxt, states[name]) for _ in range(segment)]
-            times = side_by_side({name: decode(name) for name in budgets}, device, repeats)
+            # one segment a call: the model's block_size leaves room for repeats segments, not more
+            times = side_by_side({name: decode(name) for name in budgets}, device, repeats, calibrate=False)
             base = {name: kv_stats(states[name]) for name in budgets}
             for name in budgets:
                 speed = [segment / t for t in times[name]]
@@ -273,7 +275,8 @@ def bench_gpu(repeats, results):
     failures = check_triton("cuda", results)
     bench_kernels("cuda", "bf16", repeats, results, Ts=(1024, 4096, 16384), timed_up_to=16384)  # autotunes
     model = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304, bias=False)
-    path = attention_path("auto", torch.empty(1, 12, 1, 64, device="cuda", dtype=torch.bfloat16))
+    heads = torch.empty(1, model["n_head"], 1, model["n_embd"] // model["n_head"], device="cuda", dtype=torch.bfloat16)
+    path = attention_path("auto", heads)
     print(f"\nTraining step, bf16 autocast, {model}, block 1024, batch 8, median of {repeats} alternations [min-max]:")
     step = {"kind": "step", "T": 1024, "B": 8, "dtype": "bf16", "model": model}
     cases = {"standard": dict(step, selective=False), "selective": dict(step, selective=True),
@@ -517,7 +520,7 @@ def main(argv=None):
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
     print(f"bench.py {args.what} on {args.device} ({device_name}, {torch.get_num_threads()} threads), "
           f"torch {torch.__version__}, tiled path: {'Triton' if args.device == 'cuda' else 'CPU query chunks'}")
-    if args.device == "cpu" and args.what in ("speed", "kernels") and not cpu_has_native_bf16():
+    if args.device == "cpu" and args.what in ("speed", "steps", "kernels") and not cpu_has_native_bf16():
         print("note: this CPU has no native bf16 (AVX512-BF16 or AMX): its bf16 rows time an emulation, about 100x "
               "slower than float32 (docs/PERFORMANCE.md, CPU dtype)")
     results = []

@@ -167,6 +167,9 @@ def train(name, out_root, flags, max_iters, threads=None):
             shutil.rmtree(out)
         cmd = [sys.executable, os.path.join(HERE, "train.py"), *flags, "--out_dir", out] + ["--resume"] * resume
         print(f"  {name}: {' '.join(cmd[2:])}", flush=True)
+        if "bfloat16" in flags and not cpu_has_native_bf16():
+            print("  note: bfloat16, which this CPU emulates (it has neither AVX512-BF16 nor AMX): each step takes "
+                  "many times longer than on one that has them (docs/PERFORMANCE.md, CPU dtype)", flush=True)
         env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
         started = time.time()
         result = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, env=env)
@@ -191,6 +194,8 @@ def check_settings(log, flags):
     included, as its log's header says (a changed setting here or default there must not reuse old runs). A model
     setting the log lacks had its value then (FIELDS_BEFORE); another is not compared."""
     config, asked = FIELDS_BEFORE | read_jsonl(log)[0]["config"], vars(fill_in(train_parser().parse_args(flags)))
+    for settings in (config, asked):  # the same shards by any path (train.py runs from HERE)
+        settings["data_dir"] = os.path.realpath(os.path.join(HERE, settings["data_dir"]))
     differ = [f"--{key} {as_flag(key, config[key])} (asked: {as_flag(key, value)})" for key, value in asked.items()
               if key not in NOT_COMPARED and key in config and config[key] != value]
     if differ:
@@ -1237,9 +1242,8 @@ def run_section(what, cfg, data_dir, out_root, assets):
         return tiles_experiment(cfg["tiles"], data_dir, out_root, assets)
     if what == "assign":
         return assign_experiment(cfg["assign"], out_root, assets)
-    if what == "pruning":
-        return pruning_experiment(cfg["pruning"], cfg["heads"], data_dir, out_root, assets)
-    raise ValueError(f"no section {what!r}: the sections are {', '.join(SECTIONS)}")
+    assert what == "pruning", what  # --only takes SECTIONS
+    return pruning_experiment(cfg["pruning"], cfg["heads"], data_dir, out_root, assets)
 
 
 def check_guard(what, result):
