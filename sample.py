@@ -9,8 +9,9 @@ Sample from a trained model, prune its context (SPEC §4), and measure what prun
     python sample.py --find_budgets --target_ppl 31.4 --overwrite      # ... to a perplexity, replacing the first
     python sample.py --explain --start "a=3 b=1 a=7 a?"                # what each layer masks (SPEC §1, §4)
 
-Budgets found by --find_budgets are saved to out_dir/budgets.json (an earlier search is replaced only with
---overwrite) and used by --prune / --eval_ppl when no --budget(s) flag is given.
+Budgets found by --find_budgets (on the run's evaluation batches, then scored on as many others the search did not
+use) are saved to out_dir/budgets.json (an earlier search is replaced only with --overwrite) and used by --prune /
+--eval_ppl when no --budget(s) flag is given.
 """
 
 import hashlib
