@@ -400,42 +400,22 @@ def report_memory(args, model, budgets):
           f"{L * unpruned / pruned_total:.2f}x smaller")
 
 
-def main(argv=None):
-    parser = get_parser()
-    args = parser.parse_args(argv)
-    check_args(parser, args, given_flags(parser, argv))
+def perplexity_job(args, model, run, budgets, device, ctx):
+    """--find_budgets or --eval_ppl, on the run's evaluation batches (--find_budgets: and as many others)."""
+    n, batch_size = args.eval_iters or run["eval_iters"], args.batch_size or run["batch_size"]
     try:
-        device = pick_device(args.device)
-        ctx = autocast(device.split(":")[0], autocast_dtype(device.split(":")[0], args.dtype))
-    except ValueError as e:
-        parser.error(str(e))
-    torch.manual_seed(args.seed)
-    model, run = load_model(args.out_dir, args.ckpt, device)
-    if args.data_dir is not None and run["dataset"] != "c4":
-        parser.error(f"--data_dir: {args.out_dir} trained on --dataset {run['dataset']}, which reads no data files")
-    budgets = budgets_of(parser, args, model)
-    if args.find_budgets or args.eval_ppl:
-        n, batch_size = args.eval_iters or run["eval_iters"], args.batch_size or run["batch_size"]
-        try:
-            batches = list(validation_batches(run, n, batch_size, device, args.data_dir))
-            held_out = list(validation_batches(run, n, batch_size, device, args.data_dir, first=n)) \
-                if args.find_budgets else None
-        except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"sample.py: {e}")
-        return search_budgets(args, model, run, batches, held_out, ctx) if args.find_budgets else \
-            compare_perplexity(model, batches, ctx, budgets)
-    if run["dataset"] == "assign":
-        encode, decode, bos = assign_encode, assign_decode, 0
-    else:
-        enc = gpt2_encoder()
-        encode, decode, bos = (lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})), enc.decode, BOS
-    try:
-        prompt = [bos] + encode(read_prompt(parser, args.start))
-    except ValueError as e:
-        parser.error(str(e))
-    if args.explain:
-        with ctx:  # the dtype generation runs in, so that its evictions are the ones --prune makes
-            return show_explanation(parser, args, model, prompt, decode, budgets)
+        batches = list(validation_batches(run, n, batch_size, device, args.data_dir))
+        held_out = list(validation_batches(run, n, batch_size, device, args.data_dir, first=n)) \
+            if args.find_budgets else None
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"sample.py: {e}")
+    if args.find_budgets:
+        return search_budgets(args, model, run, batches, held_out, ctx)
+    return compare_perplexity(model, batches, ctx, budgets)
+
+
+def generate_text(args, model, prompt, decode, budgets, device, ctx):
+    """Continue the prompt --num_samples times (with --prune, in pruned buffers), print them, tokens/s, memory."""
     if len(prompt) > model.config.block_size:
         print(f"sample.py: the prompt has {len(prompt)} tokens with BOS, more than block_size "
               f"{model.config.block_size}: the model sees BOS and its latest {max(1, model.config.block_size // 2 - 1)}"
@@ -452,6 +432,37 @@ def main(argv=None):
     print(f"{args.num_samples * args.max_new_tokens / elapsed:.1f} tokens/s")
     if args.prune:
         report_memory(args, model, budgets)
+
+
+def main(argv=None):
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args, given_flags(parser, argv))
+    try:
+        device = pick_device(args.device)
+        ctx = autocast(device.split(":")[0], autocast_dtype(device.split(":")[0], args.dtype))
+    except ValueError as e:
+        parser.error(str(e))
+    torch.manual_seed(args.seed)
+    model, run = load_model(args.out_dir, args.ckpt, device)
+    if args.data_dir is not None and run["dataset"] != "c4":
+        parser.error(f"--data_dir: {args.out_dir} trained on --dataset {run['dataset']}, which reads no data files")
+    budgets = budgets_of(parser, args, model)
+    if args.find_budgets or args.eval_ppl:
+        return perplexity_job(args, model, run, budgets, device, ctx)
+    if run["dataset"] == "assign":
+        encode, decode, bos = assign_encode, assign_decode, 0
+    else:
+        enc = gpt2_encoder()
+        encode, decode, bos = (lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})), enc.decode, BOS
+    try:
+        prompt = [bos] + encode(read_prompt(parser, args.start))
+    except ValueError as e:
+        parser.error(str(e))
+    if args.explain:
+        with ctx:  # the dtype generation runs in, so that its evictions are the ones --prune makes
+            return show_explanation(parser, args, model, prompt, decode, budgets)
+    generate_text(args, model, prompt, decode, budgets, device, ctx)
 
 
 if __name__ == "__main__":
