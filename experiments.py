@@ -529,7 +529,7 @@ def tiles_table(result):
 
 # ----------------------------------------------------------------------------------------------------------------
 # The plain loop (plain_run, shared by the sections recipe, init and guard): deliberately not train.py, but what a
-# user writes (AdamW, warmup + cosine, optionally no clipping). Every `every` steps (PLAIN_LOG_EVERY unless the
+# user writes (AdamW, warmup + cosine, optionally no clipping). Every `every` steps (PLAIN_LOOP's unless the
 # settings say) it logs the diagnostics that tell the causes of a bad result apart; `stop` ends a run early.
 # recipe: selective vs standard under that loop, where selective can train worse than standard (SPEC §8), with each
 # candidate cause switched one at a time.
@@ -610,7 +610,11 @@ def diagnostics(model, probe, val, ctx, selective):
     return out
 
 
-PLAIN_LOG_EVERY = 50  # steps between a plain-loop run's logged records, unless its settings give `every`
+# What every plain-loop run shares beside its recipe and settings: warmup steps, the cosine's floor (the peak rate /
+# min_lr_div), steps between logged records (unless its settings give `every`), the batches' seed. Each run keeps
+# them with its settings (plain_config), so that after a change here a finished run is refused, not reused.
+PLAIN_LOOP = dict(warmup=100, min_lr_div=10, every=50, data_seed=DATA_SEED)
+PLAIN_LOOP_BEFORE = dict(warmup=100, min_lr_div=10, every=50, data_seed=1337)  # what a log without them ran with
 
 
 def plain_run(job):
@@ -620,17 +624,18 @@ def plain_run(job):
     if os.path.exists(log_path):
         return log_path
     torch.set_num_threads(1)
-    T, B, steps = cfg["block_size"], cfg["batch_size"], cfg["max_iters"]
-    stop = cfg.get("stop") or steps  # train only to here (the schedule still spans max_iters): a cheap first look
+    T, B, steps, seed = cfg["block_size"], cfg["batch_size"], cfg["max_iters"], PLAIN_LOOP["data_seed"]
+    # stop: train only to here (the schedule still spans max_iters), a cheap first look
+    every, stop = cfg.get("every", PLAIN_LOOP["every"]), cfg.get("stop") or steps
     if job.get("task") == "assign":
-        batch = lambda split, step, micro: assign_batch(B, T, batch_generator(DATA_SEED, split, step, micro))  # noqa
+        batch = lambda split, step, micro: assign_batch(B, T, batch_generator(seed, split, step, micro))  # noqa
     else:
         shards = {"train": load_shards(job["data_dir"], "train"), "val": load_shards(job["data_dir"], "validation")}
-        batch = lambda split, step, micro: c4_batch(shards[split], B, T, batch_generator(  # noqa: E731
-            DATA_SEED, split, step, micro))
+        batch = lambda split, step, micro: c4_batch(shards[split], B, T,  # noqa: E731
+                                                    batch_generator(seed, split, step, micro))
     val = [batch("val", -1, i) for i in range(cfg["eval_iters"])]
     model, opt = plain_model(job)
-    params, warmup, min_lr = list(model.parameters()), 100, r["lr"] / 10
+    params, warmup, min_lr = list(model.parameters()), PLAIN_LOOP["warmup"], r["lr"] / PLAIN_LOOP["min_lr_div"]
     dtype = plain_dtype(job)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
     head_dim, C = r["n_embd"] // job["n_head"], r["n_embd"]
@@ -642,7 +647,7 @@ def plain_run(job):
         records, started = ckpt["records"], started - ckpt["records"][-1]["elapsed_s"]
         resumed_at = ckpt["resumed_at"] + [records[-1]["iter"]]
     for it in range(records[-1]["iter"] if records else 0, steps + 1):
-        if (it % cfg.get("every", PLAIN_LOG_EVERY) == 0 or it == stop) and not (records and records[-1]["iter"] == it):
+        if (it % every == 0 or it == stop) and not (records and records[-1]["iter"] == it):
             rec = {"iter": it, **diagnostics(model, val[0][0], val, ctx, job["selective"]),
                    "elapsed_s": round(time.time() - started, 1)}
             records.append(rec | {k: max(w[k] for w in window) if k.endswith("max") else
@@ -687,8 +692,8 @@ def plain_dtype(job):
 
 def plain_config(job):
     """A plain-loop run's settings, as its log's header keeps them (JSON's types)."""
-    return json.loads(json.dumps({"name": job["name"], "recipe": job["recipe"], **job["cfg"], "seed": job["seed"],
-                                  "n_head": job["n_head"], "selective": job["selective"],
+    return json.loads(json.dumps({"name": job["name"], "recipe": job["recipe"], "loop": PLAIN_LOOP, **job["cfg"],
+                                  "seed": job["seed"], "n_head": job["n_head"], "selective": job["selective"],
                                   **{k: job[k] for k in ("task", "init") if k in job}}))
 
 
@@ -716,7 +721,7 @@ def run_jobs(jobs, workers):
             os.remove(ckpt)
         cut = os.path.exists(ckpt)
         print(f"  {j['name']}: {'finished already' if j not in todo else 'continues' if cut else 'to run'}", flush=True)
-        settings = (read_jsonl(j["log"])[0]["config"] if j not in todo else
+        settings = {"loop": PLAIN_LOOP_BEFORE} | (read_jsonl(j["log"])[0]["config"] if j not in todo else
                     torch.load(ckpt, weights_only=True, mmap=True)["config"] if cut else plain_config(j))
         if settings != plain_config(j):  # a changed setting in this file
             raise SystemExit(f"experiments.py: {ckpt if cut else j['log']} is a run with other settings than "
@@ -855,7 +860,7 @@ def init_results(jobs, logs, early):
     for loop, init in dict.fromkeys((j["loop"], j["init"]) for j in jobs):
         task, job = INIT_LOOPS[loop][0], next(j for j in jobs if j["loop"] == loop)
         metric = "val_accuracy" if task == "assign" else "val_loss"
-        first_logged = job["cfg"].get("every", PLAIN_LOG_EVERY)
+        first_logged = job["cfg"].get("every", PLAIN_LOOP["every"])
         row = {"loop": loop, "init": init, "dtype": plain_dtype(job),
                "first_logged": first_logged}
         for variant in ("std", "sel"):

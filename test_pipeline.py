@@ -836,7 +836,7 @@ def test_a_failing_guard_exits_1_once_its_section_is_written_but_not_in_a_quick_
     experiments.main(["--quick", *flags])  # the pipeline check: no exit
 
 
-def test_plain_runs_on_disk_are_reused_only_with_the_same_settings(tmp_path):
+def test_plain_runs_on_disk_are_reused_only_with_the_same_settings(tmp_path, monkeypatch):
     cfg = dict(experiments.QUICK["init"], loops=["assign"], candidates=["nanogpt"], seeds=[0])
     job = experiments.init_jobs(cfg, None, str(tmp_path))[0]
     os.makedirs(os.path.dirname(job["log"]))
@@ -852,6 +852,16 @@ def test_plain_runs_on_disk_are_reused_only_with_the_same_settings(tmp_path):
     torch.save({"config": experiments.plain_config(longer)}, job["log"] + ".ckpt")
     with pytest.raises(SystemExit, match="ckpt is a run with other settings"):
         experiments.run_jobs([job], 1)
+    os.remove(job["log"] + ".ckpt")  # a log without the loop's own settings ran with PLAIN_LOOP_BEFORE's
+    settings = experiments.plain_config(job)
+    assert settings.pop("loop") == experiments.PLAIN_LOOP_BEFORE
+    common.write_jsonl(job["log"], [{"config": settings}, {"iter": 0}])
+    assert experiments.run_jobs([job], 1)[job["name"]][1] == {"iter": 0}
+    for key, value in [("warmup", 50), ("min_lr_div", 20), ("every", 25), ("data_seed", 7)]:
+        with monkeypatch.context() as m:  # a change of the loop itself: no finished run is its run
+            m.setitem(experiments.PLAIN_LOOP, key, value)
+            with pytest.raises(SystemExit, match="is a run with other settings"):
+                experiments.run_jobs([job], 1)
 
 
 def test_a_plain_run_cut_short_continues_from_its_last_logged_step_exactly(tmp_path, monkeypatch):
