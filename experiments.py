@@ -610,11 +610,12 @@ def diagnostics(model, probe, val, ctx, selective):
     return out
 
 
-# What every plain-loop run shares beside its recipe and settings: warmup steps, the cosine's floor (the peak rate /
+# What every plain-loop run shares besides its recipe and settings: warmup steps, the cosine's floor (the peak rate /
 # min_lr_div), steps between logged records (unless its settings give `every`), the batches' seed. Each run keeps
-# them with its settings (plain_config), so that after a change here a finished run is refused, not reused.
+# them with its settings (plain_config), so a change here refuses every finished plain-loop run (also those that
+# never used the value changed, such as warmup in a run without a schedule) rather than reusing one.
 PLAIN_LOOP = dict(warmup=100, min_lr_div=10, every=50, data_seed=DATA_SEED)
-PLAIN_LOOP_BEFORE = dict(warmup=100, min_lr_div=10, every=50, data_seed=1337)  # what a log without them ran with
+PLAIN_LOOP_BEFORE = dict(warmup=100, min_lr_div=10, every=50, data_seed=1337)  # of a log or checkpoint without them
 
 
 def plain_run(job):
@@ -692,8 +693,8 @@ def plain_dtype(job):
 
 def plain_config(job):
     """A plain-loop run's settings, as its log's header keeps them (JSON's types)."""
-    return json.loads(json.dumps({"name": job["name"], "recipe": job["recipe"], "loop": PLAIN_LOOP, **job["cfg"],
-                                  "seed": job["seed"], "n_head": job["n_head"], "selective": job["selective"],
+    return json.loads(json.dumps({"name": job["name"], "recipe": job["recipe"], **job["cfg"],
+                                  "plain_loop": PLAIN_LOOP, "seed": job["seed"], "n_head": job["n_head"], "selective": job["selective"],
                                   **{k: job[k] for k in ("task", "init") if k in job}}))
 
 
@@ -721,7 +722,7 @@ def run_jobs(jobs, workers):
             os.remove(ckpt)
         cut = os.path.exists(ckpt)
         print(f"  {j['name']}: {'finished already' if j not in todo else 'continues' if cut else 'to run'}", flush=True)
-        settings = {"loop": PLAIN_LOOP_BEFORE} | (read_jsonl(j["log"])[0]["config"] if j not in todo else
+        settings = {"plain_loop": PLAIN_LOOP_BEFORE} | (read_jsonl(j["log"])[0]["config"] if j not in todo else
                     torch.load(ckpt, weights_only=True, mmap=True)["config"] if cut else plain_config(j))
         if settings != plain_config(j):  # a changed setting in this file
             raise SystemExit(f"experiments.py: {ckpt if cut else j['log']} is a run with other settings than "

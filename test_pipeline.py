@@ -854,14 +854,40 @@ def test_plain_runs_on_disk_are_reused_only_with_the_same_settings(tmp_path, mon
         experiments.run_jobs([job], 1)
     os.remove(job["log"] + ".ckpt")  # a log without the loop's own settings ran with PLAIN_LOOP_BEFORE's
     settings = experiments.plain_config(job)
-    assert settings.pop("loop") == experiments.PLAIN_LOOP_BEFORE
+    assert settings.pop("plain_loop") == experiments.PLAIN_LOOP_BEFORE
     common.write_jsonl(job["log"], [{"config": settings}, {"iter": 0}])
     assert experiments.run_jobs([job], 1)[job["name"]][1] == {"iter": 0}
     for key, value in [("warmup", 50), ("min_lr_div", 20), ("every", 25), ("data_seed", 7)]:
-        with monkeypatch.context() as m:  # a change of the loop itself: no finished run is its run
+        with monkeypatch.context() as m:  # a change of the loop itself: no finished run is its run ...
             m.setitem(experiments.PLAIN_LOOP, key, value)
             with pytest.raises(SystemExit, match="is a run with other settings"):
                 experiments.run_jobs([job], 1)
+            common.write_jsonl(job["log"], [{"config": experiments.plain_config(job)}, {"iter": 1}])
+            assert experiments.run_jobs([job], 1)[job["name"]][1] == {"iter": 1}  # ... but one made with it is
+        common.write_jsonl(job["log"], [{"config": settings}, {"iter": 0}])
+
+
+def test_a_plain_run_follows_the_loops_own_settings(tmp_path, c4_data, monkeypatch):
+    """plain_run takes its warmup, cosine floor, log interval and batches from PLAIN_LOOP: a change of each changes
+    the run (4 steps of the quick C4 loop, logged every 2, a warmup of 1)."""
+    cfg = dict(experiments.QUICK["init"], loops=["c4_plain"], candidates=["nanogpt"], seeds=[0])
+    job = experiments.init_jobs(cfg, c4_data, str(tmp_path))[1]
+    job["cfg"] = {k: v for k, v in job["cfg"].items() if k not in ("every", "stop")} | dict(max_iters=4)
+    monkeypatch.setattr(experiments, "PLAIN_LOOP", dict(experiments.PLAIN_LOOP, every=2, warmup=1))
+    threads, runs = torch.get_num_threads(), {}
+    try:
+        for key, value in [(None, None), ("every", 4), ("warmup", 2), ("min_lr_div", 2), ("data_seed", 7)]:
+            with monkeypatch.context() as m:
+                if key:
+                    m.setitem(experiments.PLAIN_LOOP, key, value)
+                runs[key] = common.read_jsonl(experiments.plain_run(dict(job, log=str(tmp_path / f"{key}.jsonl"))))
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["iter"] for r in runs[None][1:]] == [0, 2, 4] and [r["iter"] for r in runs["every"][1:]] == [0, 4]
+    assert runs["data_seed"][1]["val_loss"] != runs[None][1]["val_loss"]  # other batches from the start
+    for key in ("warmup", "min_lr_div"):  # the same start, another schedule
+        assert runs[key][1]["val_loss"] == runs[None][1]["val_loss"]
+        assert runs[key][-1]["val_loss"] != runs[None][-1]["val_loss"], key
 
 
 def test_a_plain_run_cut_short_continues_from_its_last_logged_step_exactly(tmp_path, monkeypatch):
