@@ -3,6 +3,7 @@
 Run: python -m pytest -q          (the slow end-to-end ones: python -m pytest -m slow)
 """
 
+import collections
 import inspect
 import itertools
 import json
@@ -1168,6 +1169,44 @@ def test_spec_sections_cited_in_the_code_exist():
     assert {"1", "1.3", "4", "10"} <= cited["SPEC"] and {"1", "2"} <= cited["KERNEL"]
     for doc in cited:
         assert cited[doc] <= sections[doc], (doc, cited[doc] - sections[doc])
+
+
+def markdown_outside_code(path):
+    with open(path, encoding="utf-8") as f:
+        return re.sub(r"`[^`\n]*`", "", re.sub(r"```.*?```", "", f.read(), flags=re.S))
+
+
+def heading_anchors(path):
+    """The anchors GitHub gives a markdown file's headings: lower case, punctuation dropped, spaces to hyphens,
+    -1, -2, ... after a repeated one."""
+    with open(path, encoding="utf-8") as f:
+        text = re.sub(r"```.*?```", "", f.read(), flags=re.S)
+    seen, anchors = collections.Counter(), set()
+    for heading in re.findall(r"^#{1,6} (.*)$", text, flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        anchors.add(f"{slug}-{seen[slug]}" if seen[slug] else slug)
+        seen[slug] += 1
+    return anchors
+
+
+def test_every_link_in_the_readme_and_docs_leads_somewhere():
+    """Each relative link of README.md and docs/*.md names a file of the repository and, with a #fragment into a
+    markdown file, one of its headings."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    pages = ["README.md"] + [os.path.join("docs", n) for n in sorted(os.listdir(os.path.join(here, "docs")))
+                             if n.endswith(".md")]
+    broken, checked = [], 0
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", markdown_outside_code(os.path.join(here, page))):
+            if re.match(r"[a-z]+:", target):  # https: and the like
+                continue
+            checked += 1
+            path, _, anchor = target.partition("#")
+            full = os.path.normpath(os.path.join(here, os.path.dirname(page), path)) if path else \
+                os.path.join(here, page)
+            if not os.path.exists(full) or (anchor and full.endswith(".md") and anchor not in heading_anchors(full)):
+                broken.append(f"{page}: {target}")
+    assert checked > 50 and not broken, broken
 
 
 def test_readme_shows_selective_mask_as_it_is():
