@@ -45,7 +45,9 @@ def add_model_flags(p):
     a("--selective", action="store_true", help="selective attention (off: a standard transformer)")
     a("--memory_loss_weight", type=float, default=0.0, help="epsilon of the memory loss (SPEC §5)")
     a("--memory_tau", type=float, default=1.0, help="tau of the memory loss (SPEC §5)")
-    a("--attention", choices=("auto",) + ATTENTION_PATHS, default="auto", help="the path, SPEC §7")
+    a("--attention", choices=("auto",) + ATTENTION_PATHS, default="auto",
+      help="the path, SPEC §7. auto: tiled where it runs (this device has its kernel; no dropout or ablation), else "
+           "mask. On CUDA tiled is a Triton kernel not yet run on a GPU: check it with python bench.py gpu")
     a("--mask_bos", action="store_true", help="ablation (docs/SPEC.md §9): BOS may be masked")
     a("--mask_self", action="store_true", help="ablation (docs/SPEC.md §9): a token's vote on its own key counts")
     a("--vocab_size", type=int, default=None, help="None: 50304 for c4 (GPT-2's 50257 padded), the task's for assign")
