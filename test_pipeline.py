@@ -409,6 +409,16 @@ def test_resume_continues_exactly_with_one_record_per_iteration(tmp_path):
     assert code != 0 and "different model" in text and "n_head" in text
 
 
+def test_a_cuda_run_on_the_triton_kernel_is_told_it_is_not_yet_run_on_a_gpu(tmp_path, capsys):
+    args, _ = train.parse_args(["--dataset", "assign", "--selective", *TINY, "--out_dir", str(tmp_path)])
+    raw = GPT(GPTConfig(**train.model_args(args)))
+    for device, paths, told in [("cuda", ("tiled", "tiled"), True), ("cuda", ("mask", "tiled"), True),
+                                ("cuda", ("mask", "mask"), False), ("cpu", ("tiled", "tiled"), False)]:
+        train.start_run(args, None, raw, device, 1, "float32", paths, 1e12)
+        assert ("not yet run on a GPU" in capsys.readouterr().out) == told, (device, paths)
+        os.remove(tmp_path / "log.jsonl")
+
+
 def test_resume_keeps_float16s_loss_scale(assign_run, tmp_path):
     """A float16 run (CUDA) scales its loss by a factor that adapts as it trains: a resume goes on with it."""
     args, _ = train.parse_args(["--dataset", "assign", "--selective", *TINY, "--out_dir", str(tmp_path)])

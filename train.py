@@ -333,6 +333,9 @@ def start_run(args, ckpt, raw, device, world, dtype, paths, peak_flops):
           f"{args.dataset}, {device} {dtype}, {tokens_per_iter} tokens/iter, world {world}, out_dir {args.out_dir}"
           + (f", attention path: {paths[0]}" if paths[0] else "")
           + (f" (evaluations: {paths[1]})" if paths[1] != paths[0] else ""))
+    if device.startswith("cuda") and "tiled" in paths:  # docs/PERFORMANCE.md, On a GPU
+        print("note: the tiled path on CUDA is a Triton kernel tested in Triton's CPU interpreter but not yet run on a "
+              "GPU: python bench.py gpu checks it; --attention mask avoids it")
     if ckpt is not None:
         print(say_resume(args, ckpt))
 
