@@ -1,8 +1,8 @@
 """
-The paper's claims (SPEC §6), checked at the scale two CPU cores allow. One command reruns everything:
+The paper's claims (SPEC §6), checked at the scale two CPU cores allow. One command reruns every section:
 
     python prepare_data.py --local PATH/TO/c4/en --data_dir data/c4_sample   # C4-format files you have (or real C4)
-    python experiments.py                  # full run: hours on 2 CPU cores
+    python experiments.py                  # full run: days on 2 CPU cores (docs/RESULTS.md, Reproducing)
     python experiments.py --quick          # the same pipeline on tiny settings, minutes (a slow test runs it)
     python experiments.py --plots          # only redraw assets/*.png from assets/results.json
 
@@ -693,8 +693,8 @@ def plain_dtype(job):
 
 def plain_config(job):
     """A plain-loop run's settings, as its log's header keeps them (JSON's types)."""
-    return json.loads(json.dumps({"name": job["name"], "recipe": job["recipe"], **job["cfg"],
-                                  "plain_loop": PLAIN_LOOP, "seed": job["seed"], "n_head": job["n_head"], "selective": job["selective"],
+    return json.loads(json.dumps({"name": job["name"], "recipe": job["recipe"], **job["cfg"], "plain_loop": PLAIN_LOOP,
+                                  "seed": job["seed"], "n_head": job["n_head"], "selective": job["selective"],
                                   **{k: job[k] for k in ("task", "init") if k in job}}))
 
 

@@ -410,13 +410,13 @@ def test_resume_continues_exactly_with_one_record_per_iteration(tmp_path):
 
 
 def test_a_cuda_run_on_the_triton_kernel_is_told_it_is_not_yet_run_on_a_gpu(tmp_path, capsys):
+    """The note comes where training or evaluations take the tiled path on CUDA, and nowhere else."""
     args, _ = train.parse_args(["--dataset", "assign", "--selective", *TINY, "--out_dir", str(tmp_path)])
     raw = GPT(GPTConfig(**train.model_args(args)))
     for device, paths, told in [("cuda", ("tiled", "tiled"), True), ("cuda", ("mask", "tiled"), True),
                                 ("cuda", ("mask", "mask"), False), ("cpu", ("tiled", "tiled"), False)]:
         train.start_run(args, None, raw, device, 1, "float32", paths, 1e12)
         assert ("not yet run on a GPU" in capsys.readouterr().out) == told, (device, paths)
-        os.remove(tmp_path / "log.jsonl")
 
 
 def test_resume_keeps_float16s_loss_scale(assign_run, tmp_path):

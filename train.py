@@ -46,8 +46,8 @@ def add_model_flags(p):
     a("--memory_loss_weight", type=float, default=0.0, help="epsilon of the memory loss (SPEC §5)")
     a("--memory_tau", type=float, default=1.0, help="tau of the memory loss (SPEC §5)")
     a("--attention", choices=("auto",) + ATTENTION_PATHS, default="auto",
-      help="the path, SPEC §7. auto: tiled where it runs (this device has its kernel; no dropout or ablation), else "
-           "mask. On CUDA tiled is a Triton kernel not yet run on a GPU: check it with python bench.py gpu")
+      help="the path, SPEC §7. auto: tiled where it runs (this device has its kernel; no dropout, ablation or memory "
+           "loss), else mask. On CUDA tiled is a Triton kernel not yet run on a GPU: check it with python bench.py gpu")
     a("--mask_bos", action="store_true", help="ablation (docs/SPEC.md §9): BOS may be masked")
     a("--mask_self", action="store_true", help="ablation (docs/SPEC.md §9): a token's vote on its own key counts")
     a("--vocab_size", type=int, default=None, help="None: 50304 for c4 (GPT-2's 50257 padded), the task's for assign")
@@ -333,7 +333,8 @@ def start_run(args, ckpt, raw, device, world, dtype, paths, peak_flops):
           f"{args.dataset}, {device} {dtype}, {tokens_per_iter} tokens/iter, world {world}, out_dir {args.out_dir}"
           + (f", attention path: {paths[0]}" if paths[0] else "")
           + (f" (evaluations: {paths[1]})" if paths[1] != paths[0] else ""))
-    if device.startswith("cuda") and "tiled" in paths:  # docs/PERFORMANCE.md, On a GPU
+    # the Triton kernel is tested only in Triton's CPU interpreter so far (docs/PERFORMANCE.md, On a GPU)
+    if device.startswith("cuda") and "tiled" in paths:
         print("note: the tiled path on CUDA is a Triton kernel tested in Triton's CPU interpreter but not yet run on a "
               "GPU: python bench.py gpu checks it; --attention mask avoids it")
     if ckpt is not None:
