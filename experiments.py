@@ -177,11 +177,19 @@ def train(name, out_root, flags, max_iters, threads=None):
             raise RuntimeError(f"experiments.py: {name} failed:\n{result.stdout[-2000:]}{result.stderr[-4000:]}")
         print(f"  {name}: done in {time.time() - started:.0f} s", flush=True)
     check_settings(log, flags)
-    return read_jsonl(log)
+    return read_log(log)
 
 
 def finished(log, max_iters):
-    return os.path.exists(log) and any(r.get("iter") == max_iters and "val_loss" in r for r in read_jsonl(log))
+    return os.path.exists(log) and any(r.get("iter") == max_iters and "val_loss" in r for r in read_log(log))
+
+
+def read_log(path):
+    """A run's log (common.read_jsonl); a damaged one stops the experiments with what to do."""
+    try:
+        return read_jsonl(path)
+    except ValueError as e:
+        raise SystemExit(f"experiments.py: {e}: mend that line, or delete {path} to run that run again") from None
 
 
 # where and how a run ran, not what it computes: a log and the flags asked now may differ in these (the data it read,
@@ -193,7 +201,7 @@ def check_settings(log, flags):
     """A run found in out_dir must be the run asked for: every setting as train.py resolves the flags, its defaults
     included, as its log's header says (a changed setting here or default there must not reuse old runs). A model
     setting the log lacks had its value then (FIELDS_BEFORE); another is not compared."""
-    config, asked = FIELDS_BEFORE | read_jsonl(log)[0]["config"], vars(fill_in(train_parser().parse_args(flags)))
+    config, asked = FIELDS_BEFORE | read_log(log)[0]["config"], vars(fill_in(train_parser().parse_args(flags)))
     for settings in (config, asked):  # the same shards by any path (train.py runs from HERE)
         settings["data_dir"] = os.path.realpath(os.path.join(HERE, settings["data_dir"]))
     differ = [f"--{key} {as_flag(key, config[key])} (asked: {as_flag(key, value)})" for key, value in asked.items()
@@ -509,7 +517,7 @@ def tiles_experiment(cfg, data_dir, out_root, assets):
         for x, _ in sample.validation_batches(run, cfg["batches"], cfg["batch_size"], "cpu"):
             for layer, (F, _) in enumerate(model.selective_masks(x)):
                 per_layer[layer].append(masked_tile_shares(F, cfg["tile"], cfg["thresholds"]))
-        rows.append({"memory_loss_weight": weight, "val_loss": evals(read_jsonl(
+        rows.append({"memory_loss_weight": weight, "val_loss": evals(read_log(
             os.path.join(out_root, name, "log.jsonl")))[-1]["val_loss"], "layers": [
             {t: statistics.mean(s[t] for s in shares) for t in shares[0]} for shares in per_layer]})
     return {"tile": cfg["tile"], "block_size": T, "dtype": cfg["dtype"], "rows": rows}
@@ -618,6 +626,20 @@ PLAIN_LOOP = dict(warmup=100, min_lr_div=10, every=50, data_seed=DATA_SEED)
 PLAIN_LOOP_BEFORE = dict(warmup=100, min_lr_div=10, every=50, data_seed=1337)  # of a log or checkpoint without them
 
 
+def plain_checkpoint(path):
+    """The checkpoint a plain run cut short keeps beside its log; a damaged one stops the experiments, saying what
+    to do."""
+    try:
+        ckpt = torch.load(path, weights_only=True)
+        missing = {"config", "model", "optimizer", "records", "resumed_at"} - set(ckpt)
+        if missing:
+            raise KeyError(f"it lacks {', '.join(sorted(missing))}")
+    except Exception as e:  # torch.load raises many types on a damaged file (zip, pickle, EOF)
+        raise SystemExit(f"experiments.py: {path} is damaged ({type(e).__name__}: {str(e)[:200]}): delete it, and "
+                         f"its run starts again from its first step") from None
+    return ckpt
+
+
 def plain_run(job):
     """One plain-loop training run (a worker process, 1 thread); writes out/<name>.jsonl, returns its path. At every
     logged step it keeps a checkpoint beside the log, from which a run cut short continues exactly."""
@@ -642,7 +664,7 @@ def plain_run(job):
     head_dim, C = r["n_embd"] // job["n_head"], r["n_embd"]
     records, window, started, resumed_at = [], [], time.time(), []
     if os.path.exists(ckpt_path):  # (run_jobs checked its settings) the batches are the step's, no other randomness
-        ckpt = torch.load(ckpt_path, weights_only=True)
+        ckpt = plain_checkpoint(ckpt_path)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         records, started = ckpt["records"], started - ckpt["records"][-1]["elapsed_s"]
@@ -722,8 +744,8 @@ def run_jobs(jobs, workers):
             os.remove(ckpt)
         cut = os.path.exists(ckpt)
         print(f"  {j['name']}: {'finished already' if j not in todo else 'continues' if cut else 'to run'}", flush=True)
-        settings = {"plain_loop": PLAIN_LOOP_BEFORE} | (read_jsonl(j["log"])[0]["config"] if j not in todo else
-                    torch.load(ckpt, weights_only=True, mmap=True)["config"] if cut else plain_config(j))
+        settings = {"plain_loop": PLAIN_LOOP_BEFORE} | (read_log(j["log"])[0]["config"] if j not in todo else
+                    plain_checkpoint(ckpt)["config"] if cut else plain_config(j))
         if settings != plain_config(j):  # a changed setting in this file
             raise SystemExit(f"experiments.py: {ckpt if cut else j['log']} is a run with other settings than "
                              f"{j['name']} has now: delete it, or give another --out_dir")
@@ -737,7 +759,7 @@ def run_jobs(jobs, workers):
                 print(f"  done: {path}", flush=True)
     out = {}
     for j in jobs:
-        out[j["name"]] = read_jsonl(j["log"])
+        out[j["name"]] = read_log(j["log"])
     return out
 
 
@@ -1110,6 +1132,15 @@ def recipe_tables(recipe):
     return lines + [""]
 
 
+def read_results(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise SystemExit(f"experiments.py: {path} is damaged ({e}): restore it (git checkout -- {path}), or give "
+                         f"another --assets") from None
+
+
 def plots(assets):
     """Redraw the plots from assets/results.json."""
     try:
@@ -1119,8 +1150,11 @@ def plots(assets):
     except ImportError:
         print("matplotlib is not installed: no plots (pip install matplotlib)")
         return
-    with open(os.path.join(assets, "results.json")) as f:
-        results = json.load(f)
+    path = os.path.join(assets, "results.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"experiments.py: --plots: there is no {path}: run the experiments first, or give the "
+                         f"--assets that holds their results")
+    results = read_results(path)
     for key, draw in (("heads", plot_heads), ("assign", plot_assign), ("pruning", plot_pruning),
                       ("recipe", plot_recipe)):
         if key in results:
@@ -1284,10 +1318,7 @@ def main(argv=None):
     make_dir(out_root, "--out_dir")
     make_dir(assets, "--assets")
     results_path = os.path.join(assets, "results.json")
-    results = {}
-    if os.path.exists(results_path):
-        with open(results_path) as f:
-            results = json.load(f)
+    results = read_results(results_path) if os.path.exists(results_path) else {}
     for what in todo:
         print(f"{what}:", flush=True)
         results[what] = run_section(what, cfg, args.data_dir, out_root, assets)

@@ -13,6 +13,7 @@ import json
 import math
 import multiprocessing
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -517,6 +518,24 @@ def test_resume_survives_a_log_line_torn_by_a_kill(tmp_path):
     assert step_losses(part) == step_losses(whole) and len(step_losses(part)) == 4
 
 
+def test_resume_with_a_damaged_log_says_what_to_do_and_one_moved_aside_starts_anew(tmp_path):
+    flags = ["--dataset", "assign", *TINY, "--eval_interval", "2", "--lr_decay_iters", "4"]
+    whole, part = str(tmp_path / "whole"), str(tmp_path / "part")
+    assert run_main("train.py", *flags, "--max_iters", "4", "--out_dir", whole)[0] == 0
+    assert run_main("train.py", *flags, "--max_iters", "2", "--out_dir", part)[0] == 0
+    log = pathlib.Path(part, "log.jsonl")
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text(lines[0] + "xx" + "".join(lines[1:]))  # damage before the end: not a torn append
+    code, text = run_main("train.py", "--resume", "--max_iters", "4", "--out_dir", part)
+    assert code == 1 and "log.jsonl: line 2 is not JSON" in text and "mend that line" in text, text
+    assert "Traceback" not in text and log.read_text().startswith(lines[0] + "xx"), "the log left as it was"
+    log.rename(log.with_suffix(".aside"))
+    assert run_main("train.py", "--resume", "--max_iters", "4", "--out_dir", part)[0] == 0
+    records = log_records(part)
+    assert records[0]["config"]["max_iters"] == 4 and records[1]["resumed_at"] == 2, "a new log, with its header"
+    assert step_losses(part) == step_losses(whole)[2:]
+
+
 def test_read_jsonl_drops_only_a_torn_last_line(tmp_path):
     path = tmp_path / "log.jsonl"
     path.write_text('{"a": 1}\n{"b": 2}\n{"c": ')
@@ -859,7 +878,8 @@ def test_plain_runs_on_disk_are_reused_only_with_the_same_settings(tmp_path, mon
     with pytest.raises(SystemExit, match="is a run with other settings"):
         experiments.run_jobs([job], 1)
     os.remove(job["log"])  # a run cut short: its checkpoint is checked the same way
-    torch.save({"config": experiments.plain_config(longer)}, job["log"] + ".ckpt")
+    torch.save({"config": experiments.plain_config(longer), "model": {}, "optimizer": {}, "records": [],
+                "resumed_at": []}, job["log"] + ".ckpt")
     with pytest.raises(SystemExit, match="ckpt is a run with other settings"):
         experiments.run_jobs([job], 1)
     os.remove(job["log"] + ".ckpt")  # a log without the loop's own settings ran with PLAIN_LOOP_BEFORE's
@@ -875,6 +895,32 @@ def test_plain_runs_on_disk_are_reused_only_with_the_same_settings(tmp_path, mon
             common.write_jsonl(job["log"], [{"config": experiments.plain_config(job)}, {"iter": 1}])
             assert experiments.run_jobs([job], 1)[job["name"]][1] == {"iter": 1}  # ... but one made with it is
         common.write_jsonl(job["log"], [{"config": settings}, {"iter": 0}])
+
+
+def test_experiments_stop_on_a_damaged_file_saying_which_and_what_to_do(tmp_path, monkeypatch):
+    for key, value in experiments.KEEP_FREED_MEMORY.items():
+        monkeypatch.setenv(key, value)  # else main starts itself again with them
+    assets = tmp_path / "assets"
+    with pytest.raises(SystemExit, match="--plots: there is no .*results.json: run the experiments first"):
+        experiments.main(["--plots", "--assets", str(assets)])
+    assets.mkdir()
+    (assets / "results.json").write_text('{"guard": ')
+    for flags in (["--plots"], ["--only", "guard", "--out_dir", str(tmp_path / "runs")]):
+        with pytest.raises(SystemExit, match="results.json is damaged .*: restore it"):
+            experiments.main([*flags, "--assets", str(assets)])
+    log = tmp_path / "run" / "log.jsonl"  # a train.py run's log
+    log.parent.mkdir()
+    log.write_text('{"config": {}}\n{"iter": \n{"iter": 2, "val_loss": 1.0}\n')
+    with pytest.raises(SystemExit, match=f"{log}: line 2 is not JSON .*: mend that line, or delete {log}"):
+        experiments.finished(str(log), 2)
+    cfg = dict(experiments.QUICK["init"], loops=["assign"], candidates=["nanogpt"], seeds=[0])
+    job = experiments.init_jobs(cfg, None, str(tmp_path / "plain"))[0]
+    os.makedirs(os.path.dirname(job["log"]))
+    for damage in (b"PK half a checkpoint", None):  # a torn file; a checkpoint without the run's state
+        with open(job["log"] + ".ckpt", "wb") as f:
+            f.write(damage) if damage else torch.save({"config": experiments.plain_config(job)}, f)
+        with pytest.raises(SystemExit, match=r"\.ckpt is damaged .*: delete it, and its run starts again"):
+            experiments.run_jobs([job], 1)
 
 
 def test_a_plain_run_follows_the_loops_own_settings(tmp_path, c4_data, monkeypatch):

@@ -242,7 +242,14 @@ def start_log(args, ckpt, path, header):
     torn last line too is dropped) and says where it resumed: one record per iteration, whatever happened."""
     if ckpt is None:
         return write_jsonl(path, [header])
-    kept = [r for r in (read_jsonl(path) if os.path.exists(path) else []) if r.get("iter", -1) <= ckpt["iter_num"]]
+    try:
+        records = read_jsonl(path) if os.path.exists(path) else []
+    except ValueError as e:
+        raise SystemExit(f"train.py: --resume: {e}: mend that line, or move {path} aside to start a new log at "
+                         f"iteration {ckpt['iter_num']}") from None
+    kept = [r for r in records if r.get("iter", -1) <= ckpt["iter_num"]]
+    if not kept or "config" not in kept[0]:  # the log was moved aside: a new one starts with the run's header
+        kept.insert(0, header)
     write_jsonl(path, kept + [{"resumed_at": ckpt["iter_num"], "max_iters": args.max_iters,
                                "lr_decay_iters": decay_iters(args), "git_commit": header["git_commit"]}])
 
