@@ -474,12 +474,16 @@ def search(model, batches, ctx, target, cfg, path_json):
     """sample.find_budgets, kept in path_json: a rerun reuses a finished search with the same settings."""
     settings = {"target_ppl": target, "shrink": cfg["shrink"], "search_batches": cfg["search_batches"],
                 "model": sample.model_fingerprint(model)}  # a retrained model gets a new search
+    saved = {}
     if os.path.exists(path_json):
-        with open(path_json) as f:
-            saved = json.load(f)
-        if saved["settings"] == settings:
-            print(f"  {path_json}: finished already", flush=True)
-            return [tuple(step) for step in saved["path"]]
+        try:
+            with open(path_json) as f:
+                saved = json.load(f)
+        except ValueError:  # not JSON, or not UTF-8: a search to do again, not a reason to stop
+            print(f"  {path_json}: damaged, searching again", flush=True)
+    if saved.get("settings") == settings:
+        print(f"  {path_json}: finished already", flush=True)
+        return [tuple(step) for step in saved["path"]]
     print(f"  {path_json}: budget search for val ppl <= {target:.3f}", flush=True)
     path = sample.find_budgets(model, batches, ctx, target, cfg["shrink"])
     write_json(path_json, {"settings": settings, "path": path})

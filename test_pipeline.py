@@ -1287,6 +1287,26 @@ def test_budgets_json_names_the_weights_its_budgets_were_searched_with():
     assert sample.model_fingerprint(same) != sample.model_fingerprint(model)
 
 
+def test_a_budget_search_is_reused_only_for_the_same_model_and_settings(tmp_path, monkeypatch, capsys):
+    searches = []
+    monkeypatch.setattr(sample, "find_budgets", lambda *args: searches.append(1) or [([24, 24], 10.0 + len(searches))])
+    model = GPT(GPTConfig(block_size=24, vocab_size=99, n_layer=2, n_head=2, n_embd=16, selective=True))
+    path, cfg = str(tmp_path / "search.json"), {"shrink": 0.5, "search_batches": 2}
+    first = experiments.search(model, None, None, 12.0, cfg, path)
+    assert experiments.search(model, None, None, 12.0, cfg, path) == first == [([24, 24], 11.0)]  # reused
+    assert len(searches) == 1 and "finished already" in capsys.readouterr().out
+    for other, target, settings in [(model, 13.0, cfg), (model, 12.0, dict(cfg, shrink=0.8)),
+                                    (GPT(model.config), 12.0, cfg)]:  # another target, shrink, model
+        experiments.search(model, None, None, 12.0, cfg, path)
+        done = len(searches)
+        experiments.search(other, None, None, target, settings, path)
+        assert len(searches) == done + 1, "searched again"
+    with open(path, "w") as f:
+        f.write('{"settings": ')
+    assert experiments.search(model, None, None, 12.0, cfg, path) == [([24, 24], 10.0 + len(searches))]
+    assert "damaged, searching again" in capsys.readouterr().out
+
+
 def test_perplexity_is_the_exp_of_the_mean_loss():
     class Losses:  # a stand-in model whose batch x has loss x
         def __call__(self, x, targets, budgets=None):
