@@ -188,8 +188,10 @@ def read_log(path):
     """A run's log (common.read_jsonl); a damaged one stops the experiments with what to do."""
     try:
         return read_jsonl(path)
-    except ValueError as e:
-        raise SystemExit(f"experiments.py: {e}: mend that line, or delete {path} to run that run again") from None
+    except ValueError as e:  # a train.py run is its folder (train replaces it whole), a plain-loop run its log
+        run = os.path.dirname(path) if os.path.basename(path) == "log.jsonl" else path
+        raise SystemExit(f"experiments.py: {e}: mend that line, or delete {run} to train that run again from its "
+                         f"first step") from None
 
 
 # where and how a run ran, not what it computes: a log and the flags asked now may differ in these (the data it read,
@@ -474,16 +476,16 @@ def search(model, batches, ctx, target, cfg, path_json):
     """sample.find_budgets, kept in path_json: a rerun reuses a finished search with the same settings."""
     settings = {"target_ppl": target, "shrink": cfg["shrink"], "search_batches": cfg["search_batches"],
                 "model": sample.model_fingerprint(model)}  # a retrained model gets a new search
-    saved = {}
-    if os.path.exists(path_json):
-        try:
-            with open(path_json) as f:
-                saved = json.load(f)
-        except ValueError:  # not JSON, or not UTF-8: a search to do again, not a reason to stop
-            print(f"  {path_json}: damaged, searching again", flush=True)
-    if saved.get("settings") == settings:
-        print(f"  {path_json}: finished already", flush=True)
-        return [tuple(step) for step in saved["path"]]
+    try:
+        with open(path_json) as f:
+            saved = json.load(f)
+        if saved["settings"] == settings:
+            print(f"  {path_json}: finished already", flush=True)
+            return [tuple(step) for step in saved["path"]]
+    except FileNotFoundError:
+        pass
+    except (ValueError, KeyError, TypeError):  # not JSON, not UTF-8, not this shape: a search to do again
+        print(f"  {path_json}: damaged, searching again", flush=True)
     print(f"  {path_json}: budget search for val ppl <= {target:.3f}", flush=True)
     path = sample.find_budgets(model, batches, ctx, target, cfg["shrink"])
     write_json(path_json, {"settings": settings, "path": path})
@@ -634,7 +636,7 @@ def plain_checkpoint(path):
     """The checkpoint a plain run cut short keeps beside its log; a damaged one stops the experiments, saying what
     to do."""
     try:
-        ckpt = torch.load(path, weights_only=True)
+        ckpt = torch.load(path, weights_only=True, mmap=True)
         missing = {"config", "model", "optimizer", "records", "resumed_at"} - set(ckpt)
         if missing:
             raise KeyError(f"it lacks {', '.join(sorted(missing))}")
@@ -668,7 +670,7 @@ def plain_run(job):
     head_dim, C = r["n_embd"] // job["n_head"], r["n_embd"]
     records, window, started, resumed_at = [], [], time.time(), []
     if os.path.exists(ckpt_path):  # (run_jobs checked its settings) the batches are the step's, no other randomness
-        ckpt = plain_checkpoint(ckpt_path)
+        ckpt = torch.load(ckpt_path, weights_only=True)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         records, started = ckpt["records"], started - ckpt["records"][-1]["elapsed_s"]
@@ -1137,16 +1139,22 @@ def recipe_tables(recipe):
 
 
 def read_results(path):
+    """assets/results.json; a damaged one stops the experiments with what to do."""
     try:
         with open(path) as f:
             return json.load(f)
     except ValueError as e:  # not JSON, or not UTF-8
-        raise SystemExit(f"experiments.py: {path} is damaged ({e}): restore it (git checkout -- {path}), or give "
-                         f"another --assets") from None
+        raise SystemExit(f"experiments.py: {path} is damaged ({e}): restore it (from git, if it is the "
+                         f"repository's), or give another --assets") from None
 
 
 def plots(assets):
     """Redraw the plots from assets/results.json."""
+    path = os.path.join(assets, "results.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"experiments.py: --plots: there is no {path}: run the experiments first, or give the "
+                         f"--assets that holds their results")
+    results = read_results(path)
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -1154,11 +1162,6 @@ def plots(assets):
     except ImportError:
         print("matplotlib is not installed: no plots (pip install matplotlib)")
         return
-    path = os.path.join(assets, "results.json")
-    if not os.path.exists(path):
-        raise SystemExit(f"experiments.py: --plots: there is no {path}: run the experiments first, or give the "
-                         f"--assets that holds their results")
-    results = read_results(path)
     for key, draw in (("heads", plot_heads), ("assign", plot_assign), ("pruning", plot_pruning),
                       ("recipe", plot_recipe)):
         if key in results:

@@ -527,7 +527,7 @@ def test_resume_with_a_damaged_log_says_what_to_do_and_one_moved_aside_starts_an
     lines = log.read_text().splitlines(keepends=True)
     log.write_text(lines[0] + "xx" + "".join(lines[1:]))  # damage before the end: not a torn append
     code, text = run_main("train.py", "--resume", "--max_iters", "4", "--out_dir", part)
-    assert code == 1 and "log.jsonl: line 2 is not JSON" in text and "mend that line" in text, text
+    assert code == 2 and "log.jsonl: line 2 is not JSON" in text and "mend that line" in text, text
     assert "Traceback" not in text and log.read_text().startswith(lines[0] + "xx"), "the log left as it was"
     log.rename(log.with_suffix(".aside"))
     assert run_main("train.py", "--resume", "--max_iters", "4", "--out_dir", part)[0] == 0
@@ -900,6 +900,7 @@ def test_plain_runs_on_disk_are_reused_only_with_the_same_settings(tmp_path, mon
 def test_experiments_stop_on_a_damaged_file_saying_which_and_what_to_do(tmp_path, monkeypatch):
     for key, value in experiments.KEEP_FREED_MEMORY.items():
         monkeypatch.setenv(key, value)  # else main starts itself again with them
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # optional: the files are checked without it
     assets = tmp_path / "assets"
     with pytest.raises(SystemExit, match="--plots: there is no .*results.json: run the experiments first"):
         experiments.main(["--plots", "--assets", str(assets)])
@@ -911,16 +912,23 @@ def test_experiments_stop_on_a_damaged_file_saying_which_and_what_to_do(tmp_path
     log = tmp_path / "run" / "log.jsonl"  # a train.py run's log
     log.parent.mkdir()
     log.write_text('{"config": {}}\n{"iter": \n{"iter": 2, "val_loss": 1.0}\n')
-    with pytest.raises(SystemExit, match=f"{log}: line 2 is not JSON .*: mend that line, or delete {log}"):
+    run = re.escape(str(log.parent))  # a train.py run is its folder
+    with pytest.raises(SystemExit, match=f"{run}/log.jsonl: line 2 is not JSON .*: mend that line, or delete {run} "):
         experiments.finished(str(log), 2)
     cfg = dict(experiments.QUICK["init"], loops=["assign"], candidates=["nanogpt"], seeds=[0])
     job = experiments.init_jobs(cfg, None, str(tmp_path / "plain"))[0]
     os.makedirs(os.path.dirname(job["log"]))
-    for damage in (b"PK half a checkpoint", None):  # a torn file; a checkpoint without the run's state
-        with open(job["log"] + ".ckpt", "wb") as f:
-            f.write(damage) if damage else torch.save({"config": experiments.plain_config(job)}, f)
-        with pytest.raises(SystemExit, match=r"\.ckpt is damaged .*: delete it, and its run starts again"):
-            experiments.run_jobs([job], 1)
+    with open(job["log"] + ".ckpt", "wb") as f:
+        f.write(b"PK half a checkpoint")  # torn
+    with pytest.raises(SystemExit, match=r"\.ckpt is damaged .*: delete it, and its run starts again"):
+        experiments.run_jobs([job], 1)
+    torch.save({"config": experiments.plain_config(job)}, job["log"] + ".ckpt")  # without the run's state
+    with pytest.raises(SystemExit, match=r"\.ckpt is damaged .*: delete it, and its run starts again"):
+        experiments.run_jobs([job], 1)
+    with open(job["log"], "w") as f:  # a plain-loop run is its log
+        f.write('{"config": {}}\n{"iter": \n{"iter": 2}\n')
+    with pytest.raises(SystemExit, match=f"line 2 is not JSON .*: mend that line, or delete {re.escape(job['log'])} "):
+        experiments.run_jobs([job], 1)
 
 
 def test_a_plain_run_follows_the_loops_own_settings(tmp_path, c4_data, monkeypatch):
@@ -1289,7 +1297,11 @@ def test_budgets_json_names_the_weights_its_budgets_were_searched_with():
 
 def test_a_budget_search_is_reused_only_for_the_same_model_and_settings(tmp_path, monkeypatch, capsys):
     searches = []
-    monkeypatch.setattr(sample, "find_budgets", lambda *args: searches.append(1) or [([24, 24], 10.0 + len(searches))])
+
+    def find_budgets(*args):  # a stand-in: the nth search finds a path to perplexity 10 + n
+        searches.append(1)
+        return [([24, 24], 10.0 + len(searches))]
+    monkeypatch.setattr(sample, "find_budgets", find_budgets)
     model = GPT(GPTConfig(block_size=24, vocab_size=99, n_layer=2, n_head=2, n_embd=16, selective=True))
     path, cfg = str(tmp_path / "search.json"), {"shrink": 0.5, "search_batches": 2}
     first = experiments.search(model, None, None, 12.0, cfg, path)
@@ -1301,10 +1313,11 @@ def test_a_budget_search_is_reused_only_for_the_same_model_and_settings(tmp_path
         done = len(searches)
         experiments.search(other, None, None, target, settings, path)
         assert len(searches) == done + 1, "searched again"
-    with open(path, "w") as f:
-        f.write('{"settings": ')
-    assert experiments.search(model, None, None, 12.0, cfg, path) == [([24, 24], 10.0 + len(searches))]
-    assert "damaged, searching again" in capsys.readouterr().out
+    for damaged in ('{"settings": ', "[]", "{}"):  # torn; JSON of another shape
+        with open(path, "w") as f:
+            f.write(damaged)
+        assert experiments.search(model, None, None, 12.0, cfg, path) == [([24, 24], 10.0 + len(searches))]
+        assert "damaged, searching again" in capsys.readouterr().out
 
 
 def test_perplexity_is_the_exp_of_the_mean_loss():

@@ -156,6 +156,13 @@ def resumed_settings(parser, given, defaults, out_dir):
         ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
     except CheckpointError as e:
         parser.error(f"--resume: {e}")
+    log = os.path.join(out_dir, "log.jsonl")
+    try:  # here, where every process of a torchrun run stops on it, not later in the master's start_log
+        if os.path.exists(log):
+            read_jsonl(log)
+    except ValueError as e:
+        parser.error(f"--resume: {e}: mend that line, or move {log} aside to start a new log at iteration "
+                     f"{ckpt['iter_num']}")
     saved = FIELDS_BEFORE | {k: v for k, v in ckpt["args"].items() if k not in ("resume", "overwrite")}
     changed = [f"--{k} {as_flag(k, saved[k])} -> {as_flag(k, given[k])}" for k in MODEL_FIELDS + ["dataset"]
                if k in given and k != "attention" and given[k] != saved[k]]
@@ -242,12 +249,7 @@ def start_log(args, ckpt, path, header):
     torn last line too is dropped) and says where it resumed: one record per iteration, whatever happened."""
     if ckpt is None:
         return write_jsonl(path, [header])
-    try:
-        records = read_jsonl(path) if os.path.exists(path) else []
-    except ValueError as e:
-        raise SystemExit(f"train.py: --resume: {e}: mend that line, or move {path} aside to start a new log at "
-                         f"iteration {ckpt['iter_num']}") from None
-    kept = [r for r in records if r.get("iter", -1) <= ckpt["iter_num"]]
+    kept = [r for r in (read_jsonl(path) if os.path.exists(path) else []) if r.get("iter", -1) <= ckpt["iter_num"]]
     if not kept or "config" not in kept[0]:  # the log was moved aside: a new one starts with the run's header
         kept.insert(0, header)
     write_jsonl(path, kept + [{"resumed_at": ckpt["iter_num"], "max_iters": args.max_iters,
