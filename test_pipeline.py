@@ -750,6 +750,20 @@ def test_experiments_tables_pair_by_seed_and_runs_keep_their_names():
     assert flags[flags.index("--init_std") + 1] == "0.02", "the 0.02 runs say so (SPEC §10)"
 
 
+def test_the_committed_tables_are_the_committed_results():
+    """assets/results.md is what experiments.tables renders from assets/results.json, and docs/RESULTS.md quotes the
+    heads tables of both initialisations (with their rate checks) row for row."""
+    with open(os.path.join(HERE, "assets", "results.json")) as f:
+        results = json.load(f)
+    with open(os.path.join(HERE, "assets", "results.md")) as f:
+        assert f.read() == experiments.tables(results) + "\n"
+    with open(os.path.join(HERE, "docs", "RESULTS.md")) as f:
+        doc = f.read()
+    for key in ("heads", "heads_width"):
+        rows = [line for line in experiments.heads_tables(results[key]) if re.match(r"\| (\d+ \||both at)", line)]
+        assert len(rows) == 8 and [row for row in rows if row not in doc] == [], key
+
+
 def test_the_rate_check_looks_beyond_the_edge_of_the_grid_where_the_sweep_chose(tmp_path, monkeypatch):
     cfg, asked = dict(experiments.FULL["heads"], learning_rates=[5e-4, 1e-3, 2e-3], check_doublings=2), []
     monkeypatch.setattr(experiments, "train_all", lambda jobs, *args: asked.extend(name for name, _, _ in jobs) or {
