@@ -254,11 +254,12 @@ def evals(records):
 
 
 def keep_log(records, name, assets):
-    """The header and evaluation records of a run, for the repository: enough to redraw every plot."""
+    """The header, evaluation and resume records of a run, for the repository: enough to redraw every plot and to
+    sum its run time."""
     os.makedirs(os.path.join(assets, "logs"), exist_ok=True)
     with open(os.path.join(assets, "logs", name + ".jsonl"), "w") as f:
         for r in records:
-            if "config" in r or "val_loss" in r:
+            if "config" in r or "val_loss" in r or "resumed_at" in r:
                 f.write(json.dumps(r) + "\n")
 
 
@@ -266,10 +267,10 @@ def run_seconds(records):
     """A run's training time from its log's elapsed_s, summed over the pieces of a resumed run."""
     total = last = 0.0
     for r in records:
-        if "elapsed_s" in r:
-            if r["elapsed_s"] < last:  # a resume starts its clock again
-                total += last
-            last = r["elapsed_s"]
+        # a resume starts its clock again; a log kept without its resume records shows it as a drop
+        if "resumed_at" in r or r.get("elapsed_s", last) < last:
+            total, last = total + last, 0.0
+        last = r.get("elapsed_s", last)
     return total + last
 
 

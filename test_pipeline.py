@@ -750,6 +750,19 @@ def test_experiments_tables_pair_by_seed_and_runs_keep_their_names():
     assert flags[flags.index("--init_std") + 1] == "0.02", "the 0.02 runs say so (SPEC §10)"
 
 
+def test_a_resumed_runs_time_is_the_sum_of_its_pieces_and_its_kept_log_says_where_it_resumed(tmp_path):
+    log = [{"config": {}}, {"iter": 0, "val_loss": 9.0, "elapsed_s": 40.0}, {"iter": 1, "loss": 8.0, "elapsed_s": 50.0},
+           {"iter": 250, "val_loss": 5.0, "elapsed_s": 450.0}, {"resumed_at": 250},
+           {"iter": 500, "val_loss": 4.0, "elapsed_s": 700.0}]  # more than 450 s after the resume: no drop to see
+    assert experiments.run_seconds(log) == 450.0 + 700.0
+    experiments.keep_log(log, "run", str(tmp_path))
+    kept = common.read_jsonl(str(tmp_path / "logs" / "run.jsonl"))
+    assert kept == [r for r in log if "loss" not in r] and experiments.run_seconds(kept) == 1150.0
+    without = [r for r in log if "resumed_at" not in r]
+    without[-1] = dict(without[-1], elapsed_s=300.0)  # a log kept without its resume records: split at the drop
+    assert experiments.run_seconds(without) == 450.0 + 300.0 and experiments.run_seconds(log[:1]) == 0.0
+
+
 def test_the_committed_tables_are_the_committed_results():
     """assets/results.md is what experiments.tables renders from assets/results.json, and docs/RESULTS.md quotes the
     heads tables of both initialisations (with their rate checks) row for row."""
