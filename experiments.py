@@ -637,7 +637,7 @@ def plain_checkpoint(path):
     """The checkpoint a plain run cut short keeps beside its log; a damaged one stops the experiments, saying what
     to do."""
     try:
-        ckpt = torch.load(path, weights_only=True, mmap=True)
+        ckpt = torch.load(path, weights_only=True, mmap=True)  # mapped, not read: run_jobs wants its config only
         missing = {"config", "model", "optimizer", "records", "resumed_at"} - set(ckpt)
         if missing:
             raise KeyError(f"it lacks {', '.join(sorted(missing))}")
