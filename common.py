@@ -122,13 +122,13 @@ def append_jsonl(path, record):
 
 def read_jsonl(path):
     """The records of a JSON-lines log. A process killed while appending leaves a torn last line: it is dropped."""
-    with open(path) as f:
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is a damaged line, not an error reading the file
         lines = [line for line in f if line.strip()]
     records = []
     for n, line in enumerate(lines):
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError:
+        except ValueError:  # not JSON, or not UTF-8
             if n < len(lines) - 1:
                 raise ValueError(f"{path}: line {n + 1} is not JSON (only a last line may be torn)") from None
     return records

@@ -1166,7 +1166,12 @@ def plots(assets):
     for key, draw in (("heads", plot_heads), ("assign", plot_assign), ("pruning", plot_pruning),
                       ("recipe", plot_recipe)):
         if key in results:
-            fig = draw(plt, results, assets)
+            try:
+                fig = draw(plt, results, assets)
+            except FileNotFoundError as e:  # a log it draws from is not in assets/logs
+                plt.close("all")
+                print(f"no {key}.png: {e.filename} is missing (experiments.py --only {key} writes it)")
+                continue
             fig.tight_layout()
             fig.savefig(os.path.join(assets, f"{key}.png"), dpi=110 if key == "recipe" else 120)
             plt.close(fig)

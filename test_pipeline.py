@@ -543,6 +543,9 @@ def test_read_jsonl_drops_only_a_torn_last_line(tmp_path):
     path.write_text('{"a": 1}\n{"b": \n{"c": 3}\n')  # damage before the end is not a torn append: refused
     with pytest.raises(ValueError, match="line 2 is not JSON"):
         common.read_jsonl(str(path))
+    path.write_bytes(b'{"a": 1}\n{"b": "\xff"}\n{"c": 3}\n')  # so is a line that is not UTF-8
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        common.read_jsonl(str(path))
 
 
 def test_resume_to_a_reached_target_stops_and_a_larger_one_extends_the_schedule(tmp_path):
@@ -956,6 +959,17 @@ def test_experiments_stop_on_a_damaged_file_saying_which_and_what_to_do(tmp_path
         f.write('{"config": {}}\n{"iter": \n{"iter": 2}\n')
     with pytest.raises(SystemExit, match=f"line 2 is not JSON .*: mend that line, or delete {re.escape(job['log'])} "):
         experiments.run_jobs([job], 1)
+
+
+def test_plots_skip_a_plot_whose_logs_are_missing_and_draw_the_rest(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    with open(os.path.join(HERE, "assets", "results.json")) as f:
+        results = json.load(f)
+    common.write_json(str(tmp_path / "results.json"), results)  # the numbers, but no assets/logs
+    experiments.plots(str(tmp_path))
+    out = capsys.readouterr().out
+    assert "no recipe.png: " in out and "recipe-plain-std-s1-stop600.jsonl is missing" in out
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["assign.png", "heads.png", "pruning.png"]
 
 
 def test_a_plain_run_follows_the_loops_own_settings(tmp_path, c4_data, monkeypatch):
