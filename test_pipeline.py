@@ -534,6 +534,10 @@ def test_resume_with_a_damaged_log_says_what_to_do_and_one_moved_aside_starts_an
     records = log_records(part)
     assert records[0]["config"]["max_iters"] == 4 and records[1]["resumed_at"] == 2, "a new log, with its header"
     assert step_losses(part) == step_losses(whole)[2:]
+    log.write_text("".join(log.read_text().splitlines(keepends=True)[1:]))  # a log without its header ...
+    assert run_main("train.py", "--resume", "--max_iters", "6", "--out_dir", part)[0] == 0
+    records = log_records(part)  # ... gets one, and keeps its records
+    assert records[0]["config"]["max_iters"] == 6 and [r["resumed_at"] for r in records if "resumed_at" in r] == [2, 4]
 
 
 def test_read_jsonl_drops_only_a_torn_last_line(tmp_path):

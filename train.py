@@ -250,7 +250,7 @@ def start_log(args, ckpt, path, header):
     if ckpt is None:
         return write_jsonl(path, [header])
     kept = [r for r in (read_jsonl(path) if os.path.exists(path) else []) if r.get("iter", -1) <= ckpt["iter_num"]]
-    if not kept or "config" not in kept[0]:  # the log was moved aside: a new one starts with the run's header
+    if not kept or "config" not in kept[0]:  # a log moved aside, or one without its header: the header first
         kept.insert(0, header)
     write_jsonl(path, kept + [{"resumed_at": ckpt["iter_num"], "max_iters": args.max_iters,
                                "lr_decay_iters": decay_iters(args), "git_commit": header["git_commit"]}])
