@@ -1143,8 +1143,11 @@ def read_results(path):
     """assets/results.json; a damaged one stops the experiments with what to do."""
     try:
         with open(path) as f:
-            return json.load(f)
-    except ValueError as e:  # not JSON, or not UTF-8
+            results = json.load(f)
+        if not isinstance(results, dict):
+            raise ValueError(f"a JSON {type(results).__name__}, not an object")
+        return results
+    except ValueError as e:  # not JSON, not UTF-8, or not an object
         raise SystemExit(f"experiments.py: {path} is damaged ({e}): restore it (from git, if it is the "
                          f"repository's), or give another --assets") from None
 
@@ -1171,6 +1174,11 @@ def plots(assets):
             except FileNotFoundError as e:  # a log it draws from is not in assets/logs
                 plt.close("all")
                 print(f"no {key}.png: {e.filename} is missing (experiments.py --only {key} writes it)")
+                continue
+            except (KeyError, TypeError, IndexError) as e:  # a section not as experiments.py writes it (edited?)
+                plt.close("all")
+                print(f"no {key}.png: results.json's {key} lacks what it draws ({type(e).__name__}: {e}); "
+                      f"experiments.py --only {key} writes it anew")
                 continue
             fig.tight_layout()
             fig.savefig(os.path.join(assets, f"{key}.png"), dpi=110 if key == "recipe" else 120)

@@ -939,10 +939,11 @@ def test_experiments_stop_on_a_damaged_file_saying_which_and_what_to_do(tmp_path
     with pytest.raises(SystemExit, match="--plots: there is no .*results.json: run the experiments first"):
         experiments.main(["--plots", "--assets", str(assets)])
     assets.mkdir()
-    (assets / "results.json").write_text('{"guard": ')
-    for flags in (["--plots"], ["--only", "guard", "--out_dir", str(tmp_path / "runs")]):
-        with pytest.raises(SystemExit, match="results.json is damaged .*: restore it"):
-            experiments.main([*flags, "--assets", str(assets)])
+    for damaged in ('{"guard": ', "[]"):  # torn; JSON, but not the object experiments.py writes
+        (assets / "results.json").write_text(damaged)
+        for flags in (["--plots"], ["--only", "guard", "--out_dir", str(tmp_path / "runs")]):
+            with pytest.raises(SystemExit, match="results.json is damaged .*: restore it"):
+                experiments.main([*flags, "--assets", str(assets)])  # before any run starts
     log = tmp_path / "run" / "log.jsonl"  # a train.py run's log
     log.parent.mkdir()
     log.write_text('{"config": {}}\n{"iter": \n{"iter": 2, "val_loss": 1.0}\n')
@@ -969,11 +970,13 @@ def test_plots_skip_a_plot_whose_logs_are_missing_and_draw_the_rest(tmp_path, ca
     pytest.importorskip("matplotlib")
     with open(os.path.join(HERE, "assets", "results.json")) as f:
         results = json.load(f)
+    results["pruning"] = [{"block_size": 512}]  # a section edited by hand
     common.write_json(str(tmp_path / "results.json"), results)  # the numbers, but no assets/logs
     experiments.plots(str(tmp_path))
     out = capsys.readouterr().out
     assert "no recipe.png: " in out and "recipe-plain-std-s1-stop600.jsonl is missing" in out
-    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["assign.png", "heads.png", "pruning.png"]
+    assert "no pruning.png: results.json's pruning lacks what it draws (KeyError: 'vs_itself')" in out
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["assign.png", "heads.png"]
 
 
 def test_a_plain_run_follows_the_loops_own_settings(tmp_path, c4_data, monkeypatch):
